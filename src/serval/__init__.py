@@ -1,0 +1,58 @@
+"""serval: Ray Serve's programming model, embedded on one machine.
+
+``import serval as serve`` and write the same deployments, handles and applications.
+"""
+
+from serval import exceptions
+from serval.api import (
+    ReplicaContext,
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    get_replica_context,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
+from serval.deployment import Application, Deployment, deployment
+from serval.handle import (
+    DeploymentHandle,
+    DeploymentResponse,
+    DeploymentResponseGenerator,
+    ObjectRef,
+    RayServeHandle,
+    RayServeSyncHandle,
+    get,
+    wait,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Application",
+    "AutoscalingConfig",
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "HTTPOptions",
+    "ObjectRef",
+    "RayServeHandle",
+    "RayServeSyncHandle",
+    "ReplicaContext",
+    "delete",
+    "deployment",
+    "exceptions",
+    "get",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+    "wait",
+]

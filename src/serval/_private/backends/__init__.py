@@ -1,0 +1,1 @@
+"""Backends: where replicas run and how callers reach them."""

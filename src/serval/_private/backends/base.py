@@ -1,0 +1,46 @@
+"""The backend interface: start a replica host, reach it, stop it, learn of its death.
+
+The controller logic and the replica runtime know nothing else about where replicas run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class ReplicaHost(ABC):
+    """A running replica, as its backend sees it."""
+
+    replica_id: str
+
+    @property
+    @abstractmethod
+    def pid(self) -> int | None:
+        """The OS process id, where there is one."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Ask the replica to drain and exit."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop the replica at once."""
+
+    @abstractmethod
+    async def wait(self) -> int | None:
+        """Return when the replica has exited (its exit code, where known)."""
+
+    @property
+    @abstractmethod
+    def exited(self) -> bool:
+        """True once the replica is known to be gone."""
+
+
+class Backend(ABC):
+    @abstractmethod
+    def replica_address(self, replica_id: str) -> str:
+        """Where callers reach this replica's data channel."""
+
+    @abstractmethod
+    def start_replica(self, replica_id: str, label: str) -> ReplicaHost:
+        """Start a replica host; it will register itself with the controller."""

@@ -1,0 +1,99 @@
+"""The local backend: every replica is an OS process on this machine.
+
+Replicas listen on Unix sockets in the cluster's private runtime directory (mode 0700) and
+inherit the owner's lifeline, so they exit with the owner. They run in the controller's session,
+not the terminal's, so Ctrl-C reaches only the owner, which then shuts the cluster down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+from serval._private.backends.base import Backend, ReplicaHost
+
+
+def worker_argv(role: str, label: str, *args: str) -> list[str]:
+    """The command line of a serval process; ``ps`` shows its role and name."""
+    return [sys.executable, "-m", "serval._private.worker", f"serval::{role}", label, *args]
+
+
+class LocalReplica(ReplicaHost):
+    def __init__(self, replica_id: str, proc: subprocess.Popen[bytes]) -> None:
+        self.replica_id = replica_id
+        self._proc = proc
+        self._exit_code: int | None = None
+        self._done = asyncio.get_running_loop().create_future()
+        self._watch()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
+    def exited(self) -> bool:
+        return self._done.done()
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if not self._done.done():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def wait(self) -> int | None:
+        return await asyncio.shield(self._done)
+
+    def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):
+            loop.create_task(self._poll())
+            return
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._reap()
+
+        loop.add_reader(pidfd, readable)
+
+    async def _poll(self) -> None:
+        while self._proc.poll() is None:
+            await asyncio.sleep(0.1)
+        self._reap()
+
+    def _reap(self) -> None:
+        code = self._proc.wait()
+        if not self._done.done():
+            self._done.set_result(code)
+
+
+class LocalBackend(Backend):
+    def __init__(self, address: str, lifeline_fd: int | None) -> None:
+        self.address = address
+        self.lifeline_fd = lifeline_fd
+        os.makedirs(os.path.join(address, "r"), mode=0o700, exist_ok=True)
+
+    def replica_address(self, replica_id: str) -> str:
+        return os.path.join(self.address, "r", f"{replica_id}.sock")
+
+    def start_replica(self, replica_id: str, label: str) -> ReplicaHost:
+        args = ["--address", self.address, "--replica-id", replica_id]
+        fds: tuple[int, ...] = ()
+        if self.lifeline_fd is not None:
+            args += ["--lifeline-fd", str(self.lifeline_fd)]
+            fds = (self.lifeline_fd,)
+        proc = subprocess.Popen(
+            worker_argv("replica", label, *args), pass_fds=fds, stdin=subprocess.DEVNULL
+        )
+        return LocalReplica(replica_id, proc)

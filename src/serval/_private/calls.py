@@ -1,0 +1,222 @@
+"""One request's life on the caller side: assignment to a replica, then its outcome.
+
+A ``Call`` belongs to the event loop that routes it (its *owner*): only that loop's thread
+assigns or completes it. Any thread may wait on it: waits are thread-safe one-shot signals, so
+a sync caller blocks on a lock, an async caller on a future of its own loop, and neither needs
+to know which loop owns the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from serval.exceptions import GetTimeoutError
+
+
+class Signal:
+    """A thread-safe event that fires once and runs its callbacks in the firing thread."""
+
+    __slots__ = ("fired", "_callbacks", "_lock")
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.fired:
+                return
+            self.fired = True
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb()
+
+    def add_callback(self, cb: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.fired:
+                self._callbacks.append(cb)
+                return
+        cb()
+
+    def wait_sync(self, timeout: float | None) -> bool:
+        if self.fired:
+            return True
+        waiter = threading.Lock()
+        waiter.acquire()
+        self.add_callback(waiter.release)
+        return waiter.acquire(timeout=-1 if timeout is None else max(timeout, 0))
+
+    async def wait(self) -> None:
+        if self.fired:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        me = threading.get_ident()
+
+        def wake() -> None:
+            if threading.get_ident() == me:
+                _resolve(fut)
+            else:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+        self.add_callback(wake)
+        await fut
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_PENDING = object()
+
+
+class Call:
+    """A request: where it goes, what it carries, and (later) how it ended."""
+
+    __slots__ = (
+        "app",
+        "deployment",
+        "method",
+        "args",
+        "kwargs",
+        "meta",
+        "rid",
+        "replica",
+        "assigned",
+        "done",
+        "_value",
+        "_error",
+        "stream",
+        "cancel_requested",
+    )
+
+    def __init__(
+        self,
+        app: str,
+        deployment: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        meta: dict[str, Any] | None,
+        stream: bool = False,
+    ) -> None:
+        self.app = app
+        self.deployment = deployment
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.meta = meta
+        self.rid = 0
+        self.replica: str | None = None
+        self.assigned = Signal()
+        self.done = Signal()
+        self._value: Any = _PENDING
+        self._error: BaseException | None = None
+        self.stream: StreamBuffer | None = StreamBuffer() if stream else None
+        self.cancel_requested = False
+
+    # -- completion (owner loop thread only) ------------------------------------------------
+
+    def set_result(self, value: Any) -> None:
+        if self.done.fired:
+            return
+        self._value = value
+        self.args = self.kwargs = None  # type: ignore[assignment]  # drop references early
+        self.assigned.fire()
+        self.done.fire()
+
+    def set_exception(self, error: BaseException) -> None:
+        if self.done.fired:
+            return
+        self._error = error
+        self.args = self.kwargs = None  # type: ignore[assignment]
+        if self.stream is not None:
+            self.stream.close(error)
+        self.assigned.fire()
+        self.done.fire()
+
+    # -- outcome (any thread) ----------------------------------------------------------------
+
+    def outcome(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def result_sync(self, timeout: float | None) -> Any:
+        if not self.done.wait_sync(timeout):
+            raise GetTimeoutError(
+                f"request to {self.app}.{self.deployment}.{self.method} did not finish within "
+                f"{timeout}s"
+            )
+        return self.outcome()
+
+    async def result_async(self) -> Any:
+        await self.done.wait()
+        return self.outcome()
+
+    @property
+    def label(self) -> str:
+        return f"{self.deployment}.{self.method}"
+
+
+class StreamBuffer:
+    """Items of a streaming call, produced on the owner loop, consumed from any thread."""
+
+    __slots__ = ("items", "ended", "error", "_signal", "_lock")
+
+    def __init__(self) -> None:
+        self.items: deque[Any] = deque()
+        self.ended = False
+        self.error: BaseException | None = None
+        self._signal = Signal()
+        self._lock = threading.Lock()
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            self.items.append(item)
+            signal, self._signal = self._signal, Signal()
+        signal.fire()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self.ended:
+                return
+            self.ended = True
+            self.error = error
+            signal = self._signal
+        signal.fire()
+
+    def _next_or_signal(self) -> tuple[bool, Any]:
+        """(True, item) when an item is there; (False, signal) to wait on; raises at the end."""
+        with self._lock:
+            if self.items:
+                return True, self.items.popleft()
+            if self.ended:
+                if self.error is not None:
+                    raise self.error
+                raise StopIteration
+            return False, self._signal
+
+    def next_sync(self, timeout: float | None) -> Any:
+        while True:
+            ok, got = self._next_or_signal()
+            if ok:
+                return got
+            if not got.wait_sync(timeout):
+                raise GetTimeoutError(f"no stream item within {timeout}s")
+
+    async def next_async(self) -> Any:
+        while True:
+            try:
+                ok, got = self._next_or_signal()
+            except StopIteration:
+                raise StopAsyncIteration from None
+            if ok:
+                return got
+            await got.wait()

@@ -1,0 +1,143 @@
+"""A process's view of a cluster, on one event loop: the controller link and the routers.
+
+Every loop that makes calls (the background loop of sync callers, a user's ``asyncio.run``
+loop, a replica's loop) gets its own ``ClusterClient`` so the async path never hops threads.
+The controller pushes its replica table to each client; routing never asks the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from serval._private.calls import Call
+from serval._private.rpc import RpcPeer
+from serval._private.router import DeploymentInfo, Router
+from serval.exceptions import DeploymentNotFoundError, ServalError
+
+logger = logging.getLogger(__name__)
+
+_RECONNECT_DELAY_S = 0.1
+
+
+def controller_path(address: str) -> str:
+    return os.path.join(address, "controller.sock")
+
+
+class ClusterClient:
+    def __init__(self, address: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.address = address
+        self.loop = loop
+        self.routers: dict[tuple[str, str], Router] = {}
+        self.table_version = -1
+        self._controller: RpcPeer | None = None
+        self._ready = asyncio.Event()
+        self._waiting: list[Call] = []
+        self._connector: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- data plane ------------------------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        """Route ``call``; must run on this client's loop."""
+        if not self._ready.is_set():
+            self._waiting.append(call)
+            self._ensure_connecting()
+            return
+        router = self.routers.get((call.app, call.deployment))
+        if router is None:
+            call.set_exception(
+                DeploymentNotFoundError(
+                    f"no deployment {call.deployment!r} in application {call.app!r}"
+                )
+            )
+            return
+        router.submit(call)
+
+    def cancel(self, call: Call) -> None:
+        router = self.routers.get((call.app, call.deployment))
+        if router is not None:
+            router.cancel(call)
+        elif call in self._waiting:
+            self._waiting.remove(call)
+            call.set_exception(asyncio.CancelledError())
+
+    # -- control plane ---------------------------------------------------------------------------
+
+    async def call_controller(self, method: str, **kwargs: Any) -> Any:
+        await self.wait_ready()
+        assert self._controller is not None
+        try:
+            return await self._controller.call(method, **kwargs)
+        except ConnectionResetError:
+            # The controller restarted: wait for the new one once, then try again.
+            await self.wait_ready()
+            return await self._controller.call(method, **kwargs)
+
+    async def wait_ready(self) -> None:
+        self._ensure_connecting()
+        await self._ready.wait()
+
+    def _ensure_connecting(self) -> None:
+        if self._closed:
+            raise ServalError("serval has been shut down in this process")
+        if self._connector is None or self._connector.done():
+            if self._controller is None or self._controller.closed:
+                self._connector = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        delay = _RECONNECT_DELAY_S
+        while not self._closed:
+            try:
+                peer = await RpcPeer.connect(
+                    controller_path(self.address), on_push=self._on_push, on_close=self._on_close
+                )
+                self._controller = peer
+                table = await peer.call("subscribe")
+                self._apply_table(table)
+                return
+            except (OSError, ConnectionError) as exc:
+                logger.debug("controller not reachable at %s: %s", self.address, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _on_close(self, peer: RpcPeer) -> None:
+        if self._closed or peer is not self._controller:
+            return
+        # Keep routing with the last table; reconnect in the background.
+        self._ready.clear()
+        self._connector = self.loop.create_task(self._connect())
+
+    def _on_push(self, topic: str, value: Any) -> None:
+        if topic == "table":
+            self._apply_table(value)
+
+    def _apply_table(self, table: tuple[int, dict[tuple[str, str], DeploymentInfo]]) -> None:
+        version, deployments = table
+        if version <= self.table_version and self._ready.is_set():
+            return
+        self.table_version = version
+        for key, info in deployments.items():
+            router = self.routers.get(key)
+            if router is None:
+                self.routers[key] = Router(info)
+            else:
+                router.update(info)
+        for key in [k for k in self.routers if k not in deployments]:
+            self.routers.pop(key).delete()
+        self._ready.set()
+        waiting, self._waiting = self._waiting, []
+        for call in waiting:
+            self.submit(call)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._connector is not None:
+            self._connector.cancel()
+        if self._controller is not None:
+            self._controller.close()
+        for router in self.routers.values():
+            for slot in router.slots.values():
+                slot.close()

@@ -1,0 +1,326 @@
+"""The controller: desired state, reconciled against running replicas.
+
+It never touches the data plane. Callers subscribe and get the replica table pushed whenever it
+changes; replicas register here when they start and report when their constructor finished.
+User code stays opaque bytes here: the controller never unpickles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from serval._private import protocol
+from serval._private.backends.base import Backend
+from serval._private.controller.state import (
+    AppState,
+    DeploymentState,
+    ReplicaRecord,
+    ReplicaState,
+)
+from serval._private.router import DeploymentInfo, ReplicaInfo
+from serval._private.rpc import RpcPeer
+from serval.deployment import AppSpec
+from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError
+from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+
+logger = logging.getLogger(__name__)
+
+_MAX_START_FAILURES = 3
+_KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
+
+
+class Controller:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.apps: dict[str, AppState] = {}
+        self.subscribers: set[RpcPeer] = set()
+        self.table_version = 0
+        self.stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
+
+    # -- RPC: callers ----------------------------------------------------------------------------
+
+    def rpc_subscribe(self, peer: RpcPeer) -> tuple[int, dict[tuple[str, str], DeploymentInfo]]:
+        self.subscribers.add(peer)
+        return self.table_version, self._table()
+
+    def rpc_deploy_app(self, peer: RpcPeer, spec: AppSpec) -> None:
+        self._check_route_prefix(spec)
+        app = self.apps.get(spec.name)
+        if app is None or app.deleting:
+            if app is not None:
+                raise DeploymentFailedError(f"application {spec.name!r} is being deleted")
+            app = AppState(spec, {})
+            self.apps[spec.name] = app
+        app.spec = spec
+        app.deployed_at = time.time()
+        wanted = {d.name: d for d in spec.deployments}
+        for name in list(app.deployments):
+            if name not in wanted:
+                self._retire(app, app.deployments.pop(name))
+        for name, dspec in wanted.items():
+            dep = app.deployments.get(name)
+            if dep is None:
+                app.deployments[name] = DeploymentState(spec.name, dspec)
+            else:
+                dep.spec = dspec
+                dep.failed_message = ""
+                dep.start_failures = 0
+        self._publish()
+        for dep in app.deployments.values():
+            self._reconcile(app, dep)
+        app.notify()
+
+    async def rpc_wait_app(self, peer: RpcPeer, name: str) -> tuple[str, str]:
+        """Return (status, message) once the app is RUNNING or DEPLOY_FAILED."""
+        while True:
+            app = self.apps.get(name)
+            if app is None:
+                raise ApplicationNotFoundError(f"application {name!r} does not exist")
+            status, message = app.status()
+            if status in ("RUNNING", "DEPLOY_FAILED"):
+                return status, message
+            await app.changed.wait()
+
+    async def rpc_delete_app(self, peer: RpcPeer, name: str) -> None:
+        app = self.apps.get(name)
+        if app is None:
+            return
+        await self._delete(app)
+
+    def rpc_status(self, peer: RpcPeer) -> ServeStatus:
+        out = {}
+        for name, app in self.apps.items():
+            status, message = app.status()
+            deps = {
+                d.name: DeploymentStatusOverview(
+                    d.status(), d.replica_states(), d.failed_message
+                )
+                for d in app.deployments.values()
+            }
+            out[name] = ApplicationStatusOverview(
+                status, message, app.spec.route_prefix, app.deployed_at, deps
+            )
+        return ServeStatus(out)
+
+    def rpc_get_app(self, peer: RpcPeer, name: str) -> str:
+        app = self.apps.get(name)
+        if app is None or app.deleting:
+            raise ApplicationNotFoundError(f"application {name!r} does not exist")
+        return app.spec.ingress
+
+    def rpc_apps_with_deployment(self, peer: RpcPeer, deployment: str) -> list[str]:
+        return [
+            name
+            for name, app in self.apps.items()
+            if deployment in app.deployments and not app.deleting
+        ]
+
+    async def rpc_shutdown(self, peer: RpcPeer) -> None:
+        await asyncio.gather(*(self._delete(app) for app in list(self.apps.values())))
+        self.stopped.set()
+
+    # -- RPC: replicas ---------------------------------------------------------------------------
+
+    def rpc_register(self, peer: RpcPeer, replica_id: str) -> dict[str, Any]:
+        found = self._replicas.get(replica_id)
+        if found is None:
+            raise LookupError(f"unknown replica {replica_id}")
+        app, dep, rec = found
+        rec.peer = peer
+        peer.info["replica_id"] = replica_id
+        return {
+            "app": app.spec.name,
+            "deployment": dep.name,
+            "payload": dep.spec.payload,
+            "is_function": dep.spec.is_function,
+            "config": dep.spec.config,
+            "sys_path": app.spec.sys_path,
+            "cwd": app.spec.cwd,
+        }
+
+    def rpc_replica_ready(self, peer: RpcPeer, replica_id: str, error: str | None) -> None:
+        found = self._replicas.get(replica_id)
+        if found is None:
+            return
+        app, dep, rec = found
+        if rec.state != ReplicaState.STARTING:
+            return
+        if error is not None:
+            dep.failed_message = error
+            self._stop(app, dep, rec, graceful=False)
+            self._after_change(app, dep)
+            return
+        rec.state = ReplicaState.RUNNING
+        dep.start_failures = 0
+        self._publish()
+        self._after_change(app, dep)
+
+    # -- reconciliation --------------------------------------------------------------------------
+
+    def _reconcile(self, app: AppState, dep: DeploymentState) -> None:
+        if app.deleting or dep.failed_message:
+            return
+        current = dep.current()
+        for _ in range(dep.target - len(current)):
+            self._start(app, dep)
+        excess = len(current) - dep.target
+        if excess > 0:
+            # Prefer stopping replicas that are not serving yet.
+            order = sorted(current, key=lambda r: (r.state == ReplicaState.RUNNING, r.index))
+            for rec in order[:excess]:
+                self._stop(app, dep, rec)
+        current = dep.current()
+        if all(r.state == ReplicaState.RUNNING for r in current) and len(current) >= dep.target:
+            for rec in dep.outdated():  # the new version is up: retire the old one
+                self._stop(app, dep, rec)
+
+    def _start(self, app: AppState, dep: DeploymentState) -> None:
+        index = dep.next_index
+        dep.next_index += 1
+        replica_id = uuid.uuid4().hex[:12]
+        label = f"{app.spec.name}.{dep.name}#{index}"
+        host = self.backend.start_replica(replica_id, label)
+        rec = ReplicaRecord(
+            replica_id, index, dep.spec.version, host, self.backend.replica_address(replica_id)
+        )
+        dep.replicas[replica_id] = rec
+        self._replicas[replica_id] = (app, dep, rec)
+        self._spawn(self._watch(app, dep, rec))
+
+    async def _watch(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
+        code = await rec.host.wait()
+        self._on_exit(app, dep, rec, code)
+
+    def _stop(
+        self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, graceful: bool = True
+    ) -> None:
+        was_running = rec.state == ReplicaState.RUNNING
+        rec.state = ReplicaState.STOPPING
+        if was_running:
+            self._publish()  # callers stop sending before the replica starts draining
+        if graceful:
+            rec.host.terminate()
+            timeout = dep.spec.config.graceful_shutdown_timeout_s + _KILL_AFTER_S
+            self._spawn(self._kill_later(rec, timeout))
+        else:
+            rec.host.kill()
+
+    async def _kill_later(self, rec: ReplicaRecord, delay: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(rec.host.wait(), delay)
+            return
+        logger.warning("replica %s did not exit in time; killing it", rec.replica_id)
+        rec.host.kill()
+
+    def _on_exit(
+        self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, code: int | None
+    ) -> None:
+        dep.replicas.pop(rec.replica_id, None)
+        self._replicas.pop(rec.replica_id, None)
+        if rec.peer is not None:
+            rec.peer.close()
+        if rec.state == ReplicaState.RUNNING:
+            logger.warning("replica %s of %s died (exit code %s)", rec.replica_id, dep.name, code)
+            self._publish()
+        elif rec.state == ReplicaState.STARTING and not dep.failed_message:
+            dep.start_failures += 1
+            logger.warning("replica %s of %s died while starting (exit code %s)",
+                           rec.replica_id, dep.name, code)
+            if dep.start_failures >= _MAX_START_FAILURES:
+                dep.failed_message = (
+                    f"replicas died while starting, {dep.start_failures} times in a row "
+                    f"(last exit code {code}); see the log above"
+                )
+        self._after_change(app, dep)
+
+    def _after_change(self, app: AppState, dep: DeploymentState) -> None:
+        if app.deleting:
+            if not any(d.replicas for d in app.deployments.values()):
+                app.notify()
+            return
+        if dep.app in self.apps and self.apps[dep.app] is app and dep.name in app.deployments:
+            self._reconcile(app, dep)
+        app.notify()
+
+    def _retire(self, app: AppState, dep: DeploymentState) -> None:
+        """A deployment dropped from its app by a redeploy."""
+        for rec in list(dep.replicas.values()):
+            if rec.state != ReplicaState.STOPPING:
+                self._stop(app, dep, rec)
+
+    async def _delete(self, app: AppState) -> None:
+        if not app.deleting:
+            app.deleting = True
+            self._publish()
+            for dep in app.deployments.values():
+                for rec in list(dep.replicas.values()):
+                    if rec.state != ReplicaState.STOPPING:
+                        self._stop(app, dep, rec)
+            app.notify()
+        while any(d.replicas for d in app.deployments.values()):
+            await app.changed.wait()
+        if self.apps.get(app.spec.name) is app:
+            del self.apps[app.spec.name]
+
+    def _check_route_prefix(self, spec: AppSpec) -> None:
+        if spec.route_prefix is None:
+            return
+        for name, app in self.apps.items():
+            if name != spec.name and not app.deleting and app.spec.route_prefix == spec.route_prefix:
+                raise ValueError(
+                    f"route_prefix {spec.route_prefix!r} is already used by application {name!r}"
+                )
+
+    # -- the replica table -----------------------------------------------------------------------
+
+    def _table(self) -> dict[tuple[str, str], DeploymentInfo]:
+        table = {}
+        for app in self.apps.values():
+            if app.deleting:
+                continue
+            for dep in app.deployments.values():
+                replicas = tuple(
+                    ReplicaInfo(r.replica_id, r.path, r.model_ids)
+                    for r in dep.replicas.values()
+                    if r.state == ReplicaState.RUNNING
+                )
+                cfg = dep.spec.config
+                table[(app.spec.name, dep.name)] = DeploymentInfo(
+                    app.spec.name,
+                    dep.name,
+                    cfg.max_ongoing_requests,
+                    cfg.max_queued_requests,
+                    replicas,
+                )
+        return table
+
+    def _publish(self) -> None:
+        self.table_version += 1
+        pieces = protocol.dumps((protocol.PUSH, "table", (self.table_version, self._table())))
+        for peer in list(self.subscribers):
+            if peer.closed or peer.conn is None:
+                self.subscribers.discard(peer)
+                continue
+            peer.conn.send_pieces(pieces)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("controller task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,108 @@
+"""The controller's records of applications, deployments and replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from serval._private.backends.base import ReplicaHost
+from serval._private.rpc import RpcPeer
+from serval.deployment import AppSpec, DeploymentSpec
+
+
+class ReplicaState(str, Enum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+
+
+@dataclass
+class ReplicaRecord:
+    replica_id: str
+    index: int
+    version: str
+    host: ReplicaHost
+    path: str
+    state: ReplicaState = ReplicaState.STARTING
+    peer: RpcPeer | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    model_ids: frozenset[str] = frozenset()
+
+
+@dataclass
+class DeploymentState:
+    app: str
+    spec: DeploymentSpec
+    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    next_index: int = 0
+    failed_message: str = ""
+    start_failures: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def target(self) -> int:
+        return self.spec.config.num_replicas
+
+    def current(self) -> list[ReplicaRecord]:
+        """Replicas of the wanted version that are not on their way out."""
+        return [
+            r
+            for r in self.replicas.values()
+            if r.version == self.spec.version and r.state != ReplicaState.STOPPING
+        ]
+
+    def outdated(self) -> list[ReplicaRecord]:
+        return [
+            r
+            for r in self.replicas.values()
+            if r.version != self.spec.version and r.state != ReplicaState.STOPPING
+        ]
+
+    def running(self) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values() if r.state == ReplicaState.RUNNING]
+
+    def status(self) -> str:
+        if self.failed_message:
+            return "UNHEALTHY"
+        current = self.current()
+        ready = [r for r in current if r.state == ReplicaState.RUNNING]
+        if len(ready) == self.target and len(current) == self.target and not self.outdated():
+            return "HEALTHY"
+        return "UPDATING"
+
+    def replica_states(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.replicas.values():
+            counts[r.state.value] = counts.get(r.state.value, 0) + 1
+        return counts
+
+
+@dataclass
+class AppState:
+    spec: AppSpec
+    deployments: dict[str, DeploymentState]
+    deployed_at: float = field(default_factory=time.time)
+    deleting: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def status(self) -> tuple[str, str]:
+        if self.deleting:
+            return "DELETING", ""
+        failed = [d for d in self.deployments.values() if d.failed_message]
+        if failed:
+            return "DEPLOY_FAILED", "\n".join(
+                f"deployment {d.name!r} failed: {d.failed_message}" for d in failed
+            )
+        if all(d.status() == "HEALTHY" for d in self.deployments.values()):
+            return "RUNNING", ""
+        return "DEPLOYING", ""
+
+    def notify(self) -> None:
+        """Wake everyone waiting on this app, then re-arm."""
+        self.changed.set()
+        self.changed = asyncio.Event()

@@ -1,0 +1,90 @@
+"""Frames and payloads of the local wire.
+
+A frame is ``<meta_len:u32><nbufs:u16><tag:u64>`` then ``nbufs`` × ``<len:u64>``, the pickle (protocol 5)
+of the message, then its out-of-band buffers. The tag repeats the request id of data-plane
+messages, so a message that fails to unpickle can still be answered with an error. Large numpy arrays and bytearrays travel as those
+buffers, so neither side copies them into the pickle stream.
+
+Messages are plain tuples whose first item is a kind constant below. cloudpickle is used for
+every dump because it ships classes defined in ``__main__`` or in a function by value; the load
+side is the standard ``pickle.loads``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+import cloudpickle
+
+from serval.exceptions import SerializationError
+
+HEADER = struct.Struct("<IHQ")
+BUFLEN = struct.Struct("<Q")
+
+# Data plane: caller → replica.
+REQUEST = 0  # (REQUEST, rid, method, args, kwargs, meta)
+CANCEL = 1  # (CANCEL, rid)
+# Data plane: replica → caller. The last item is the replica's number of ongoing requests.
+RESULT = 2  # (RESULT, rid, value, ongoing)
+ERROR = 3  # (ERROR, rid, exc_or_error_payload, ongoing)
+STREAM_ITEM = 4  # (STREAM_ITEM, rid, item)
+STREAM_END = 5  # (STREAM_END, rid, None, ongoing)
+# Control plane, either direction.
+CALL = 10  # (CALL, cid, method, kwargs)
+REPLY = 11  # (REPLY, cid, ok, value)
+PUSH = 12  # (PUSH, topic, value)
+
+
+def dumps(obj: Any, tag: int = 0) -> list[bytes | memoryview]:
+    """Encode ``obj`` as the pieces of one frame (header, pickle, buffers)."""
+    buffers: list[pickle.PickleBuffer] = []
+    meta = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    if not buffers:
+        return [HEADER.pack(len(meta), 0, tag) + meta]
+    raws = [b.raw() for b in buffers]
+    head = HEADER.pack(len(meta), len(raws), tag) + b"".join(BUFLEN.pack(r.nbytes) for r in raws)
+    return [head, meta, *raws]
+
+
+def loads(frame: memoryview, header_len: int, meta_len: int, buf_lens: list[int]) -> Any:
+    """Decode one complete frame; buffers keep referencing ``frame`` (no copy)."""
+    start = header_len + meta_len
+    buffers = []
+    for n in buf_lens:
+        buffers.append(frame[start : start + n])
+        start += n
+    return pickle.loads(frame[header_len : header_len + meta_len], buffers=buffers)
+
+
+def describe(value: Any) -> str:
+    """A short, safe description of a value for error messages."""
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__qualname__} object>"
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} (type {type(value).__module__}.{type(value).__qualname__})"
+
+
+def serialization_error(what: str, value: Any, exc: BaseException) -> SerializationError:
+    return SerializationError(
+        f"could not serialize {what}: {describe(value)}: {type(exc).__name__}: {exc}"
+    )
+
+
+def find_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any, BaseException]:
+    """After a failed dump, find which argument is to blame (slow path only)."""
+    for i, arg in enumerate(args):
+        try:
+            cloudpickle.dumps(arg, protocol=5, buffer_callback=lambda b: None)
+        except Exception as exc:
+            return f"argument {i}", arg, exc
+    for key, arg in kwargs.items():
+        try:
+            cloudpickle.dumps(arg, protocol=5, buffer_callback=lambda b: None)
+        except Exception as exc:
+            return f"keyword argument {key!r}", arg, exc
+    raise LookupError("every argument pickles on its own")

@@ -1,0 +1,355 @@
+"""The replica runtime: runs one user object and serves requests to it.
+
+Async methods run on the replica's event loop; sync methods in a thread pool, so a slow sync
+method blocks neither async methods nor the replica's own work (health checks, cancellation).
+``max_ongoing_requests`` is enforced here too, as a hard limit: callers already respect it,
+but several callers each see only their own share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import pickle
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
+from functools import partial
+from typing import Any
+
+import cloudpickle
+
+from serval._private import protocol, request_context, runtime, transport
+from serval._private.client import controller_path
+from serval._private.rpc import RpcPeer
+from serval.config import DeploymentConfig
+from serval.exceptions import RequestCancelledError, SerializationError
+
+logger = logging.getLogger(__name__)
+
+_MAX_THREADS = 512
+
+
+class _Kind(Enum):
+    ASYNC = "async"
+    SYNC = "sync"
+    ASYNC_GEN = "async generator"
+    SYNC_GEN = "generator"
+
+
+class _FunctionDeployment:
+    """Wraps a function deployment so that it is called as ``__call__``."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.__call__ = fn  # an instance attribute: looked up by getattr, not by type
+
+
+def _kind(fn: Callable[..., Any]) -> _Kind:
+    target = inspect.unwrap(fn)
+    if inspect.isasyncgenfunction(target):
+        return _Kind.ASYNC_GEN
+    if inspect.isgeneratorfunction(target):
+        return _Kind.SYNC_GEN
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - a callable object's async __call__
+    ):
+        return _Kind.ASYNC
+    return _Kind.SYNC
+
+
+class Replica:
+    def __init__(self, address: str, replica_id: str) -> None:
+        self.address = address
+        self.replica_id = replica_id
+        self.loop = asyncio.get_running_loop()
+        self.path = os.path.join(address, "r", f"{replica_id}.sock")
+        self.app = ""
+        self.deployment = ""
+        self.config = DeploymentConfig()
+        self.user: Any = None
+        self.ongoing = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._backlog: deque[tuple[transport.Connection, int, str, Any, Any, Any]] = deque()
+        self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
+        self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.controller: RpcPeer | None = None
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await transport.listen(self.path, self._new_connection)
+        self.controller = await RpcPeer.connect(controller_path(self.address), handler=self)
+        init = await self.controller.call("register", replica_id=self.replica_id)
+        error = await self._init_user(init)
+        await self.controller.call("replica_ready", replica_id=self.replica_id, error=error)
+
+    async def _init_user(self, init: dict[str, Any]) -> str | None:
+        self.app, self.deployment = init["app"], init["deployment"]
+        self.config = init["config"]
+        runtime.set_replica(
+            runtime.ReplicaIdentity(self.app, self.deployment, self.replica_id), self.loop
+        )
+        for entry in reversed(init["sys_path"]):
+            if entry and entry not in sys.path:
+                sys.path.insert(0, entry)
+        with contextlib.suppress(OSError):
+            os.chdir(init["cwd"])
+        self._pool = ThreadPoolExecutor(
+            min(self.config.max_ongoing_requests, _MAX_THREADS), thread_name_prefix="serval-user"
+        )
+        try:
+            target, args, kwargs = pickle.loads(init["payload"])
+            if init["is_function"]:
+                self.user = _FunctionDeployment(target)
+            else:
+                self.user = await self._construct(target, args, kwargs)
+            if self.config.user_config is not None:
+                await self.rpc_reconfigure(None, self.config.user_config)
+        except BaseException as exc:  # the caller of serve.run gets this traceback
+            logger.error("replica %s of %s failed to start", self.replica_id, self.deployment)
+            return "".join(traceback.format_exception(exc))
+        request_context.set_servable(self.user)
+        return None
+
+    async def _construct(self, cls: type, args: Any, kwargs: Any) -> Any:
+        if inspect.iscoroutinefunction(cls.__init__):
+            obj = cls.__new__(cls)
+            await obj.__init__(*args, **kwargs)
+            return obj
+        # On the loop thread, as in Ray Serve: __init__ may use asyncio.get_running_loop().
+        return cls(*args, **kwargs)
+
+    # -- control RPCs ----------------------------------------------------------------------------
+
+    async def rpc_reconfigure(self, peer: RpcPeer | None, user_config: Any) -> None:
+        fn = getattr(self.user, "reconfigure", None)
+        if fn is None:
+            raise TypeError(
+                f"deployment {self.deployment!r} has a user_config but no reconfigure() method"
+            )
+        await self._call_user(fn, user_config)
+        self.config = self.config.with_changes(user_config=user_config)
+
+    async def rpc_check_health(self, peer: RpcPeer) -> None:
+        fn = getattr(self.user, "check_health", None)
+        if fn is not None:
+            await self._call_user(fn)
+
+    async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if _kind(fn) is _Kind.ASYNC:
+            return await fn(*args)
+        return await self.loop.run_in_executor(self._pool, fn, *args)
+
+    # -- data plane ------------------------------------------------------------------------------
+
+    def _new_connection(self) -> transport.Connection:
+        conn = transport.Connection(self._on_message, self._on_lost)
+        self._running[conn] = {}
+        return conn
+
+    def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
+        # The caller went away: cancel what it was waiting for.
+        for fut in self._running.pop(conn, {}).values():
+            fut.cancel()
+
+    def _on_message(self, conn: transport.Connection, msg: Any) -> None:
+        if isinstance(msg, transport.Undecodable):
+            self._reply_error(
+                conn,
+                msg.tag,
+                SerializationError(f"the replica could not deserialize the request: {msg.error!r}"),
+            )
+            return
+        kind = msg[0]
+        if kind == protocol.REQUEST:
+            _, rid, method, args, kwargs, meta = msg
+            if self.ongoing >= self.config.max_ongoing_requests:
+                self._backlog.append((conn, rid, method, args, kwargs, meta))
+            else:
+                self._run(conn, rid, method, args, kwargs, meta)
+        elif kind == protocol.CANCEL:
+            fut = self._running.get(conn, {}).get(msg[1])
+            if fut is not None:
+                fut.cancel()
+
+    def _run(
+        self, conn: transport.Connection, rid: int, method: str, args: Any, kwargs: Any, meta: Any
+    ) -> None:
+        self.ongoing += 1
+        self.idle.clear()
+        try:
+            fn, kind = self._method(method)
+            fut = self._execute(conn, rid, fn, kind, args, kwargs, meta)
+        except Exception as exc:
+            self._finish(conn, rid, method, None, exc, False)
+            return
+        self._running.setdefault(conn, {})[rid] = fut
+        stream = bool(meta and meta.get("stream"))
+        fut.add_done_callback(partial(self._done, conn, rid, method, stream))
+
+    def _execute(
+        self,
+        conn: transport.Connection,
+        rid: int,
+        fn: Callable[..., Any],
+        kind: _Kind,
+        args: Any,
+        kwargs: Any,
+        meta: Any,
+    ) -> asyncio.Future[Any]:
+        stream = bool(meta and meta.get("stream"))
+        if stream != (kind in (_Kind.ASYNC_GEN, _Kind.SYNC_GEN)):
+            raise TypeError(
+                f"{self.deployment}.{getattr(fn, '__name__', 'method')} is a {kind.value} "
+                "function: call it with handle.options(stream=True)"
+                if not stream
+                else f"{self.deployment}.{getattr(fn, '__name__', 'method')} is not a generator, "
+                "so it cannot be called with stream=True"
+            )
+        if kind is _Kind.ASYNC:
+            return self.loop.create_task(_with_context(meta, fn, args, kwargs))
+        if kind is _Kind.SYNC:
+            return self.loop.run_in_executor(self._pool, _sync_with_context, meta, fn, args, kwargs)
+        if kind is _Kind.ASYNC_GEN:
+            return self.loop.create_task(self._stream_async(conn, rid, meta, fn, args, kwargs))
+        return self.loop.run_in_executor(
+            self._pool, self._stream_sync, conn, rid, meta, fn, args, kwargs
+        )
+
+    async def _stream_async(
+        self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
+    ) -> None:
+        request_context.set_request(meta)
+        async for item in fn(*args, **kwargs):
+            self._send_item(conn, rid, item)
+
+    def _stream_sync(
+        self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
+    ) -> None:
+        request_context.set_request(meta)
+        for item in fn(*args, **kwargs):
+            pieces = protocol.dumps((protocol.STREAM_ITEM, rid, item), rid)
+            self.loop.call_soon_threadsafe(_send_pieces, conn, pieces)
+
+    def _send_item(self, conn: transport.Connection, rid: int, item: Any) -> None:
+        if not conn.closed:
+            conn.send((protocol.STREAM_ITEM, rid, item), rid)
+
+    def _method(self, name: str) -> tuple[Callable[..., Any], _Kind]:
+        found = self._methods.get(name)
+        if found is None:
+            fn = getattr(self.user, name, None)
+            if fn is None or not callable(fn) or (name.startswith("_") and name != "__call__"):
+                raise AttributeError(f"deployment {self.deployment!r} has no method {name!r}")
+            found = self._methods[name] = (fn, _kind(fn))
+        return found
+
+    def _done(
+        self,
+        conn: transport.Connection,
+        rid: int,
+        method: str,
+        stream: bool,
+        fut: asyncio.Future[Any],
+    ) -> None:
+        running = self._running.get(conn)
+        if running is not None:
+            running.pop(rid, None)
+        if fut.cancelled():
+            error = RequestCancelledError(f"{self.deployment}.{method} was cancelled")
+            self._finish(conn, rid, method, None, error, stream)
+        else:
+            exc = fut.exception()
+            value = None if exc is not None else fut.result()
+            self._finish(conn, rid, method, value, exc, stream)
+
+    def _finish(
+        self,
+        conn: transport.Connection,
+        rid: int,
+        method: str,
+        value: Any,
+        exc: BaseException | None,
+        stream: bool,
+    ) -> None:
+        self.ongoing -= 1
+        while self._backlog and self.ongoing < self.config.max_ongoing_requests:
+            self._run(*self._backlog.popleft())
+        if self.ongoing == 0:
+            self.idle.set()
+        if conn.closed:
+            return
+        if exc is not None:
+            self._reply_error(conn, rid, exc)
+            return
+        kind = protocol.STREAM_END if stream else protocol.RESULT
+        try:
+            conn.send((kind, rid, value, self.ongoing), rid)
+        except Exception as err:
+            self._reply_error(
+                conn,
+                rid,
+                protocol.serialization_error(
+                    f"the return value of {self.deployment}.{method}", value, err
+                ),
+            )
+
+    def _reply_error(self, conn: transport.Connection, rid: int, exc: BaseException) -> None:
+        if conn.closed:
+            return
+        tb = "".join(traceback.format_exception(exc))
+        payload = (exc if _round_trips(exc) else None, type(exc).__qualname__, str(exc), tb)
+        try:
+            conn.send((protocol.ERROR, rid, payload, self.ongoing), rid)
+        except Exception:
+            conn.send((protocol.ERROR, rid, (None, *payload[1:]), self.ongoing), rid)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop taking connections; let in-flight requests finish, within the grace period."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), self.config.graceful_shutdown_timeout_s)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        destructor = getattr(type(self.user), "__del__", None)
+        if destructor is not None:
+            with contextlib.suppress(Exception):
+                destructor(self.user)
+
+
+def _send_pieces(conn: transport.Connection, pieces: list[bytes | memoryview]) -> None:
+    if not conn.closed:
+        conn.send_pieces(pieces)
+
+
+async def _with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    if meta is not None:
+        request_context.set_request(meta)
+    return await fn(*args, **kwargs)
+
+
+def _sync_with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    request_context.set_request(meta)
+    return fn(*args, **kwargs)
+
+
+def _round_trips(exc: BaseException) -> bool:
+    try:
+        pickle.loads(cloudpickle.dumps(exc))
+    except Exception:
+        return False
+    return True

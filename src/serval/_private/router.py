@@ -1,0 +1,279 @@
+"""Caller-side routing of one deployment's requests to its replicas.
+
+Power of two choices over the replicas with room (in-flight below ``max_ongoing_requests``), by
+the in-flight count this router knows, corrected by the count each replica reports in its
+replies. Requests beyond every replica's limit wait here, bounded by ``max_queued_requests``.
+A replica whose connection drops is removed at once: its unsent requests are routed again,
+its in-flight ones fail with ``ReplicaDiedError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from serval._private import protocol, transport
+from serval._private.calls import Call
+from serval.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaDiedError,
+    RemoteTraceback,
+    RequestCancelledError,
+    SerializationError,
+    UserCodeError,
+)
+
+logger = logging.getLogger(__name__)
+
+_rids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a caller needs to reach a replica (pushed by the controller)."""
+
+    replica_id: str
+    path: str
+    model_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    app: str
+    name: str
+    max_ongoing_requests: int
+    max_queued_requests: int
+    replicas: tuple[ReplicaInfo, ...]
+
+
+class ReplicaSlot:
+    """One replica as seen from this router: its connection and the calls it holds."""
+
+    def __init__(self, router: Router, info: ReplicaInfo) -> None:
+        self.router = router
+        self.info = info
+        self.in_flight = 0
+        self.reported = 0
+        self.calls: dict[int, Call] = {}
+        self.unsent: list[Call] = []  # sent before the connection was up
+        self.dead = False
+        self.conn = transport.Connection(self._on_message, self._on_lost)
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_unix_connection(lambda: self.conn, self.info.path)
+        except OSError as exc:
+            logger.debug("cannot reach replica %s: %s", self.info.replica_id, exc)
+            self._on_lost(self.conn, exc)
+            return
+        self.unsent.clear()
+
+    @property
+    def load(self) -> int:
+        return max(self.in_flight, self.reported)
+
+    def send(self, call: Call) -> None:
+        call.rid = rid = next(_rids)
+        msg = (protocol.REQUEST, rid, call.method, call.args, call.kwargs, call.meta)
+        try:
+            pieces = protocol.dumps(msg, rid)
+        except Exception as exc:
+            call.set_exception(_args_error(call, exc))
+            return
+        self.calls[rid] = call
+        self.in_flight += 1
+        call.replica = self.info.replica_id
+        if self.conn._transport is None:
+            self.unsent.append(call)
+        self.conn.send_pieces(pieces)
+        call.assigned.fire()
+
+    def cancel(self, call: Call) -> None:
+        if call.rid in self.calls and not self.conn.closed:
+            self.conn.send((protocol.CANCEL, call.rid))
+
+    def close(self) -> None:
+        self.conn.close()
+        if not self._connect_task.done():
+            self._connect_task.cancel()
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _on_message(self, conn: transport.Connection, msg: Any) -> None:
+        if isinstance(msg, transport.Undecodable):
+            call = self.calls.pop(msg.tag, None)
+            if call is not None:
+                self._finished()
+                call.set_exception(
+                    SerializationError(f"could not deserialize the reply of {call.label}: {msg.error!r}")
+                )
+            return
+        kind, rid = msg[0], msg[1]
+        if kind == protocol.STREAM_ITEM:
+            call = self.calls.get(rid)
+            if call is not None and call.stream is not None:
+                call.stream.put(msg[2])
+            return
+        call = self.calls.pop(rid, None)
+        self.reported = msg[3]
+        self._finished()
+        if call is None:
+            return
+        if kind == protocol.RESULT:
+            call.set_result(msg[2])
+        elif kind == protocol.STREAM_END:
+            assert call.stream is not None
+            call.stream.close()
+            call.set_result(None)
+        else:
+            call.set_exception(rebuild_error(msg[2]))
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        if self.router.slots.get(self.info.replica_id) is not self:
+            if not self.calls:  # removed from the table and now idle
+                self.close()
+            return
+        self.router.dispatch()
+
+    def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        unsent = {id(c) for c in self.unsent}
+        calls, self.calls = self.calls, {}
+        self.in_flight = 0
+        reroute = []
+        for call in calls.values():
+            if id(call) in unsent:
+                reroute.append(call)
+            else:
+                call.set_exception(
+                    ReplicaDiedError(
+                        f"replica {self.info.replica_id} died (or closed its connection) while "
+                        f"serving {call.label}"
+                    )
+                )
+        self.router.replica_lost(self, reroute)
+
+
+def rebuild_error(payload: tuple[BaseException | None, str, str, str]) -> BaseException:
+    """Turn the replica's error payload back into the user's exception, traceback attached."""
+    exc, type_name, message, tb = payload
+    if exc is None:
+        return UserCodeError(type_name, message, tb)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _args_error(call: Call, exc: BaseException) -> SerializationError:
+    try:
+        where, value, cause = protocol.find_unpicklable(call.args, call.kwargs)
+    except LookupError:
+        return SerializationError(f"could not serialize the request to {call.label}: {exc!r}")
+    return protocol.serialization_error(f"{where} of {call.label}", value, cause)
+
+
+class Router:
+    def __init__(self, info: DeploymentInfo) -> None:
+        self.info = info
+        self.slots: dict[str, ReplicaSlot] = {}
+        self.queue: deque[Call] = deque()
+        self.deleted = False
+        self.update(info)
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.app}.{self.info.name}"
+
+    def update(self, info: DeploymentInfo) -> None:
+        self.info = info
+        wanted = {r.replica_id: r for r in info.replicas}
+        for rid in list(self.slots):
+            if rid not in wanted:
+                # Gone from the table: take no more work; in-flight calls finish on their own.
+                slot = self.slots.pop(rid)
+                if not slot.calls:
+                    slot.close()
+        for rid, rinfo in wanted.items():
+            slot = self.slots.get(rid)
+            if slot is None:
+                self.slots[rid] = ReplicaSlot(self, rinfo)
+            elif slot.info != rinfo:
+                slot.info = rinfo
+        self.dispatch()
+
+    def delete(self) -> None:
+        """The deployment is gone: fail what waits here."""
+        self.deleted = True
+        while self.queue:
+            self.queue.popleft().set_exception(
+                DeploymentUnavailableError(f"deployment {self.label} was deleted")
+            )
+
+    def submit(self, call: Call) -> None:
+        if self.deleted:
+            call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
+            return
+        if not self.queue:
+            slot = self._choose(call)
+            if slot is not None:
+                slot.send(call)
+                return
+        limit = self.info.max_queued_requests
+        if limit != -1 and len(self.queue) >= limit:
+            call.set_exception(BackPressureError(self.label, len(self.queue), limit))
+            return
+        self.queue.append(call)
+
+    def cancel(self, call: Call) -> None:
+        call.cancel_requested = True
+        if call.replica is None:
+            try:
+                self.queue.remove(call)
+            except ValueError:
+                pass
+        else:
+            slot = self.slots.get(call.replica)
+            if slot is not None:
+                slot.cancel(call)
+        call.set_exception(RequestCancelledError(f"request to {call.label} was cancelled"))
+
+    def dispatch(self) -> None:
+        while self.queue:
+            slot = self._choose(self.queue[0])
+            if slot is None:
+                return
+            slot.send(self.queue.popleft())
+
+    def _choose(self, call: Call) -> ReplicaSlot | None:
+        limit = self.info.max_ongoing_requests
+        model = call.meta.get("multiplexed_model_id") if call.meta else None
+        free = [s for s in self.slots.values() if s.in_flight < limit and not s.dead]
+        if not free:
+            return None
+        if model:
+            holding = [s for s in free if model in s.info.model_ids]
+            if holding:
+                free = holding
+        if len(free) == 1:
+            return free[0]
+        a, b = random.sample(free, 2)
+        return a if a.load <= b.load else b
+
+    def replica_lost(self, slot: ReplicaSlot, reroute: list[Call]) -> None:
+        if self.slots.get(slot.info.replica_id) is slot:
+            del self.slots[slot.info.replica_id]
+        for call in reversed(reroute):
+            call.replica = None
+            self.queue.appendleft(call)
+        self.dispatch()

@@ -1,0 +1,126 @@
+"""Request/reply and push messages for the control plane, over one ``Connection``.
+
+Either side may call the other: a call names a method of the peer's handler object
+(``rpc_<name>``, sync or async); the reply carries the value or the exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from serval._private import protocol, transport
+
+logger = logging.getLogger(__name__)
+
+PushHandler = Callable[[str, Any], None]
+
+
+class RpcPeer:
+    def __init__(
+        self,
+        handler: object | None = None,
+        on_push: PushHandler | None = None,
+        on_close: Callable[[RpcPeer], None] | None = None,
+    ) -> None:
+        self._handler = handler
+        self._on_push = on_push
+        self._on_close = on_close
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.conn: transport.Connection | None = None
+        self.info: dict[str, Any] = {}  # what the other side said about itself
+
+    def protocol_factory(self) -> transport.Connection:
+        self.conn = transport.Connection(self._on_message, self._on_lost)
+        return self.conn
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str,
+        handler: object | None = None,
+        on_push: PushHandler | None = None,
+        on_close: Callable[[RpcPeer], None] | None = None,
+    ) -> RpcPeer:
+        peer = cls(handler, on_push, on_close)
+        loop = asyncio.get_running_loop()
+        await loop.create_unix_connection(peer.protocol_factory, path)
+        return peer
+
+    @property
+    def closed(self) -> bool:
+        return self.conn is None or self.conn.closed
+
+    async def call(self, method: str, **kwargs: Any) -> Any:
+        if self.conn is None or self.conn.closed:
+            raise ConnectionResetError(f"control connection closed (calling {method})")
+        cid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = fut
+        try:
+            self.conn.send((protocol.CALL, cid, method, kwargs))
+            return await fut
+        finally:
+            self._pending.pop(cid, None)
+
+    def push(self, topic: str, value: Any) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send((protocol.PUSH, topic, value))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    # -- incoming ----------------------------------------------------------------------------
+
+    def _on_message(self, conn: transport.Connection, msg: Any) -> None:
+        if isinstance(msg, transport.Undecodable):
+            logger.error("undecodable control message: %s", msg.error)
+            return
+        kind = msg[0]
+        if kind == protocol.REPLY:
+            fut = self._pending.get(msg[1])
+            if fut is not None and not fut.done():
+                if msg[2]:
+                    fut.set_result(msg[3])
+                else:
+                    fut.set_exception(msg[3])
+        elif kind == protocol.CALL:
+            task = asyncio.get_running_loop().create_task(self._serve(msg[1], msg[2], msg[3]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == protocol.PUSH and self._on_push is not None:
+            self._on_push(msg[1], msg[2])
+
+    async def _serve(self, cid: int, method: str, kwargs: dict[str, Any]) -> None:
+        try:
+            fn = getattr(self._handler, f"rpc_{method}")
+            value = fn(peer=self, **kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            reply: tuple[Any, ...] = (protocol.REPLY, cid, True, value)
+        except Exception as exc:
+            if not isinstance(exc, ConnectionError):
+                logger.debug("rpc %s failed", method, exc_info=True)
+            reply = (protocol.REPLY, cid, False, exc)
+        if self.conn is None or self.conn.closed:
+            return
+        try:
+            self.conn.send(reply)
+        except Exception as exc:  # an unpicklable exception or value: say so instead
+            self.conn.send((protocol.REPLY, cid, False, RuntimeError(f"{method}: {exc}")))
+
+    def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("control connection lost"))
+        for task in self._tasks:
+            task.cancel()
+        if self._on_close is not None:
+            self._on_close(self)

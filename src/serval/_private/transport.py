@@ -1,0 +1,181 @@
+"""A framed, message-oriented connection over a Unix domain socket.
+
+One ``Connection`` carries many messages in both directions. Receiving uses
+``asyncio.BufferedProtocol`` so that a large frame is read straight into its own buffer, which
+the decoded message then references (no second copy). Sends made during one event-loop tick are
+coalesced into a single ``writelines``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from serval._private import protocol
+
+logger = logging.getLogger(__name__)
+
+_SMALL = 64 * 1024  # frames above this are read into a buffer of their own
+_MIN_FREE = 16 * 1024
+
+MessageHandler = Callable[["Connection", Any], None]
+LostHandler = Callable[["Connection", "BaseException | None"], None]
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, on_message: MessageHandler, on_lost: LostHandler | None = None) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._buf = bytearray(_SMALL)
+        self._filled = 0
+        self._big: bytearray | None = None
+        self._big_filled = 0
+        self._big_shape: tuple[int, int, list[int]] = (0, 0, [])
+        self._outbox: list[bytes | memoryview] = []
+        self._flush_scheduled = False
+        self.closed = False
+        self.closed_future: asyncio.Future[None] = self._loop.create_future()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, message: Any, tag: int = 0) -> None:
+        """Queue ``message``; raises if it does not pickle (nothing is queued then)."""
+        self.send_pieces(protocol.dumps(message, tag))
+
+    def send_pieces(self, pieces: list[bytes | memoryview]) -> None:
+        if self.closed:
+            raise ConnectionResetError("connection is closed")
+        self._outbox.extend(pieces)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._transport is None or self.closed or not self._outbox:
+            return
+        out, self._outbox = self._outbox, []
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._flush()
+            self._transport.close()
+
+    # -- asyncio protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self._outbox and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._outbox.clear()
+        if not self.closed_future.done():
+            self.closed_future.set_result(None)
+        if self._on_lost is not None:
+            self._on_lost(self, exc)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._big_filled :]
+        if len(self._buf) - self._filled < _MIN_FREE:
+            # A fresh buffer, never an in-place resize: the transport may still hold a view.
+            grown = bytearray(max(len(self._buf) * 2, self._filled + _MIN_FREE))
+            grown[: self._filled] = self._buf[: self._filled]
+            self._buf = grown
+        return memoryview(self._buf)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._big_filled += nbytes
+            if self._big_filled == len(self._big):
+                frame, (hlen, mlen, blens) = self._big, self._big_shape
+                self._big = None
+                self._deliver(memoryview(frame), hlen, mlen, blens)
+            return
+        self._filled += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        buf, end, pos = self._buf, self._filled, 0
+        while end - pos >= protocol.HEADER.size:
+            meta_len, nbufs, _tag = protocol.HEADER.unpack_from(buf, pos)
+            hlen = protocol.HEADER.size + protocol.BUFLEN.size * nbufs
+            if end - pos < hlen:
+                break
+            blens = [
+                protocol.BUFLEN.unpack_from(buf, pos + protocol.HEADER.size + 8 * i)[0]
+                for i in range(nbufs)
+            ]
+            total = hlen + meta_len + sum(blens)
+            have = end - pos
+            if have >= total:
+                # Copy out of the reusable buffer: decoded buffers must own their memory.
+                frame = bytearray(buf[pos : pos + total]) if nbufs else bytes(buf[pos : pos + total])
+                pos += total
+                self._deliver(memoryview(frame), hlen, meta_len, blens)
+                if self.closed:
+                    return
+                continue
+            if total > _SMALL:
+                big = bytearray(total)
+                big[:have] = buf[pos:end]
+                self._big, self._big_filled, self._big_shape = big, have, (hlen, meta_len, blens)
+                pos = end
+            break
+        rest = end - pos
+        if rest and pos:
+            buf[:rest] = buf[pos:end]
+        self._filled = rest
+
+    def _deliver(self, frame: memoryview, hlen: int, mlen: int, blens: list[int]) -> None:
+        try:
+            message = protocol.loads(frame, hlen, mlen, blens)
+        except Exception as exc:
+            # Framing is separate from pickling, so the stream stays usable; the handler learns
+            # of it as an undecodable message carrying the frame's tag (the request id).
+            tag = protocol.HEADER.unpack_from(frame, 0)[2]
+            message = Undecodable(tag, exc)
+        self._on_message(self, message)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+
+class Undecodable:
+    """Stands in for a message that arrived whole but did not unpickle."""
+
+    def __init__(self, tag: int, error: BaseException) -> None:
+        self.tag = tag
+        self.error = error
+
+
+async def connect(path: str, on_message: MessageHandler, on_lost: LostHandler | None = None) -> Connection:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_unix_connection(lambda: Connection(on_message, on_lost), path)
+    return conn
+
+
+async def listen(
+    path: str, factory: Callable[[], Connection]
+) -> asyncio.base_events.Server:
+    loop = asyncio.get_running_loop()
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    server = await loop.create_unix_server(factory, sock=sock, backlog=1024)
+    return server  # type: ignore[return-value]

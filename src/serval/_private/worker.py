@@ -1,0 +1,95 @@
+"""Entry point of every serval process: ``python -m serval._private.worker serval::<role> <label>``.
+
+The role and label come first on the command line so that ``ps`` tells what each process is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from serval._private import lifeline, runtime, transport
+from serval._private.backends.local import LocalBackend
+from serval._private.client import controller_path
+from serval._private.controller.controller import Controller
+from serval._private.replica import Replica
+from serval._private.rpc import RpcPeer
+
+logger = logging.getLogger("serval")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="serval-worker")
+    parser.add_argument("role", choices=["serval::controller", "serval::replica"])
+    parser.add_argument("label")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--replica-id")
+    parser.add_argument("--lifeline-fd", type=int)
+    return parser.parse_args(argv)
+
+
+async def _controller_main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    controller = Controller(LocalBackend(args.address, args.lifeline_fd))
+    peers: set[RpcPeer] = set()
+
+    def new_peer() -> transport.Connection:
+        peer = RpcPeer(controller, on_close=lambda p: (peers.discard(p), controller.subscribers.discard(p)))
+        peers.add(peer)
+        return peer.protocol_factory()
+
+    server = await transport.listen(controller_path(args.address), new_peer)
+    if args.lifeline_fd is not None:
+        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(controller.rpc_shutdown(None)))  # type: ignore[arg-type]
+    await controller.stopped.wait()
+    server.close()
+    for peer in list(peers):
+        peer.close()  # flushes the reply to the shutdown call first
+    await asyncio.sleep(0)
+    await controller.close()
+
+
+async def _replica_main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    if args.lifeline_fd is not None:
+        # User threads may be blocked in C code: leave at once rather than wait for them.
+        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    runtime.set_address(args.address)
+    replica = Replica(args.address, args.replica_id)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await replica.start()
+    await stop.wait()
+    await replica.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s {args.role} {args.label}: %(message)s",
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    body = _controller_main if args.role == "serval::controller" else _replica_main
+    loop = runtime.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = 0
+    try:
+        loop.run_until_complete(body(args))
+    except BaseException:
+        logger.exception("%s %s failed", args.role, args.label)
+        code = 1
+    finally:
+        # Exit without waiting for user threads (a sync method may still be running).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The top-level verbs: start, run, status, delete, shutdown, and handle lookup."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from serval._private import request_context, runtime
+from serval._private.cluster import LocalCluster
+from serval.config import HTTPOptions
+from serval.deployment import _UNSET, Application, build
+from serval.exceptions import (
+    DeploymentFailedError,
+    DeploymentNotFoundError,
+    ServalError,
+)
+from serval.handle import DeploymentHandle
+from serval.status import ServeStatus
+
+__all__ = [
+    "ReplicaContext",
+    "delete",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ReplicaContext:
+    """What ``serve.get_replica_context()`` returns inside a replica."""
+
+    app_name: str
+    deployment: str
+    replica_id: str
+    servable_object: Any
+
+    @property
+    def replica_tag(self) -> str:
+        return self.replica_id
+
+
+class _Owner:
+    """The cluster this process started, if any."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cluster: LocalCluster | None = None
+        self.http_options = HTTPOptions()
+        self.atexit_registered = False
+
+
+_owner = _Owner()
+
+
+def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: Any) -> None:
+    """Start a local cluster owned by this process (``serve.run`` does it when needed).
+
+    Every process of the cluster exits when this one does.
+    """
+    with _owner.lock:
+        if runtime.address() is not None:
+            return
+        if isinstance(http_options, dict):
+            http_options = HTTPOptions(**http_options)
+        _owner.http_options = http_options or HTTPOptions()
+        _owner.cluster = LocalCluster()
+        runtime.set_address(_owner.cluster.address)
+        if not _owner.atexit_registered:
+            atexit.register(_shutdown_at_exit)
+            _owner.atexit_registered = True
+
+
+def run(
+    target: Application,
+    *,
+    name: str = "default",
+    route_prefix: str | None = _UNSET,
+    blocking: bool = False,
+    _local_testing_mode: bool = False,
+) -> DeploymentHandle:
+    """Deploy ``target`` as application ``name``; wait until every replica is running.
+
+    Returns a handle to the ingress deployment. A constructor that raises makes this raise
+    ``DeploymentFailedError`` with the replica's traceback.
+    """
+    spec = build(target, name, route_prefix)
+    if runtime.replica() is not None:
+        raise ServalError("serve.run cannot be called from inside a deployment")
+    start()
+    status_, message = runtime.run_sync(_deploy(spec))
+    if status_ != "RUNNING":
+        raise DeploymentFailedError(f"application {name!r} failed to deploy:\n{message}")
+    handle = DeploymentHandle(spec.ingress, name)
+    if blocking:
+        _block_forever()
+    return handle
+
+
+async def _deploy(spec: Any) -> tuple[str, str]:
+    client = runtime.home_client()
+    await client.call_controller("deploy_app", spec=spec)
+    result: tuple[str, str] = await client.call_controller("wait_app", name=spec.name)
+    return result
+
+
+def _block_forever() -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+    shutdown()
+
+
+def status() -> ServeStatus:
+    """Applications with their status, and deployments with ``replica_states`` counts."""
+    if runtime.address() is None:
+        return ServeStatus()
+    result: ServeStatus = _control("status")
+    return result
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete application ``name``: its replicas drain and exit. No error if it is not there."""
+    _control("delete_app", name=name)
+
+
+def shutdown() -> None:
+    """Delete every application and stop the cluster this process started."""
+    with _owner.lock:
+        cluster, _owner.cluster = _owner.cluster, None
+        if runtime.address() is None:
+            return
+        try:
+            if cluster is not None:
+                with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                    _control("shutdown", timeout=_SHUTDOWN_TIMEOUT_S)
+        finally:
+            runtime.reset_clients()
+            runtime.set_address(None)
+            if cluster is not None:
+                cluster.wait_stopped(timeout=5.0)
+                cluster.close()
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception:  # interpreter is exiting: never raise from atexit
+        logger.exception("serval shutdown at exit failed")
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    """A handle to the ingress deployment of application ``name``."""
+    if _in_replica_loop():
+        raise RuntimeError(
+            "get_app_handle() blocks; inside an async method use the handles passed to the "
+            "constructor, or call it from the constructor or a sync method"
+        )
+    ingress: str = _control("get_app", name=name)
+    return DeploymentHandle(ingress, name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
+    """A handle to ``deployment_name`` in ``app_name`` (default: the caller's app inside a
+    replica, else ``"default"``)."""
+    me = runtime.replica()
+    if app_name is None:
+        app_name = me.app if me is not None else "default"
+    if not _in_replica_loop():
+        apps = _control("apps_with_deployment", deployment=deployment_name)
+        if app_name not in apps:
+            raise DeploymentNotFoundError(
+                f"no deployment {deployment_name!r} in application {app_name!r}"
+            )
+    return DeploymentHandle(deployment_name, app_name)
+
+
+def app_of_deployment(deployment_name: str) -> str:
+    """Which app a legacy ``Deployment.get_handle()`` means: the caller's own inside a replica;
+    otherwise the one app that has it (``"default"`` if several do)."""
+    me = runtime.replica()
+    if me is not None:
+        return me.app
+    apps: list[str] = _control("apps_with_deployment", deployment=deployment_name)
+    if len(apps) == 1:
+        return apps[0]
+    if "default" in apps:
+        return "default"
+    if not apps:
+        raise DeploymentNotFoundError(f"no running application has deployment {deployment_name!r}")
+    raise DeploymentNotFoundError(
+        f"deployment {deployment_name!r} is in several applications ({', '.join(apps)}); "
+        "use serve.get_deployment_handle(name, app_name=...)"
+    )
+
+
+def get_replica_context() -> ReplicaContext:
+    """Inside a replica: its app, deployment, id and the user object."""
+    me = runtime.replica()
+    if me is None:
+        raise ServalError("get_replica_context() may only be called from within a replica")
+    return ReplicaContext(me.app, me.deployment, me.replica_id, request_context.servable())
+
+
+def _in_replica_loop() -> bool:
+    return runtime.replica() is not None and runtime.running_loop() is runtime.home_loop()
+
+
+def _control(method: str, timeout: float | None = None, **kwargs: Any) -> Any:
+    runtime.require_address()
+
+    async def call() -> Any:
+        return await runtime.home_client().call_controller(method, **kwargs)
+
+    return runtime.run_sync(call(), timeout)

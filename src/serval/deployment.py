@@ -1,0 +1,262 @@
+"""Deployments and applications: what ``@serve.deployment`` and ``.bind()`` produce."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar, overload
+
+import cloudpickle
+
+from serval.config import AutoscalingConfig, DeploymentConfig
+from serval.handle import RayServeHandle, RayServeSyncHandle
+
+__all__ = ["Application", "Deployment", "deployment"]
+
+T = TypeVar("T")
+_UNSET: Any = object()
+_CONFIG_FIELDS = {f.name for f in fields(DeploymentConfig)}
+_SUPPORTED_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env"}
+
+
+class Deployment:
+    """A class or function and its options; ``.bind(...)`` makes it an ``Application``."""
+
+    def __init__(
+        self,
+        func_or_class: Callable[..., Any],
+        name: str,
+        config: DeploymentConfig,
+        route_prefix: str | None = _UNSET,
+    ) -> None:
+        self.func_or_class = func_or_class
+        self._name = name
+        self.config = config
+        self._route_prefix = route_prefix
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def route_prefix(self) -> str | None:
+        return None if self._route_prefix is _UNSET else self._route_prefix
+
+    @property
+    def num_replicas(self) -> int:
+        return self.config.num_replicas
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self.config.max_ongoing_requests
+
+    @property
+    def user_config(self) -> Any:
+        return self.config.user_config
+
+    def options(self, *, name: str | None = None, route_prefix: Any = _UNSET, **changes: Any) -> Deployment:
+        """A copy with other options (the same keywords as ``@serve.deployment``)."""
+        _validate_option_names(changes)
+        config = self.config.with_changes(**_normalize(changes)) if changes else self.config
+        return Deployment(
+            self.func_or_class,
+            name or self._name,
+            config,
+            self._route_prefix if route_prefix is _UNSET else route_prefix,
+        )
+
+    def bind(self, *args: Any, **kwargs: Any) -> Application:
+        """This deployment with its constructor arguments; bound deployments among them
+        arrive in the constructor as ``DeploymentHandle``s."""
+        return Application(self, args, kwargs)
+
+    def get_handle(self, sync: bool = True) -> RayServeSyncHandle | RayServeHandle:
+        """A handle as in the ServeHandle guide: sync (``remote()`` → ``ObjectRef``) or asyncio
+        (``await remote()`` → ``ObjectRef``). Inside a replica it targets the caller's app."""
+        from serval import api
+
+        app = api.app_of_deployment(self._name)
+        cls = RayServeSyncHandle if sync else RayServeHandle
+        return cls(self._name, app)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"deployment {self._name!r} cannot be called directly; use "
+            f"{self._name}.bind(...) and serve.run(...), then call its handle"
+        )
+
+    def __repr__(self) -> str:
+        return f"Deployment(name={self._name!r})"
+
+
+class Application:
+    """A bound deployment: the node of an application graph that ``serve.run`` deploys."""
+
+    def __init__(self, deployment: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.deployment = deployment
+        self.args = args
+        self.kwargs = kwargs
+
+    def __repr__(self) -> str:
+        return f"Application({self.deployment.name})"
+
+
+@overload
+def deployment(_func_or_class: type[T]) -> Deployment: ...
+@overload
+def deployment(_func_or_class: Callable[..., Any]) -> Deployment: ...
+@overload
+def deployment(
+    _func_or_class: None = None, **options: Any
+) -> Callable[[Callable[..., Any]], Deployment]: ...
+
+
+def deployment(
+    _func_or_class: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    route_prefix: Any = _UNSET,
+    **options: Any,
+) -> Any:
+    """Declare a deployment: ``@serve.deployment`` or ``@serve.deployment(num_replicas=2, ...)``.
+
+    Options: ``num_replicas``, ``max_ongoing_requests`` (default 5), ``max_queued_requests``
+    (default -1, no limit), ``user_config``, ``health_check_period_s``,
+    ``health_check_timeout_s``, ``graceful_shutdown_timeout_s``,
+    ``graceful_shutdown_wait_loop_s``, ``ray_actor_options``; ``name`` and ``route_prefix``.
+    """
+    _validate_option_names(options)
+    config = DeploymentConfig().with_changes(**_normalize(options))
+
+    def decorate(target: Callable[..., Any]) -> Deployment:
+        if not callable(target):
+            raise TypeError("@serve.deployment decorates a class or a function")
+        return Deployment(target, name or target.__name__, config, route_prefix)
+
+    return decorate(_func_or_class) if _func_or_class is not None else decorate
+
+
+def _validate_option_names(options: dict[str, Any]) -> None:
+    unknown = set(options) - _CONFIG_FIELDS
+    if "max_concurrent_queries" in unknown:
+        raise TypeError("max_concurrent_queries was renamed max_ongoing_requests (as in Ray Serve)")
+    if unknown:
+        raise TypeError(f"unknown deployment option(s): {', '.join(sorted(unknown))}")
+
+
+def _normalize(options: dict[str, Any]) -> dict[str, Any]:
+    out = dict(options)
+    if out.get("num_replicas") == "auto":
+        out["num_replicas"] = 1
+        out.setdefault("autoscaling_config", {})
+    auto = out.get("autoscaling_config")
+    if isinstance(auto, dict):
+        out["autoscaling_config"] = AutoscalingConfig(**auto)
+    if out.get("autoscaling_config") is not None:
+        raise NotImplementedError(
+            "autoscaling_config is not supported yet by serval; set num_replicas instead"
+        )
+    actor = out.get("ray_actor_options")
+    if actor is not None:
+        if not isinstance(actor, dict):
+            raise TypeError("ray_actor_options must be a dict")
+        unknown = set(actor) - _SUPPORTED_ACTOR_OPTIONS
+        if unknown:
+            raise ValueError(f"unsupported ray_actor_options: {', '.join(sorted(unknown))}")
+        out["ray_actor_options"] = dict(actor)
+    return out
+
+
+# -- building an application for the controller --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One deployment of an app as the controller receives it (code stays opaque bytes)."""
+
+    name: str
+    payload: bytes  # cloudpickle of (func_or_class, init_args, init_kwargs)
+    config: DeploymentConfig
+    version: str  # changes when new replicas are needed
+    is_function: bool
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str
+    route_prefix: str | None
+    ingress: str
+    deployments: tuple[DeploymentSpec, ...]
+    sys_path: tuple[str, ...]
+    cwd: str
+
+
+def build(app: Application, name: str, route_prefix: Any) -> AppSpec:
+    """Walk the bound graph, name each deployment once, serialize code and arguments."""
+    from serval.handle import DeploymentHandle
+
+    names: dict[int, str] = {}
+    specs: list[DeploymentSpec] = []
+    taken: set[str] = set()
+
+    def visit(node: Application) -> str:
+        if id(node) in names:
+            return names[id(node)]
+        base = node.deployment.name
+        dep_name, n = base, 0
+        while dep_name in taken:
+            n += 1
+            dep_name = f"{base}_{n}"
+        taken.add(dep_name)
+        names[id(node)] = dep_name
+
+        def swap(value: Any) -> Any:
+            if isinstance(value, Application):
+                return DeploymentHandle(visit(value), name)
+            if isinstance(value, list):
+                return [swap(v) for v in value]
+            if isinstance(value, tuple):
+                return tuple(swap(v) for v in value)
+            if isinstance(value, dict):
+                return {k: swap(v) for k, v in value.items()}
+            return value
+
+        args = swap(node.args)
+        kwargs = swap(node.kwargs)
+        target = node.deployment.func_or_class
+        try:
+            payload = cloudpickle.dumps((target, args, kwargs))
+        except Exception as exc:
+            raise TypeError(
+                f"could not serialize deployment {dep_name!r} (its class or constructor "
+                f"arguments): {type(exc).__name__}: {exc}"
+            ) from exc
+        config = node.deployment.config
+        version = hashlib.sha256(
+            payload + json.dumps(config.restart_fields(), sort_keys=True, default=repr).encode()
+        ).hexdigest()[:16]
+        specs.append(
+            DeploymentSpec(dep_name, payload, config, version, not inspect.isclass(target))
+        )
+        return dep_name
+
+    if not isinstance(app, Application):
+        raise TypeError(
+            f"serve.run expects a bound deployment (Deployment.bind(...)), got {type(app).__name__}"
+        )
+    ingress = visit(app)
+    if route_prefix is _UNSET:
+        route_prefix = app.deployment._route_prefix
+        if route_prefix is _UNSET:
+            route_prefix = "/"
+    if route_prefix is not None:
+        if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
+        if len(route_prefix) > 1 and route_prefix.endswith("/"):
+            route_prefix = route_prefix.rstrip("/")
+    return AppSpec(name, route_prefix, ingress, tuple(specs), tuple(sys.path), os.getcwd())

@@ -1,0 +1,382 @@
+"""Handles: how Python code calls a deployment.
+
+``DeploymentHandle`` (what ``serve.run`` returns and what ``.bind()`` injects) returns a
+``DeploymentResponse`` at once; ``await`` it or call ``.result()``. The ServeHandle guide's
+handles are here too: ``RayServeSyncHandle.remote()`` blocks until the request is assigned to a
+replica and returns an ``ObjectRef``; ``await RayServeHandle.remote()`` does the same on the
+caller's loop. ``get`` and ``wait`` mirror ``ray.get`` and ``ray.wait``.
+
+A call made with a running event loop in this thread is routed on that loop (no thread hop);
+otherwise it goes to the process's home loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar, overload
+
+from serval._private import runtime
+from serval._private.calls import Call
+from serval._private.client import ClusterClient
+
+__all__ = [
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "ObjectRef",
+    "RayServeHandle",
+    "RayServeSyncHandle",
+    "get",
+    "wait",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _HandleOptions:
+    method_name: str = "__call__"
+    multiplexed_model_id: str = ""
+    stream: bool = False
+
+
+class _Submitted:
+    """The common part of responses and refs: a call and the loop that owns it."""
+
+    __slots__ = ("_call", "_owner")
+
+    def __init__(self, call: Call, owner: asyncio.AbstractEventLoop) -> None:
+        self._call = call
+        self._owner = owner
+
+    def _check_not_blocking_owner(self, what: str) -> None:
+        if runtime.running_loop() is self._owner:
+            raise RuntimeError(
+                f"{what} would block the event loop this request runs on; use `await` instead"
+            )
+
+    def _result(self, timeout: float | None) -> Any:
+        self._check_not_blocking_owner("a blocking get")
+        return self._call.result_sync(timeout)
+
+    def cancel(self) -> None:
+        """Cancel the request; the replica sees ``asyncio.CancelledError`` at its next await."""
+        call, owner = self._call, self._owner
+        if call.done.fired:
+            return
+        client = runtime.client(owner)
+        if runtime.running_loop() is owner:
+            client.cancel(call)
+        else:
+            owner.call_soon_threadsafe(client.cancel, call)
+
+
+class DeploymentResponse(_Submitted, Generic[T]):
+    """The future result of ``handle.remote()``: ``await`` it or call ``result()``.
+
+    Passing it as an argument to another ``.remote()`` call sends the value, once ready.
+    """
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._call.result_async().__await__()
+
+    def result(self, timeout_s: float | None = None, *, _skip_asyncio_check: bool = False) -> T:
+        """Block until the result is ready; ``TimeoutError`` after ``timeout_s`` seconds."""
+        if _skip_asyncio_check:
+            return self._call.result_sync(timeout_s)  # type: ignore[no-any-return]
+        return self._result(timeout_s)  # type: ignore[no-any-return]
+
+    async def _to_object_ref(self) -> ObjectRef:
+        await self._call.assigned.wait()
+        return ObjectRef(self._call, self._owner)
+
+    def _to_object_ref_sync(self) -> ObjectRef:
+        self._call.assigned.wait_sync(None)
+        return ObjectRef(self._call, self._owner)
+
+    def __repr__(self) -> str:
+        state = "done" if self._call.done.fired else "pending"
+        return f"DeploymentResponse({self._call.app}.{self._call.label}, {state})"
+
+
+class DeploymentResponseGenerator(_Submitted):
+    """The items of a streaming call, iterable with ``for`` or ``async for``."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        self._check_not_blocking_owner("iterating a stream synchronously")
+        assert self._call.stream is not None
+        return self._call.stream.next_sync(None)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        assert self._call.stream is not None
+        return await self._call.stream.next_async()
+
+    def __repr__(self) -> str:
+        return f"DeploymentResponseGenerator({self._call.app}.{self._call.label})"
+
+
+class ObjectRef(_Submitted):
+    """A reference to the result of a request already assigned to a replica.
+
+    ``await ref`` or ``serve.get(ref)`` give the value; ``serve.wait`` tells which are ready.
+    """
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._call.result_async().__await__()
+
+    def __repr__(self) -> str:
+        state = "ready" if self._call.done.fired else "pending"
+        return f"ObjectRef({self._call.app}.{self._call.label} on {self._call.replica}, {state})"
+
+
+class _PendingRef:
+    """What the async legacy handle's ``remote()`` returns: await it for the ``ObjectRef``.
+
+    The request is already submitted; passing this, un-awaited, as an argument is allowed.
+    """
+
+    __slots__ = ("_call", "_owner")
+
+    def __init__(self, call: Call, owner: asyncio.AbstractEventLoop) -> None:
+        self._call = call
+        self._owner = owner
+
+    def __await__(self) -> Generator[Any, None, ObjectRef]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> ObjectRef:
+        await self._call.assigned.wait()
+        if self._call.done.fired and self._call.replica is None:
+            self._call.outcome()  # failed before assignment: raise now (e.g. back pressure)
+        return ObjectRef(self._call, self._owner)
+
+
+# -- submission ---------------------------------------------------------------------------------
+
+
+def _calls_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for a in args:
+        if isinstance(a, (_Submitted, _PendingRef)):
+            return True
+    for a in kwargs.values():
+        if isinstance(a, (_Submitted, _PendingRef)):
+            return True
+    return False
+
+
+async def _resolve(value: Any) -> Any:
+    if isinstance(value, DeploymentResponseGenerator):
+        raise TypeError("a streaming response cannot be passed as an argument")
+    if isinstance(value, _Submitted):
+        return await value._call.result_async()
+    if isinstance(value, _PendingRef):
+        return await value._call.result_async()
+    return value
+
+
+async def _resolve_then_submit(client: ClusterClient, call: Call) -> None:
+    try:
+        call.args = tuple([await _resolve(a) for a in call.args])
+        call.kwargs = {k: await _resolve(v) for k, v in call.kwargs.items()}
+    except BaseException as exc:  # an argument's own failure is this call's failure
+        call.set_exception(exc)
+        return
+    client.submit(call)
+
+
+def _submit(call: Call) -> asyncio.AbstractEventLoop:
+    """Hand ``call`` to the right loop's client; returns that loop (the call's owner)."""
+    loop = runtime.running_loop()
+    resolve = _calls_in(call.args, call.kwargs)
+    if loop is not None:
+        client = runtime.client(loop)
+        if resolve:
+            loop.create_task(_resolve_then_submit(client, call))
+        else:
+            client.submit(call)
+        return loop
+    home = runtime.home_loop()
+    client = runtime.client(home)
+    if resolve:
+        home.call_soon_threadsafe(_create_task, home, _resolve_then_submit(client, call))
+    else:
+        home.call_soon_threadsafe(client.submit, call)
+    return home
+
+
+def _create_task(loop: asyncio.AbstractEventLoop, coro: Any) -> None:
+    loop.create_task(coro)
+
+
+class _HandleBase:
+    """Target (app, deployment) and options; method attributes return re-targeted copies."""
+
+    def __init__(
+        self, deployment_name: str, app_name: str, options: _HandleOptions | None = None
+    ) -> None:
+        self.deployment_name = deployment_name
+        self.app_name = app_name
+        self._options = options or _HandleOptions()
+
+    def _copy(self, **changes: Any) -> Any:
+        return type(self)(self.deployment_name, self.app_name, replace(self._options, **changes))
+
+    def options(
+        self,
+        *,
+        method_name: str | None = None,
+        multiplexed_model_id: str | None = None,
+        stream: bool | None = None,
+        use_new_handle_api: bool | None = None,
+    ) -> Any:
+        """A copy of this handle with other options (Ray Serve's names)."""
+        changes: dict[str, Any] = {}
+        if method_name is not None:
+            changes["method_name"] = method_name
+        if multiplexed_model_id is not None:
+            changes["multiplexed_model_id"] = multiplexed_model_id
+        if stream is not None:
+            changes["stream"] = stream
+        return self._copy(**changes)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._copy(method_name=name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.deployment_name, self.app_name, self._options))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(app={self.app_name!r}, deployment={self.deployment_name!r}, "
+            f"method={self._options.method_name!r})"
+        )
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        opts = self._options
+        meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
+        if opts.stream:
+            meta = dict(meta or {}, stream=True)
+        return Call(
+            self.app_name, self.deployment_name, opts.method_name, args, kwargs, meta, opts.stream
+        )
+
+
+class DeploymentHandle(_HandleBase):
+    """Calls a deployment: ``handle.remote(...)``, ``handle.method.remote(...)``."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        call = self._call(args, kwargs)
+        owner = _submit(call)
+        if self._options.stream:
+            return DeploymentResponseGenerator(call, owner)
+        return DeploymentResponse(call, owner)
+
+
+class RayServeSyncHandle(_HandleBase):
+    """The guide's sync handle: ``remote()`` blocks until assigned and returns an ``ObjectRef``."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
+        call = self._call(args, kwargs)
+        owner = _submit(call)
+        if runtime.running_loop() is owner:
+            raise RuntimeError(
+                "the sync handle blocks; inside an event loop use get_handle(sync=False)"
+            )
+        call.assigned.wait_sync(None)
+        if call.done.fired and call.replica is None:
+            call.outcome()  # failed before assignment (back pressure, unknown deployment)
+        return ObjectRef(call, owner)
+
+
+class RayServeHandle(_HandleBase):
+    """The guide's asyncio handle: ``ref = await handle.remote(...)``; ``await ref``."""
+
+    def remote(self, *args: Any, **kwargs: Any) -> _PendingRef:
+        call = self._call(args, kwargs)
+        return _PendingRef(call, _submit(call))
+
+
+# -- get / wait ---------------------------------------------------------------------------------
+
+_Waitable = _Submitted
+
+
+@overload
+def get(refs: _Waitable, *, timeout: float | None = None) -> Any: ...
+@overload
+def get(refs: Sequence[_Waitable], *, timeout: float | None = None) -> list[Any]: ...
+
+
+def get(refs: Any, *, timeout: float | None = None) -> Any:
+    """The value of a ref (or response), or the values of a list of them, like ``ray.get``.
+
+    Raises ``GetTimeoutError`` (a ``TimeoutError``) if not ready within ``timeout`` seconds, and
+    the user's exception if the request failed.
+    """
+    if isinstance(refs, (list, tuple)):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        for ref in refs:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            out.append(_as_ref(ref)._result(left))
+        return out
+    return _as_ref(refs)._result(timeout)
+
+
+def wait(
+    refs: Sequence[Any], *, num_returns: int = 1, timeout: float | None = None
+) -> tuple[list[Any], list[Any]]:
+    """Wait until ``num_returns`` of ``refs`` are ready or ``timeout`` passes, like ``ray.wait``.
+
+    Returns ``(ready, not_ready)``, each in the order of ``refs``.
+    """
+    items = [_as_ref(r) for r in refs]
+    if len({id(r) for r in items}) != len(items):
+        raise ValueError("wait() got the same ref twice")
+    if not 0 <= num_returns <= len(items):
+        raise ValueError(f"num_returns must be between 0 and {len(items)}, got {num_returns}")
+    for r in items:
+        if not r._call.done.fired:
+            r._check_not_blocking_owner("wait()")
+    enough = threading.Event()
+    lock = threading.Lock()
+    count = [0]
+
+    def one_done() -> None:
+        with lock:
+            count[0] += 1
+            if count[0] >= num_returns:
+                enough.set()
+
+    if num_returns == 0:
+        enough.set()
+    for r in items:
+        r._call.done.add_callback(one_done)
+    enough.wait(timeout)
+    ready, not_ready = [], []
+    for original, r in zip(refs, items, strict=True):
+        (ready if r._call.done.fired and len(ready) < num_returns else not_ready).append(original)
+    return ready, not_ready
+
+
+def _as_ref(value: Any) -> _Submitted:
+    if isinstance(value, _Submitted):
+        return value
+    if isinstance(value, _PendingRef):
+        raise TypeError("await the async handle's remote() first: `ref = await handle.remote()`")
+    raise TypeError(
+        f"expected an ObjectRef or DeploymentResponse, got {type(value).__name__}"
+    )
+
