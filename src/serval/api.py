@@ -19,10 +19,12 @@ from serval.exceptions import (
     ServalError,
 )
 from serval.handle import DeploymentHandle
+from serval.ingress import ingress
 from serval.status import ServeStatus
 
 __all__ = [
     "ReplicaContext",
+    "ingress",
     "delete",
     "get_app_handle",
     "get_deployment_handle",
@@ -76,7 +78,7 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: 
         if isinstance(http_options, dict):
             http_options = HTTPOptions(**http_options)
         _owner.http_options = http_options or HTTPOptions()
-        _owner.cluster = LocalCluster()
+        _owner.cluster = LocalCluster(_owner.http_options)
         runtime.set_address(_owner.cluster.address)
         if not _owner.atexit_registered:
             atexit.register(_shutdown_at_exit)

@@ -6,6 +6,7 @@ The field names, defaults and meaning are Ray Serve's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,9 +107,28 @@ class HTTPOptions:
     port: int = 8000
     request_timeout_s: float | None = None
     root_path: str = ""
+    # serval's own: larger request bodies get 413 before they are read
+    max_request_body_bytes: int = 100 * 1024 * 1024
+    # serval's own: set False for a cluster without an HTTP proxy
+    enabled: bool = True
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"bad port {self.port!r}")
+        _check(
+            isinstance(self.port, int) and 0 < self.port < 65536,
+            f"http_options.port must be an int in 1..65535, got {self.port!r}",
+        )
+        _check(
+            self.request_timeout_s is None or self.request_timeout_s > 0,
+            f"http_options.request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}",
+        )
+        _check(self.max_request_body_bytes > 0, "http_options.max_request_body_bytes must be > 0")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> HTTPOptions:
+        return cls(**json.loads(text))
 
 
 def _check(ok: bool, message: str) -> None:

@@ -82,7 +82,7 @@ class DeploymentResponse(_Submitted, Generic[T]):
     """
 
     def __await__(self) -> Generator[Any, None, T]:
-        return self._call.result_async().__await__()
+        return self._call.result_async_or_cancel(self.cancel).__await__()
 
     def result(self, timeout_s: float | None = None, *, _skip_asyncio_check: bool = False) -> T:
         """Block until the result is ready; ``TimeoutError`` after ``timeout_s`` seconds."""

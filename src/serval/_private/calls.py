@@ -128,6 +128,8 @@ class Call:
             return
         self._value = value
         self.args = self.kwargs = None  # type: ignore[assignment]  # drop references early
+        if self.stream is not None:
+            self.stream.close()
         self.assigned.fire()
         self.done.fire()
 
@@ -158,6 +160,16 @@ class Call:
 
     async def result_async(self) -> Any:
         await self.done.wait()
+        return self.outcome()
+
+    async def result_async_or_cancel(self, cancel: Callable[[], None]) -> Any:
+        """Like ``result_async``; if the awaiting task is cancelled, cancel the request too
+        (so a cancelled HTTP request cancels the handle calls it made)."""
+        try:
+            await self.done.wait()
+        except asyncio.CancelledError:
+            cancel()
+            raise
         return self.outcome()
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from serval._private.calls import Call
@@ -20,6 +21,10 @@ from serval.exceptions import DeploymentNotFoundError, ServalError
 logger = logging.getLogger(__name__)
 
 _RECONNECT_DELAY_S = 0.1
+
+
+# (version, {(app, deployment): info}, {route_prefix: (app, ingress)})
+Table = tuple[int, dict[tuple[str, str], DeploymentInfo], dict[str, tuple[str, str]]]
 
 
 def controller_path(address: str) -> str:
@@ -37,6 +42,9 @@ class ClusterClient:
         self._waiting: list[Call] = []
         self._connector: asyncio.Task[None] | None = None
         self._closed = False
+        # route_prefix -> (app, ingress deployment); used by the HTTP proxy
+        self.routes: dict[str, tuple[str, str]] = {}
+        self.on_table: Callable[[int], None] | None = None
 
     # -- data plane ------------------------------------------------------------------------------
 
@@ -55,6 +63,11 @@ class ClusterClient:
             )
             return
         router.submit(call)
+
+    def send_input(self, call: Call, message: Any) -> None:
+        router = self.routers.get((call.app, call.deployment))
+        if router is not None:
+            router.send_input(call, message)
 
     def cancel(self, call: Call) -> None:
         router = self.routers.get((call.app, call.deployment))
@@ -114,8 +127,8 @@ class ClusterClient:
         if topic == "table":
             self._apply_table(value)
 
-    def _apply_table(self, table: tuple[int, dict[tuple[str, str], DeploymentInfo]]) -> None:
-        version, deployments = table
+    def _apply_table(self, table: Table) -> None:
+        version, deployments, routes = table
         if version <= self.table_version and self._ready.is_set():
             return
         self.table_version = version
@@ -127,7 +140,10 @@ class ClusterClient:
                 router.update(info)
         for key in [k for k in self.routers if k not in deployments]:
             self.routers.pop(key).delete()
+        self.routes = routes
         self._ready.set()
+        if self.on_table is not None:
+            self.on_table(version)
         waiting, self._waiting = self._waiting, []
         for call in waiting:
             self.submit(call)

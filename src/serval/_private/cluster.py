@@ -18,13 +18,14 @@ import time
 from serval._private import lifeline
 from serval._private.backends.local import worker_argv
 from serval._private.client import controller_path
+from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
 _START_TIMEOUT_S = 30.0
 
 
 class LocalCluster:
-    def __init__(self) -> None:
+    def __init__(self, http_options: HTTPOptions) -> None:
         self.address = tempfile.mkdtemp(prefix="serval-")
         self._lifeline_r, self._lifeline_w = lifeline.create()
         self.controller = subprocess.Popen(
@@ -35,6 +36,8 @@ class LocalCluster:
                 self.address,
                 "--lifeline-fd",
                 str(self._lifeline_r),
+                "--http-options",
+                http_options.to_json(),
             ),
             pass_fds=(self._lifeline_r,),
             stdin=subprocess.DEVNULL,

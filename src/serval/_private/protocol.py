@@ -26,6 +26,7 @@ BUFLEN = struct.Struct("<Q")
 # Data plane: caller → replica.
 REQUEST = 0  # (REQUEST, rid, method, args, kwargs, meta)
 CANCEL = 1  # (CANCEL, rid)
+INPUT = 6  # (INPUT, rid, asgi_message): more input for a running request (websockets)
 # Data plane: replica → caller. The last item is the replica's number of ongoing requests.
 RESULT = 2  # (RESULT, rid, value, ongoing)
 ERROR = 3  # (ERROR, rid, exc_or_error_payload, ongoing)

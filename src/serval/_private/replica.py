@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
@@ -27,6 +28,7 @@ import cloudpickle
 
 from serval._private import protocol, request_context, runtime, transport
 from serval._private.client import controller_path
+from serval._private.http_replica import ResponseCollector, respond
 from serval._private.rpc import RpcPeer
 from serval.config import DeploymentConfig
 from serval.exceptions import RequestCancelledError, SerializationError
@@ -81,6 +83,8 @@ class Replica:
         self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
         self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._inputs: dict[tuple[transport.Connection, int], asyncio.Queue[Any]] = {}
+        self.asgi_app: Any = None
         self._server: asyncio.AbstractServer | None = None
         self.controller: RpcPeer | None = None
 
@@ -115,6 +119,9 @@ class Replica:
                 self.user = await self._construct(target, args, kwargs)
             if self.config.user_config is not None:
                 await self.rpc_reconfigure(None, self.config.user_config)
+            from serval.ingress import asgi_app_for
+
+            self.asgi_app = asgi_app_for(self.user)
         except BaseException as exc:  # the caller of serve.run gets this traceback
             logger.error("replica %s of %s failed to start", self.replica_id, self.deployment)
             return "".join(traceback.format_exception(exc))
@@ -148,7 +155,8 @@ class Replica:
     async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
         if _kind(fn) is _Kind.ASYNC:
             return await fn(*args)
-        return await self.loop.run_in_executor(self._pool, fn, *args)
+        ctx = contextvars.copy_context()  # the request context, visible in the worker thread
+        return await self.loop.run_in_executor(self._pool, ctx.run, fn, *args)
 
     # -- data plane ------------------------------------------------------------------------------
 
@@ -181,6 +189,10 @@ class Replica:
             fut = self._running.get(conn, {}).get(msg[1])
             if fut is not None:
                 fut.cancel()
+        elif kind == protocol.INPUT:
+            queue = self._inputs.get((conn, msg[1]))
+            if queue is not None:
+                queue.put_nowait(msg[2])
 
     def _run(
         self, conn: transport.Connection, rid: int, method: str, args: Any, kwargs: Any, meta: Any
@@ -188,8 +200,14 @@ class Replica:
         self.ongoing += 1
         self.idle.clear()
         try:
-            fn, kind = self._method(method)
-            fut = self._execute(conn, rid, fn, kind, args, kwargs, meta)
+            if meta is not None and "asgi" in meta:
+                fut: asyncio.Future[Any] = self.loop.create_task(
+                    self._serve_http(conn, rid, args[0], args[1], meta)
+                )
+                meta = None  # the reply is a plain result, whatever was streamed before it
+            else:
+                fn, kind = self._method(method)
+                fut = self._execute(conn, rid, fn, kind, args, kwargs, meta)
         except Exception as exc:
             self._finish(conn, rid, method, None, exc, False)
             return
@@ -244,6 +262,29 @@ class Replica:
     def _send_item(self, conn: transport.Connection, rid: int, item: Any) -> None:
         if not conn.closed:
             conn.send((protocol.STREAM_ITEM, rid, item), rid)
+
+    async def _serve_http(
+        self, conn: transport.Connection, rid: int, scope: Any, body: Any, meta: Any
+    ) -> Any:
+        request_context.set_request(meta)
+        collector = ResponseCollector(partial(self._send_item, conn, rid))
+        inputs: asyncio.Queue[Any] | None = None
+        if scope["type"] == "websocket":
+            inputs = self._inputs[(conn, rid)] = asyncio.Queue()
+            inputs.put_nowait(body)  # the websocket.connect event
+        try:
+            return await respond(
+                self.user, self.asgi_app, scope, body, collector, inputs, self._call_user
+            )
+        except Exception:
+            if not collector.started:
+                raise
+            # The app already answered (FastAPI sends its 500 and re-raises): log, keep it.
+            logger.exception("request %s failed after its response started", meta.get("request_id"))
+            return collector.complete
+        finally:
+            if inputs is not None:
+                self._inputs.pop((conn, rid), None)
 
     def _method(self, name: str) -> tuple[Callable[..., Any], _Kind]:
         found = self._methods.get(name)

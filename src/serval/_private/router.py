@@ -100,6 +100,10 @@ class ReplicaSlot:
         if call.rid in self.calls and not self.conn.closed:
             self.conn.send((protocol.CANCEL, call.rid))
 
+    def send_input(self, call: Call, message: Any) -> None:
+        if call.rid in self.calls and not self.conn.closed:
+            self.conn.send((protocol.INPUT, call.rid, message), call.rid)
+
     def close(self) -> None:
         self.conn.close()
         if not self._connect_task.done():
@@ -247,6 +251,11 @@ class Router:
             if slot is not None:
                 slot.cancel(call)
         call.set_exception(RequestCancelledError(f"request to {call.label} was cancelled"))
+
+    def send_input(self, call: Call, message: Any) -> None:
+        slot = self.slots.get(call.replica) if call.replica is not None else None
+        if slot is not None:
+            slot.send_input(call, message)
 
     def dispatch(self) -> None:
         while self.queue:

@@ -18,23 +18,26 @@ from serval._private.client import controller_path
 from serval._private.controller.controller import Controller
 from serval._private.replica import Replica
 from serval._private.rpc import RpcPeer
+from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="serval-worker")
-    parser.add_argument("role", choices=["serval::controller", "serval::replica"])
+    parser.add_argument("role", choices=["serval::controller", "serval::replica", "serval::proxy"])
     parser.add_argument("label")
     parser.add_argument("--address", required=True)
     parser.add_argument("--replica-id")
     parser.add_argument("--lifeline-fd", type=int)
+    parser.add_argument("--http-options")
     return parser.parse_args(argv)
 
 
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    controller = Controller(LocalBackend(args.address, args.lifeline_fd))
+    http = HTTPOptions.from_json(args.http_options) if args.http_options else None
+    controller = Controller(LocalBackend(args.address, args.lifeline_fd), http)
     peers: set[RpcPeer] = set()
 
     def new_peer() -> transport.Connection:
@@ -45,6 +48,7 @@ async def _controller_main(args: argparse.Namespace) -> None:
     server = await transport.listen(controller_path(args.address), new_peer)
     if args.lifeline_fd is not None:
         lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    controller.start()
     loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(controller.rpc_shutdown(None)))  # type: ignore[arg-type]
     await controller.stopped.wait()
     server.close()
@@ -68,6 +72,23 @@ async def _replica_main(args: argparse.Namespace) -> None:
     await replica.drain()
 
 
+async def _proxy_main(args: argparse.Namespace) -> None:
+    from serval._private.proxy_server import serve_proxy
+
+    loop = asyncio.get_running_loop()
+    if args.lifeline_fd is not None:
+        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    runtime.set_address(args.address)
+    await serve_proxy(runtime.client(loop), HTTPOptions.from_json(args.http_options))
+
+
+_MAINS = {
+    "serval::controller": _controller_main,
+    "serval::replica": _replica_main,
+    "serval::proxy": _proxy_main,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -75,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s {args.role} {args.label}: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
-    body = _controller_main if args.role == "serval::controller" else _replica_main
+    body = _MAINS[args.role]
     loop = runtime.new_event_loop()
     asyncio.set_event_loop(loop)
     code = 0

@@ -44,3 +44,7 @@ class Backend(ABC):
     @abstractmethod
     def start_replica(self, replica_id: str, label: str) -> ReplicaHost:
         """Start a replica host; it will register itself with the controller."""
+
+    @abstractmethod
+    def start_proxy(self, http_options_json: str) -> ReplicaHost:
+        """Start the HTTP proxy; it will report to the controller when it listens."""

@@ -22,7 +22,9 @@ def worker_argv(role: str, label: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "serval._private.worker", f"serval::{role}", label, *args]
 
 
-class LocalReplica(ReplicaHost):
+class LocalProcess(ReplicaHost):
+    """A replica (or the proxy) as an OS process, watched through a pidfd."""
+
     def __init__(self, replica_id: str, proc: subprocess.Popen[bytes]) -> None:
         self.replica_id = replica_id
         self._proc = proc
@@ -88,12 +90,19 @@ class LocalBackend(Backend):
         return os.path.join(self.address, "r", f"{replica_id}.sock")
 
     def start_replica(self, replica_id: str, label: str) -> ReplicaHost:
-        args = ["--address", self.address, "--replica-id", replica_id]
+        return self._spawn("replica", label, replica_id, ["--replica-id", replica_id])
+
+    def start_proxy(self, http_options_json: str) -> ReplicaHost:
+        label = os.path.basename(self.address)
+        return self._spawn("proxy", label, "proxy", ["--http-options", http_options_json])
+
+    def _spawn(self, role: str, label: str, host_id: str, extra: list[str]) -> ReplicaHost:
+        args = ["--address", self.address, *extra]
         fds: tuple[int, ...] = ()
         if self.lifeline_fd is not None:
             args += ["--lifeline-fd", str(self.lifeline_fd)]
             fds = (self.lifeline_fd,)
         proc = subprocess.Popen(
-            worker_argv("replica", label, *args), pass_fds=fds, stdin=subprocess.DEVNULL
+            worker_argv(role, label, *args), pass_fds=fds, stdin=subprocess.DEVNULL
         )
-        return LocalReplica(replica_id, proc)
+        return LocalProcess(host_id, proc)

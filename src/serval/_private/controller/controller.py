@@ -15,7 +15,8 @@ import uuid
 from typing import Any
 
 from serval._private import protocol
-from serval._private.backends.base import Backend
+from serval._private.backends.base import Backend, ReplicaHost
+from serval._private.client import Table
 from serval._private.controller.state import (
     AppState,
     DeploymentState,
@@ -25,18 +26,26 @@ from serval._private.controller.state import (
 from serval._private.router import DeploymentInfo, ReplicaInfo
 from serval._private.rpc import RpcPeer
 from serval.deployment import AppSpec
-from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError
+from serval.config import HTTPOptions
+from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError, ServalError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 logger = logging.getLogger(__name__)
 
 _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
+_PROXY_RESTART_DELAY_S = 0.5
 
 
 class Controller:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, http: HTTPOptions | None = None) -> None:
         self.backend = backend
+        self.http = http
+        self.proxy: ReplicaHost | None = None
+        self.proxy_version = -1  # the newest table version the proxy has applied
+        self.proxy_error: str | None = None
+        self.proxy_changed = asyncio.Event()
+        self.stopping = False
         self.apps: dict[str, AppState] = {}
         self.subscribers: set[RpcPeer] = set()
         self.table_version = 0
@@ -44,11 +53,49 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
 
+    def start(self) -> None:
+        if self.http is not None and self.http.enabled:
+            self._start_proxy()
+
+    # -- the HTTP proxy --------------------------------------------------------------------------
+
+    def _start_proxy(self) -> None:
+        assert self.http is not None
+        self.proxy = self.backend.start_proxy(self.http.to_json())
+        self._spawn(self._watch_proxy(self.proxy))
+
+    async def _watch_proxy(self, host: ReplicaHost) -> None:
+        code = await host.wait()
+        if self.stopping or self.proxy_error is not None:
+            return
+        logger.warning("the HTTP proxy exited (code %s); restarting it", code)
+        await asyncio.sleep(_PROXY_RESTART_DELAY_S)
+        if not self.stopping:
+            self._start_proxy()
+
+    def _proxy_notify(self) -> None:
+        self.proxy_changed.set()
+        self.proxy_changed = asyncio.Event()
+
+    def rpc_proxy_ready(self, peer: RpcPeer, error: str | None) -> None:
+        self.proxy_error = error
+        self._proxy_notify()
+
+    def rpc_proxy_ack(self, peer: RpcPeer, version: int) -> None:
+        self.proxy_version = max(self.proxy_version, version)
+        self._proxy_notify()
+
+    async def _wait_proxy(self, version: int) -> None:
+        while self.proxy_version < version:
+            if self.proxy_error is not None:
+                raise ServalError(f"the HTTP proxy could not start: {self.proxy_error}")
+            await self.proxy_changed.wait()
+
     # -- RPC: callers ----------------------------------------------------------------------------
 
-    def rpc_subscribe(self, peer: RpcPeer) -> tuple[int, dict[tuple[str, str], DeploymentInfo]]:
+    def rpc_subscribe(self, peer: RpcPeer) -> Table:
         self.subscribers.add(peer)
-        return self.table_version, self._table()
+        return self.table_version, self._table(), self._routes()
 
     def rpc_deploy_app(self, peer: RpcPeer, spec: AppSpec) -> None:
         self._check_route_prefix(spec)
@@ -84,6 +131,9 @@ class Controller:
             if app is None:
                 raise ApplicationNotFoundError(f"application {name!r} does not exist")
             status, message = app.status()
+            if status == "RUNNING" and self.proxy is not None and app.spec.route_prefix:
+                await self._wait_proxy(self.table_version)  # reachable over HTTP on return
+                return status, message
             if status in ("RUNNING", "DEPLOY_FAILED"):
                 return status, message
             await app.changed.wait()
@@ -123,7 +173,14 @@ class Controller:
         ]
 
     async def rpc_shutdown(self, peer: RpcPeer) -> None:
+        self.stopping = True
+        if self.proxy is not None:
+            self.proxy.terminate()
         await asyncio.gather(*(self._delete(app) for app in list(self.apps.values())))
+        if self.proxy is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proxy.wait(), _KILL_AFTER_S)
+            self.proxy.kill()
         self.stopped.set()
 
     # -- RPC: replicas ---------------------------------------------------------------------------
@@ -280,6 +337,13 @@ class Controller:
 
     # -- the replica table -----------------------------------------------------------------------
 
+    def _routes(self) -> dict[str, tuple[str, str]]:
+        return {
+            app.spec.route_prefix: (app.spec.name, app.spec.ingress)
+            for app in self.apps.values()
+            if app.spec.route_prefix is not None and not app.deleting
+        }
+
     def _table(self) -> dict[tuple[str, str], DeploymentInfo]:
         table = {}
         for app in self.apps.values():
@@ -303,7 +367,8 @@ class Controller:
 
     def _publish(self) -> None:
         self.table_version += 1
-        pieces = protocol.dumps((protocol.PUSH, "table", (self.table_version, self._table())))
+        table = (self.table_version, self._table(), self._routes())
+        pieces = protocol.dumps((protocol.PUSH, "table", table))
         for peer in list(self.subscribers):
             if peer.closed or peer.conn is None:
                 self.subscribers.discard(peer)

@@ -1,0 +1,121 @@
+"""HTTP and WebSocket requests inside a replica.
+
+The proxy sends the request's ASGI scope and its whole body. The replica answers by running the
+deployment's ASGI app (``@serve.ingress``) or calling its ``__call__(request)`` with a Starlette
+``Request``. A response that fits in one body message goes back as one reply
+``(status, headers, body)``; anything longer (streaming, SSE, websockets) goes back message by
+message as it is produced, so the first chunk arrives long before the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Message = dict[str, Any]
+Emit = Callable[[Message], None]
+ASGIApp = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+class ResponseCollector:
+    """The ``send`` of the ASGI app: holds back a response that completes in one message."""
+
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self._start: Message | None = None
+        self.streaming = False
+        self.complete: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._start = message
+            self.started = True
+            return
+        if kind == "http.response.body" and not self.streaming and self._start is not None:
+            if not message.get("more_body", False):
+                start = self._start
+                self.complete = (
+                    start["status"],
+                    list(start.get("headers", [])),
+                    bytes(message.get("body", b"")),
+                )
+                return
+            self.streaming = True
+            self._emit(_plain(self._start))
+        elif kind.startswith("websocket."):
+            self.started = True
+        self._emit(_plain(message))
+
+
+def _plain(message: Message) -> Message:
+    """ASGI messages may hold bytearrays or header tuples; keep them picklable and small."""
+    out = dict(message)
+    if "headers" in out:
+        out["headers"] = [(bytes(k), bytes(v)) for k, v in out["headers"]]
+    return out
+
+
+def http_receive(body: bytes) -> Callable[[], Awaitable[Message]]:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # The body is all there was; the next event would be the client leaving, which the
+        # replica learns as cancellation instead.
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def respond(
+    user: Any, asgi_app: ASGIApp | None, scope: Message, body: bytes, collector: ResponseCollector,
+    inputs: asyncio.Queue[Message] | None, call_user: Callable[..., Awaitable[Any]],
+) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """Serve one request; returns the whole response, or None if it was streamed."""
+    if scope["type"] == "websocket":
+        assert inputs is not None
+        if asgi_app is None:
+            raise TypeError("websockets need a FastAPI app (@serve.ingress)")
+        await asgi_app(scope, inputs.get, collector.send)
+        return None
+    receive = http_receive(body)
+    if asgi_app is not None:
+        await asgi_app(scope, receive, collector.send)
+    else:
+        from starlette.requests import Request
+
+        request = Request(scope, receive)
+        request._body = body  # so sync __call__ methods can read it too
+        result = await call_user(user.__call__, request)
+        await to_response(result)(scope, receive, collector.send)
+    if collector.complete is not None:
+        return collector.complete
+    if not collector.started:
+        raise RuntimeError("the ASGI app returned without sending a response")
+    return None
+
+
+def to_response(result: Any) -> Any:
+    """Ray Serve's conversions: Response as is; str/bytes as text; anything else as JSON."""
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return Response(bytes(result), media_type="application/octet-stream")
+    if isinstance(result, str):
+        return PlainTextResponse(result)
+    if result is None:
+        return Response(b"", status_code=200)
+    try:
+        return JSONResponse(result)
+    except (TypeError, ValueError):
+        return PlainTextResponse(json.dumps(result, default=str))

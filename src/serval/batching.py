@@ -1,0 +1,422 @@
+"""``@serve.batch``: callers send one item each; the decorated function sees them as a list.
+
+Ray Serve's semantics: requests queue up; a batch is formed when ``max_batch_size`` items wait
+or ``batch_wait_timeout_s`` has passed since the oldest waiting item arrived; at most
+``max_concurrent_batches`` batches run at once. The function returns one result per input, in
+order. If it raises, every caller of that batch gets the exception and later batches still run.
+
+Queues are created lazily, on the event loop of the first call, one per instance for methods.
+Nothing made at decoration time holds a loop, a lock or a task, so a class using ``@batch``
+can be pickled (by value, with cloudpickle) and shipped to a replica process.
+
+Async generator batch functions (Ray's streaming batches) are not supported yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import functools
+import inspect
+import math
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
+from typing import Any, Protocol, TypeVar, overload
+
+__all__ = ["BatchedFunction", "BatchedMethod", "batch"]
+
+S = TypeVar("S")
+T = TypeVar("T")
+R = TypeVar("R")
+S_contra = TypeVar("S_contra", contravariant=True)
+T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
+
+# Key of the dict, in a decorated method's instance, that holds that instance's queues.
+_QUEUES_ATTR = "__serval_batch_queues__"
+
+
+class _BatchControls(Protocol):
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
+class BatchedFunction(_BatchControls, Protocol[T_contra, R_co]):
+    """A batched function (or a batched method, bound): called with one item, awaits one result."""
+
+    def __call__(self, item: T_contra, /) -> Coroutine[Any, Any, R_co]: ...
+
+
+class BatchedMethod(_BatchControls, Protocol[S_contra, T_contra, R_co]):
+    """A batched method, as found on its class; bound to an instance it is a BatchedFunction."""
+
+    def __call__(self, instance: S_contra, item: T_contra, /) -> Coroutine[Any, Any, R_co]: ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> BatchedMethod[S_contra, T_contra, R_co]:
+        ...
+
+    @overload
+    def __get__(
+        self, instance: S_contra, owner: type[Any] | None = None, /
+    ) -> BatchedFunction[T_contra, R_co]: ...
+
+
+class _BatchDecorator(Protocol):
+    @overload
+    def __call__(
+        self, func: Callable[[list[T]], Awaitable[Iterable[R]]], /
+    ) -> BatchedFunction[T, R]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[S, list[T]], Awaitable[Iterable[R]]], /
+    ) -> BatchedMethod[S, T, R]: ...
+
+
+@dataclasses.dataclass
+class _Settings:
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_concurrent_batches: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Request:
+    item: Any
+    future: asyncio.Future[Any]
+    arrived: float
+
+
+class _BatchQueue:
+    """Waiting requests of one batched function (or one instance's method) on one event loop."""
+
+    def __init__(
+        self, call: Callable[[list[Any]], Awaitable[Any]], settings: _Settings, name: str
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._call = call
+        self._settings = settings  # shared with the decorator, so set_* apply at once
+        self._name = name
+        self._pending: deque[_Request] = deque()
+        self._running = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()  # the loop itself keeps only weak refs
+
+    async def submit(self, item: Any) -> Any:
+        request = _Request(item, self.loop.create_future(), self.loop.time())
+        self._pending.append(request)
+        self._on_arrival()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._withdraw(request)
+            raise
+
+    def poke(self) -> None:
+        """Make the runner look again: a batch filled or finished, or a setting changed."""
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _on_arrival(self) -> None:
+        if self._runner is None or self._runner.done():
+            # A fresh context: a batch serves many requests, so it must not run with (and leak)
+            # the request context of whichever caller happened to start the runner.
+            self._runner = self.loop.create_task(self._run(), context=contextvars.Context())
+        elif len(self._pending) == self._settings.max_batch_size:
+            self.poke()
+
+    def _withdraw(self, request: _Request) -> None:
+        # The caller went away before its batch started: it must not take a place in one.
+        try:
+            self._pending.remove(request)
+        except ValueError:
+            pass  # already taken into a batch, whose result will be dropped
+
+    async def _run(self) -> None:
+        # Runs only while requests wait, so an idle queue owns no task at all.
+        while self._pending:
+            delay = self._time_to_next_batch()
+            if delay > 0:
+                await self._sleep(delay)
+                continue
+            batch = self._take_batch()
+            if batch:
+                self._start_batch(batch)
+
+    def _time_to_next_batch(self) -> float:
+        settings = self._settings
+        if self._running >= settings.max_concurrent_batches:
+            return math.inf  # woken when a batch finishes
+        if len(self._pending) >= settings.max_batch_size:
+            return 0.0
+        # Measured from the oldest arrival: requests that queued behind a running batch have
+        # already waited, so they go as soon as a slot frees up.
+        return self._pending[0].arrived + settings.batch_wait_timeout_s - self.loop.time()
+
+    async def _sleep(self, delay: float) -> None:
+        wakeup = self._wakeup = self.loop.create_future()
+        timer = None if math.isinf(delay) else self.loop.call_later(delay, _resolve, wakeup)
+        try:
+            await wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
+    def _take_batch(self) -> list[_Request]:
+        batch: list[_Request] = []
+        while self._pending and len(batch) < self._settings.max_batch_size:
+            request = self._pending.popleft()
+            if not request.future.done():  # cancelled, but its caller has not withdrawn it yet
+                batch.append(request)
+        return batch
+
+    def _start_batch(self, batch: list[_Request]) -> None:
+        self._running += 1
+        task = self.loop.create_task(self._execute(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._running -= 1
+        self.poke()
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        try:
+            returned = await self._call([request.item for request in batch])
+            results = _check_results(returned, len(batch), self._name)
+        except Exception as exc:
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+        except BaseException:  # cancelled (the loop is closing): nobody will get a result
+            for request in batch:
+                request.future.cancel()
+            raise
+        else:
+            for request, result in zip(batch, results, strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_results(returned: object, expected: int, name: str) -> list[Any]:
+    # str, bytes and mappings have a length but are not one result per input: almost surely a bug.
+    if isinstance(returned, str | bytes | Mapping) or not _sized_iterable(returned):
+        raise TypeError(
+            f"@serve.batch function {name} must return a list with one result per input "
+            f"(expected length {expected}), but it returned a {type(returned).__name__}"
+        )
+    results = list(returned)
+    if len(results) != expected:
+        raise ValueError(
+            f"@serve.batch function {name} returned {len(results)} results for a batch of "
+            f"{expected} inputs: expected length {expected}, actual length {len(results)}"
+        )
+    return results
+
+
+def _sized_iterable(value: object) -> bool:
+    return hasattr(value, "__len__") and isinstance(value, Iterable)
+
+
+class _Batcher:
+    """One per decorated function: its settings, and its queues (per instance, per loop)."""
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]], settings: _Settings, is_method: bool):
+        self.fn = fn
+        self.settings = settings
+        self.is_method = is_method
+        self.name = getattr(fn, "__qualname__", repr(fn))
+        self._reset_runtime_state()
+
+    def _reset_runtime_state(self) -> None:
+        self._function_queues: dict[None, _BatchQueue] = {}
+        self._slotted_queues: weakref.WeakKeyDictionary[Any, _BatchQueue] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._live: weakref.WeakSet[_BatchQueue] = weakref.WeakSet()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Queues hold a loop, futures and tasks of one process; the receiver makes its own.
+        return {key: self.__dict__[key] for key in ("fn", "settings", "is_method", "name")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime_state()
+
+    async def submit(self, instance: Any, item: Any) -> Any:
+        return await self._queue_for(instance).submit(item)
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None:
+        _check_count("max_batch_size", new_max_batch_size)
+        self.settings.max_batch_size = new_max_batch_size
+        self._poke_all()
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None:
+        _check_timeout(new_batch_wait_timeout_s)
+        self.settings.batch_wait_timeout_s = new_batch_wait_timeout_s
+        self._poke_all()
+
+    def _poke_all(self) -> None:
+        # A waiting batch may now be full, or its wait over. A queue lives on one loop, so it is
+        # poked from that loop (set_* may be called from a thread, e.g. a sync method).
+        for queue in list(self._live):
+            if not queue.loop.is_closed():
+                queue.loop.call_soon_threadsafe(queue.poke)
+
+    def _queue_for(self, instance: Any) -> _BatchQueue:
+        queues, key = self._queues_of(instance)
+        queue = queues.get(key)
+        if queue is None or queue.loop is not asyncio.get_running_loop():
+            call = functools.partial(self.fn, instance) if self.is_method else self.fn
+            queue = queues[key] = _BatchQueue(call, self.settings, self.name)
+            self._live.add(queue)
+        return queue
+
+    def _queues_of(self, instance: Any) -> tuple[MutableMapping[Any, _BatchQueue], Any]:
+        if not self.is_method:
+            return self._function_queues, None
+        try:
+            # Kept on the instance, so they live and die with it, even if it is unhashable.
+            queues: dict[_Batcher, _BatchQueue] = vars(instance).setdefault(_QUEUES_ATTR, {})
+        except TypeError:  # a __slots__ class without __dict__
+            return self._slotted_queues, instance
+        return queues, self
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_timeout(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"batch_wait_timeout_s must be a number of seconds, got {value!r}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"batch_wait_timeout_s must be >= 0, got {value}")
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(fn).parameters.values()
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+def _check_function(fn: object) -> bool:
+    """Reject what cannot be batched; return whether fn is a method (takes self, then the list)."""
+    if not callable(fn):
+        raise TypeError(
+            f"@serve.batch decorates an async function or method, got {fn!r}; "
+            "pass settings by keyword, e.g. @serve.batch(max_batch_size=8)"
+        )
+    name = getattr(fn, "__qualname__", repr(fn))
+    if inspect.isasyncgenfunction(fn):
+        raise TypeError(f"@serve.batch: {name} is an async generator; streaming batches are "
+                        "not supported yet")
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"@serve.batch needs an async function (async def); {name} is not one. "
+            "Make it `async def`, taking a list and returning a list of the same length."
+        )
+    arity = _positional_arity(fn)
+    if arity not in (1, 2):
+        raise TypeError(
+            f"@serve.batch: {name} must take exactly one list argument (after self for a "
+            f"method), but it has {arity} required positional parameters"
+        )
+    return arity == 2
+
+
+def _decorate(fn: Any, settings: _Settings) -> Any:
+    batcher = _Batcher(fn, settings, _check_function(fn))
+    expected = 2 if batcher.is_method else 1
+
+    async def batched(*args: Any, **kwargs: Any) -> Any:
+        if kwargs or len(args) != expected:
+            raise TypeError(
+                f"{batcher.name} is batched with @serve.batch: call it with one item "
+                f"(one positional argument), got {len(args) - expected + 1} positional "
+                f"and {len(kwargs)} keyword arguments"
+            )
+        return await batcher.submit(args[0] if batcher.is_method else None, args[-1])
+
+    functools.update_wrapper(batched, fn)
+    # Plain function attributes: a bound method forwards attribute lookups to its function,
+    # so `self.handle_batch.set_max_batch_size(5)` works as in Ray Serve.
+    batched.__dict__.update(
+        set_max_batch_size=batcher.set_max_batch_size,
+        set_batch_wait_timeout_s=batcher.set_batch_wait_timeout_s,
+        _serval_batcher=batcher,
+    )
+    return batched
+
+
+@overload
+def batch(
+    _func: Callable[[list[T]], Awaitable[Iterable[R]]],
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> BatchedFunction[T, R]: ...
+
+
+@overload
+def batch(
+    _func: Callable[[S, list[T]], Awaitable[Iterable[R]]],
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> BatchedMethod[S, T, R]: ...
+
+
+@overload
+def batch(
+    _func: None = None,
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> _BatchDecorator: ...
+
+
+def batch(
+    _func: Any = None,
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> Any:
+    """Batch calls to an async function or method that takes a list and returns a list.
+
+    Usable bare (``@batch``) or with settings (``@batch(max_batch_size=32)``). Callers pass one
+    item and await one result. The decorated function has ``set_max_batch_size(n)`` and
+    ``set_batch_wait_timeout_s(t)`` to change its settings at run time; on a method they are
+    shared by all instances of the class (one per replica in a deployment).
+    """
+    _check_count("max_batch_size", max_batch_size)
+    _check_timeout(batch_wait_timeout_s)
+    _check_count("max_concurrent_batches", max_concurrent_batches)
+    settings = _Settings(max_batch_size, float(batch_wait_timeout_s), max_concurrent_batches)
+    if _func is None:
+        # Each function decorated by this decorator gets its own copy of the settings.
+        return lambda fn: _decorate(fn, dataclasses.replace(settings))
+    return _decorate(_func, settings)

@@ -1,0 +1,91 @@
+"""``@serve.ingress(app)``: serve a FastAPI (or any ASGI) app from a deployment class.
+
+Routes declared on the class's methods (``@app.get("/x") def x(self, ...)``) are bound to the
+replica's instance when the replica starts, so ``self`` is the deployment object and FastAPI
+sees the remaining parameters only.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["ingress"]
+
+C = TypeVar("C", bound=type)
+
+ASGI_APP_ATTR = "_serval_asgi_app"
+
+
+def ingress(app: Any) -> Callable[[C], C]:
+    """Mark a deployment class as serving ``app`` (FastAPI, Starlette or any ASGI app)."""
+    if not callable(app):
+        raise TypeError(f"serve.ingress expects an ASGI app such as FastAPI(), got {app!r}")
+    _make_state_picklable()
+
+    def decorator(cls: C) -> C:
+        if not inspect.isclass(cls):
+            raise TypeError("@serve.ingress decorates a class (put it under @serve.deployment)")
+        setattr(cls, ASGI_APP_ATTR, app)
+        return cls
+
+    return decorator
+
+
+def _make_state_picklable() -> None:
+    """The app travels to replicas by value; Starlette's ``State`` resolves every attribute
+    through ``__getattr__``, which recurses while unpickling. Pickle it by its contents."""
+    try:
+        from starlette.datastructures import State
+    except ImportError:
+        return
+    copyreg.pickle(State, _reduce_state)
+
+
+def _reduce_state(state: Any) -> tuple[Any, ...]:
+    return (type(state), (dict(state._state),))
+
+
+def asgi_app_for(instance: Any) -> Any | None:
+    """The instance's ASGI app, with class-method routes bound to it; None if it has none."""
+    app = getattr(type(instance), ASGI_APP_ATTR, None)
+    if app is None:
+        return None
+    _bind_routes(app, instance)
+    return app
+
+
+def _bind_routes(app: Any, instance: Any) -> None:
+    router = getattr(app, "router", None)
+    routes = getattr(router, "routes", None)
+    if routes is None:
+        return
+    for i, route in enumerate(routes):
+        bound = _bound_endpoint(route, instance)
+        if bound is not None:
+            routes[i] = _rebuild(route, bound)
+
+
+def _bound_endpoint(route: Any, instance: Any) -> Any | None:
+    endpoint = getattr(route, "endpoint", None)
+    if endpoint is None or not inspect.isfunction(endpoint):
+        return None
+    params = list(inspect.signature(endpoint).parameters)
+    if not params or params[0] != "self":
+        return None
+    method = getattr(instance, endpoint.__name__, None)
+    if method is None or getattr(method, "__func__", None) is not endpoint:
+        return None
+    return method
+
+
+def _rebuild(route: Any, endpoint: Any) -> Any:
+    """A new route of the same type and settings, with ``endpoint`` (FastAPI analyses the
+    endpoint's signature when a route is made, so the route must be made again)."""
+    params = inspect.signature(type(route).__init__).parameters
+    kwargs = {name: getattr(route, name) for name in params if name not in ("self", "endpoint")}
+    if "path" in kwargs and hasattr(route, "path"):
+        kwargs["path"] = route.path
+    return type(route)(endpoint=endpoint, **kwargs)
