@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -28,14 +29,30 @@ def serval_processes() -> list[tuple[int, str]]:
     return found
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_current_port = [0]
+
+
 @pytest.fixture
 def serve_instance() -> Iterator[object]:
-    """A fresh local cluster for one test; shut down (all processes gone) afterwards."""
-    serve.start()
+    """A fresh local cluster for one test, its HTTP proxy on a free port; shut down after."""
+    _current_port[0] = free_port()
+    serve.start(http_options={"port": _current_port[0]})
     try:
         yield serve
     finally:
         serve.shutdown()
+
+
+@pytest.fixture
+def http_url(serve_instance: object) -> str:
+    """Base URL of the HTTP proxy of the ``serve_instance`` cluster."""
+    return f"http://127.0.0.1:{_current_port[0]}"
 
 
 @pytest.fixture(scope="session", autouse=True)
