@@ -23,7 +23,7 @@ import math
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, TypeGuard, TypeVar, overload
 
 __all__ = ["BatchedFunction", "BatchedMethod", "batch"]
 
@@ -56,8 +56,9 @@ class BatchedMethod(_BatchControls, Protocol[S_contra, T_contra, R_co]):
     def __call__(self, instance: S_contra, item: T_contra, /) -> Coroutine[Any, Any, R_co]: ...
 
     @overload
-    def __get__(self, instance: None, owner: type[Any], /) -> BatchedMethod[S_contra, T_contra, R_co]:
-        ...
+    def __get__(
+        self, instance: None, owner: type[Any], /
+    ) -> BatchedMethod[S_contra, T_contra, R_co]: ...
 
     @overload
     def __get__(
@@ -226,7 +227,7 @@ def _check_results(returned: object, expected: int, name: str) -> list[Any]:
     return results
 
 
-def _sized_iterable(value: object) -> bool:
+def _sized_iterable(value: object) -> TypeGuard[Iterable[Any]]:
     return hasattr(value, "__len__") and isinstance(value, Iterable)
 
 
@@ -242,9 +243,6 @@ class _Batcher:
 
     def _reset_runtime_state(self) -> None:
         self._function_queues: dict[None, _BatchQueue] = {}
-        self._slotted_queues: weakref.WeakKeyDictionary[Any, _BatchQueue] = (
-            weakref.WeakKeyDictionary()
-        )
         self._live: weakref.WeakSet[_BatchQueue] = weakref.WeakSet()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -290,8 +288,11 @@ class _Batcher:
         try:
             # Kept on the instance, so they live and die with it, even if it is unhashable.
             queues: dict[_Batcher, _BatchQueue] = vars(instance).setdefault(_QUEUES_ATTR, {})
-        except TypeError:  # a __slots__ class without __dict__
-            return self._slotted_queues, instance
+        except TypeError:
+            raise TypeError(
+                f"@serve.batch method {self.name} keeps its queue on the instance, but "
+                f"{type(instance).__name__} has no __dict__ (add '__dict__' to its __slots__)"
+            ) from None
         return queues, self
 
 
@@ -324,8 +325,9 @@ def _check_function(fn: object) -> bool:
         )
     name = getattr(fn, "__qualname__", repr(fn))
     if inspect.isasyncgenfunction(fn):
-        raise TypeError(f"@serve.batch: {name} is an async generator; streaming batches are "
-                        "not supported yet")
+        raise TypeError(
+            f"@serve.batch: {name} is an async generator; streaming batches are not supported yet"
+        )
     if not inspect.iscoroutinefunction(fn):
         raise TypeError(
             f"@serve.batch needs an async function (async def); {name} is not one. "

@@ -94,6 +94,7 @@ class Call:
         "_error",
         "stream",
         "cancel_requested",
+        "plain",
     )
 
     def __init__(
@@ -120,6 +121,7 @@ class Call:
         self._error: BaseException | None = None
         self.stream: StreamBuffer | None = StreamBuffer() if stream else None
         self.cancel_requested = False
+        self.plain = False  # arguments are builtins only: pickle without cloudpickle
 
     # -- completion (owner loop thread only) ------------------------------------------------
 

@@ -38,10 +38,21 @@ REPLY = 11  # (REPLY, cid, ok, value)
 PUSH = 12  # (PUSH, topic, value)
 
 
-def dumps(obj: Any, tag: int = 0) -> list[bytes | memoryview]:
-    """Encode ``obj`` as the pieces of one frame (header, pickle, buffers)."""
+def dumps(obj: Any, tag: int = 0, plain: bool = False) -> list[bytes | memoryview]:
+    """Encode ``obj`` as the pieces of one frame (header, pickle, buffers).
+
+    ``plain=True`` is for messages known to hold only builtin types (HTTP scopes and
+    responses, control messages): the C pickler alone, several times faster than cloudpickle.
+    """
     buffers: list[pickle.PickleBuffer] = []
-    meta = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    if plain:
+        try:
+            meta = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        except Exception:  # not so plain after all (a local class, a lambda): by value
+            buffers.clear()
+            meta = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    else:
+        meta = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     if not buffers:
         return [HEADER.pack(len(meta), 0, tag) + meta]
     raws = [b.raw() for b in buffers]

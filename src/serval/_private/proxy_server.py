@@ -53,6 +53,7 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
         access_log=False,
         log_level="warning",
         server_header=False,
+        proxy_headers=False,
         date_header=False,
     )
     server = uvicorn.Server(config)

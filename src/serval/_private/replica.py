@@ -36,6 +36,8 @@ from serval.exceptions import RequestCancelledError, SerializationError
 logger = logging.getLogger(__name__)
 
 _MAX_THREADS = 512
+# Results of these types pickle identically without cloudpickle (HTTP replies are tuples).
+_PLAIN_RESULTS = frozenset({str, bytes, int, float, bool, type(None), tuple})
 
 
 class _Kind(Enum):
@@ -50,6 +52,18 @@ class _FunctionDeployment:
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.__call__ = fn  # an instance attribute: looked up by getattr, not by type
+
+
+_kinds: dict[Any, _Kind] = {}
+
+
+def _kind_cached(fn: Callable[..., Any]) -> _Kind:
+    """``_kind`` of a bound method, cached by its function (bound methods are made anew)."""
+    key = getattr(fn, "__func__", fn)
+    found = _kinds.get(key)
+    if found is None:
+        found = _kinds[key] = _kind(fn)
+    return found
 
 
 def _kind(fn: Callable[..., Any]) -> _Kind:
@@ -153,7 +167,7 @@ class Replica:
             await self._call_user(fn)
 
     async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if _kind(fn) is _Kind.ASYNC:
+        if _kind_cached(fn) is _Kind.ASYNC:
             return await fn(*args)
         ctx = contextvars.copy_context()  # the request context, visible in the worker thread
         return await self.loop.run_in_executor(self._pool, ctx.run, fn, *args)
@@ -335,7 +349,7 @@ class Replica:
             return
         kind = protocol.STREAM_END if stream else protocol.RESULT
         try:
-            conn.send((kind, rid, value, self.ongoing), rid)
+            conn.send((kind, rid, value, self.ongoing), rid, type(value) in _PLAIN_RESULTS)
         except Exception as err:
             self._reply_error(
                 conn,

@@ -84,7 +84,7 @@ class ReplicaSlot:
         call.rid = rid = next(_rids)
         msg = (protocol.REQUEST, rid, call.method, call.args, call.kwargs, call.meta)
         try:
-            pieces = protocol.dumps(msg, rid)
+            pieces = protocol.dumps(msg, rid, call.plain)
         except Exception as exc:
             call.set_exception(_args_error(call, exc))
             return

@@ -44,9 +44,9 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, message: Any, tag: int = 0) -> None:
+    def send(self, message: Any, tag: int = 0, plain: bool = False) -> None:
         """Queue ``message``; raises if it does not pickle (nothing is queued then)."""
-        self.send_pieces(protocol.dumps(message, tag))
+        self.send_pieces(protocol.dumps(message, tag, plain))
 
     def send_pieces(self, pieces: list[bytes | memoryview]) -> None:
         if self.closed:
