@@ -5,8 +5,11 @@ Run it with `python examples/quickstart.py`, then, while it serves:
 Ctrl-C stops it (every serval process exits with it).
 """
 
-import serval as serve
+import time
+
 from starlette.requests import Request
+
+import serval as serve
 
 
 @serve.deployment
@@ -40,5 +43,9 @@ if __name__ == "__main__":
     print(serve.get(refs))
 
     print('serving on http://127.0.0.1:8000 — try: curl "http://127.0.0.1:8000/?name=Alice"')
-    print("Ctrl-C to stop")
-    serve.run(Frontend.bind(Greeter.bind()), route_prefix="/", blocking=True)
+    print("Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         loop.run_until_complete(body(args))
+    except SystemExit as exc:  # a reported, expected failure (e.g. the port is taken)
+        code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         logger.exception("%s %s failed", args.role, args.label)
         code = 1

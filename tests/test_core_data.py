@@ -1,0 +1,92 @@
+"""Large values cross processes intact and fast (out-of-band buffers)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import serval as serve
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[serve.DeploymentHandle]:
+    serve.start()
+    handle = serve.run(Echo.bind(), name="data", route_prefix="/data")
+    yield handle
+    serve.shutdown()
+
+
+@serve.deployment
+class Echo:
+    def __call__(self, value):
+        return value
+
+    def checksum(self, arr: np.ndarray) -> tuple[float, tuple[int, ...], str]:
+        return float(arr.sum()), arr.shape, str(arr.dtype)
+
+    def make(self, n: int) -> np.ndarray:
+        return np.arange(n, dtype=np.float64)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def test_numpy_array_round_trip(echo: serve.DeploymentHandle) -> None:
+    arr = np.random.default_rng(0).random(16 * MB // 8)  # 16 MB of float64
+    echo.remote(arr[:10]).result(timeout_s=10)  # warm the connection
+    out, elapsed = _timed(lambda: echo.remote(arr).result(timeout_s=10))
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    assert np.array_equal(out, arr)
+    assert elapsed < 0.5, f"16 MB numpy round trip took {elapsed:.3f}s"
+
+
+def test_numpy_array_arrives_intact_in_replica(echo: serve.DeploymentHandle) -> None:
+    arr = np.arange(16 * MB // 4, dtype=np.int32).reshape(1024, -1)
+    total, shape, dtype = echo.checksum.remote(arr).result(timeout_s=10)
+    assert total == float(arr.sum())
+    assert shape == arr.shape
+    assert dtype == "int32"
+    made = echo.make.remote(2 * MB).result(timeout_s=10)
+    assert np.array_equal(made, np.arange(2 * MB, dtype=np.float64))
+
+
+def test_bytes_round_trip(echo: serve.DeploymentHandle) -> None:
+    data = np.random.default_rng(1).bytes(16 * MB)
+    echo.remote(b"x").result(timeout_s=10)
+    out, elapsed = _timed(lambda: echo.remote(data).result(timeout_s=10))
+    assert type(out) is bytes
+    assert out == data
+    assert elapsed < 0.5, f"16 MB bytes round trip took {elapsed:.3f}s"
+
+
+def test_large_values_async_path(echo: serve.DeploymentHandle) -> None:
+    arr = np.ones(16 * MB // 8)
+    data = bytes(range(256)) * (16 * MB // 256)
+
+    async def main():
+        start = time.perf_counter()
+        a, b = await asyncio.gather(echo.remote(arr), echo.remote(data))
+        return a, b, time.perf_counter() - start
+
+    a, b, elapsed = asyncio.run(main())
+    assert np.array_equal(a, arr)
+    assert b == data
+    assert elapsed < 1.0, f"two 16 MB round trips took {elapsed:.3f}s"
+
+
+def test_large_values_through_legacy_handle(echo: serve.DeploymentHandle) -> None:
+    data = b"\x00\xff" * (8 * MB)
+    modern = serve.get_deployment_handle("Echo", app_name="data")
+    assert modern.remote(data).result(timeout_s=10) == data
+    legacy = Echo.get_handle()
+    assert serve.get(legacy.remote(data), timeout=10) == data

@@ -1,0 +1,209 @@
+"""Lifetime: shutdown and interpreter exit leave nothing behind; SIGKILL of the owner takes
+the whole cluster down; every process names its role."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import serval_processes
+
+import serval as serve
+
+KILL_DEADLINE_S = 5.0
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _serval_descendants(root: int) -> dict[int, str]:
+    """serval processes below ``root`` (pid -> command line)."""
+    tree = _children()
+    below: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in below:
+                below.add(child)
+                todo.append(child)
+    return {pid: cmd for pid, cmd in serval_processes() if pid in below}
+
+
+def _alive(pids) -> list[int]:
+    live = {pid for pid, _ in serval_processes()}
+    return [pid for pid in pids if pid in live]
+
+
+def _wait_gone(pids, timeout: float) -> float:
+    start = time.monotonic()
+    while _alive(pids):
+        if time.monotonic() - start > timeout:
+            raise AssertionError(
+                f"serval processes still alive {timeout}s later: "
+                f"{[(p, c) for p, c in serval_processes() if p in pids]}"
+            )
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+@serve.deployment(num_replicas=2)
+class Model:
+    def __call__(self) -> int:
+        return os.getpid()
+
+
+@serve.deployment
+class Front:
+    def __init__(self, model) -> None:
+        self.model = model
+
+    async def __call__(self) -> int:
+        return await self.model.remote()
+
+
+def test_process_roles_in_command_lines() -> None:
+    serve.start()
+    try:
+        serve.run(Front.bind(Model.bind()))
+        cmds = sorted(_serval_descendants(os.getpid()).values())
+        assert sum("serval::controller" in c for c in cmds) == 1, cmds
+        for label in ("default.Model#0", "default.Model#1", "default.Front#0"):
+            assert sum(f"serval::replica {label}" in c for c in cmds) == 1, (label, cmds)
+        assert len(cmds) == 4, cmds  # controller + 3 replicas, nothing else
+    finally:
+        serve.shutdown()
+
+
+def test_shutdown_leaves_no_process() -> None:
+    serve.start()
+    try:
+        handle = serve.run(Front.bind(Model.bind()))
+        replica_pid = handle.remote().result(timeout_s=10)
+        ours = _serval_descendants(os.getpid())
+        assert replica_pid in ours
+        assert len(ours) == 4
+    finally:
+        serve.shutdown()
+    # shutdown() is blocking: nothing of the cluster remains when it returns
+    assert _alive(ours) == []
+    assert _serval_descendants(os.getpid()) == {}
+    assert serve.status().applications == {}
+
+
+def test_shutdown_twice_and_restart() -> None:
+    serve.shutdown()  # no cluster: a no-op
+    serve.start()
+    try:
+        first = _serval_descendants(os.getpid())
+        serve.shutdown()
+        serve.shutdown()
+        assert _alive(first) == []
+        handle = serve.run(Front.bind(Model.bind()))  # starts a new cluster
+        assert isinstance(handle.remote().result(timeout_s=10), int)
+    finally:
+        serve.shutdown()
+    assert _serval_descendants(os.getpid()) == {}
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    import serval as serve
+
+    @serve.deployment(num_replicas=2)
+    class Model:
+        def __call__(self, x):
+            return (x, os.getpid())
+
+    @serve.deployment
+    def greet(name):
+        return "hello " + name
+
+    handle = serve.run(Model.bind())
+    value, pid = handle.remote(1).result(timeout_s=10)
+    assert value == 1 and pid != os.getpid()
+    serve.run(greet.bind(), name="fn", route_prefix="/fn")
+    assert serve.get_app_handle("fn").remote("x").result(timeout_s=10) == "hello x"
+    print("READY", flush=True)
+    sys.stdin.readline()  # the test tells us when to go
+    mode = sys.argv[1]
+    if mode == "raise":
+        raise SystemExit("driver failing on purpose")
+    if mode == "hang":
+        import threading
+        threading.Event().wait()
+    # mode == "exit": fall off the end without calling serve.shutdown()
+    """
+)
+
+
+def _start_driver(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], dict[int, str]]:
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "READY":
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"driver did not start: {line!r}\n{err}")
+    procs = _serval_descendants(proc.pid)
+    cmds = sorted(procs.values())
+    assert sum("serval::controller" in c for c in cmds) == 1, cmds
+    assert sum("serval::replica default.Model#0" in c for c in cmds) == 1, cmds
+    assert sum("serval::replica default.Model#1" in c for c in cmds) == 1, cmds
+    assert sum("serval::replica fn.greet#0" in c for c in cmds) == 1, cmds
+    return proc, procs
+
+
+@pytest.mark.parametrize("mode", ["exit", "raise"])
+def test_driver_exiting_leaves_nothing_behind(tmp_path: Path, mode: str) -> None:
+    proc, procs = _start_driver(tmp_path, mode)
+    try:
+        _, err = proc.communicate("go\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (0 if mode == "exit" else 1), err
+    assert "Traceback" not in err or mode == "raise", err
+    _wait_gone(procs, timeout=KILL_DEADLINE_S)
+
+
+def test_driver_sigkill_takes_the_cluster_down(tmp_path: Path) -> None:
+    proc, procs = _start_driver(tmp_path, "hang")
+    try:
+        assert len(procs) == 4
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        elapsed = _wait_gone(procs, timeout=KILL_DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _alive(procs):  # never leave a stray cluster behind, even on failure
+            os.kill(pid, signal.SIGKILL)
+    assert elapsed < KILL_DEADLINE_S
