@@ -21,7 +21,20 @@ __all__ = ["Application", "Deployment", "deployment"]
 T = TypeVar("T")
 _UNSET: Any = object()
 _CONFIG_FIELDS = {f.name for f in fields(DeploymentConfig)}
+# Scheduling hints: meaningful on a Ray cluster; the local backend runs every replica anyway.
 _SUPPORTED_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env"}
+_SUPPORTED_RUNTIME_ENV = {"env_vars"}
+# Ray Serve options serval does not implement: rejected, never silently ignored.
+_UNSUPPORTED_OPTIONS = {
+    "placement_group_bundles": "placement groups need the Ray backend",
+    "placement_group_strategy": "placement groups need the Ray backend",
+    "max_replicas_per_node": "serval's local backend has one node",
+    "request_router_config": "custom request routers are not supported",
+    "logging_config": "configure logging in the replica's code or the driver",
+    "max_constructor_retry_count": "a constructor that raises fails the deployment at once",
+    "version": "deployment versions are derived from the code and options",
+    "prev_version": "deployment versions are derived from the code and options",
+}
 
 
 class Deployment:
@@ -145,6 +158,8 @@ def _validate_option_names(options: dict[str, Any]) -> None:
     unknown = set(options) - _CONFIG_FIELDS
     if "max_concurrent_queries" in unknown:
         raise TypeError("max_concurrent_queries was renamed max_ongoing_requests (as in Ray Serve)")
+    for name in sorted(unknown & set(_UNSUPPORTED_OPTIONS)):
+        raise ValueError(f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}")
     if unknown:
         raise TypeError(f"unknown deployment option(s): {', '.join(sorted(unknown))}")
 
@@ -168,6 +183,13 @@ def _normalize(options: dict[str, Any]) -> dict[str, Any]:
         unknown = set(actor) - _SUPPORTED_ACTOR_OPTIONS
         if unknown:
             raise ValueError(f"unsupported ray_actor_options: {', '.join(sorted(unknown))}")
+        env = actor.get("runtime_env") or {}
+        unknown = set(env) - _SUPPORTED_RUNTIME_ENV
+        if unknown:
+            raise ValueError(
+                f"unsupported runtime_env field(s): {', '.join(sorted(unknown))} "
+                "(serval supports env_vars; install packages in the environment itself)"
+            )
         out["ray_actor_options"] = dict(actor)
     return out
 

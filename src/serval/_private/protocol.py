@@ -32,6 +32,7 @@ RESULT = 2  # (RESULT, rid, value, ongoing)
 ERROR = 3  # (ERROR, rid, exc_or_error_payload, ongoing)
 STREAM_ITEM = 4  # (STREAM_ITEM, rid, item)
 STREAM_END = 5  # (STREAM_END, rid, None, ongoing)
+REJECT = 7  # (REJECT, rid, None, ongoing): draining, not run; the caller routes it elsewhere
 # Control plane, either direction.
 CALL = 10  # (CALL, cid, method, kwargs)
 REPLY = 11  # (REPLY, cid, ok, value)

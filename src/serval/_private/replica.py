@@ -36,6 +36,7 @@ from serval.exceptions import RequestCancelledError, SerializationError
 logger = logging.getLogger(__name__)
 
 _MAX_THREADS = 512
+_DRAIN_LINGER_S = 0.05
 # Results of these types pickle identically without cloudpickle (HTTP replies are tuples).
 _PLAIN_RESULTS = frozenset({str, bytes, int, float, bool, type(None), tuple})
 
@@ -140,7 +141,16 @@ class Replica:
             logger.error("replica %s of %s failed to start", self.replica_id, self.deployment)
             return "".join(traceback.format_exception(exc))
         request_context.set_servable(self.user)
+        request_context.set_model_listener(self._models_changed)
         return None
+
+    def _models_changed(self, model_ids: list[str]) -> None:
+        if self.controller is None or self.controller.closed:
+            return
+        task = self.loop.create_task(
+            self.controller.call("record_models", replica_id=self.replica_id, model_ids=model_ids)
+        )
+        task.add_done_callback(_ignore_result)
 
     async def _construct(self, cls: type, args: Any, kwargs: Any) -> Any:
         if inspect.iscoroutinefunction(cls.__init__):
@@ -195,7 +205,9 @@ class Replica:
         kind = msg[0]
         if kind == protocol.REQUEST:
             _, rid, method, args, kwargs, meta = msg
-            if self.ongoing >= self.config.max_ongoing_requests:
+            if self.draining:
+                conn.send((protocol.REJECT, rid, None, self.ongoing), rid)
+            elif self.ongoing >= self.config.max_ongoing_requests:
                 self._backlog.append((conn, rid, method, args, kwargs, meta))
             else:
                 self._run(conn, rid, method, args, kwargs, meta)
@@ -378,12 +390,20 @@ class Replica:
             self._server.close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.idle.wait(), self.config.graceful_shutdown_timeout_s)
+        # Requests already on their way (sent before the caller saw the new table) get a
+        # REJECT and are routed elsewhere; linger a moment so none is lost on the wire.
+        await asyncio.sleep(_DRAIN_LINGER_S)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         destructor = getattr(type(self.user), "__del__", None)
         if destructor is not None:
             with contextlib.suppress(Exception):
                 destructor(self.user)
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("reporting models failed: %s", task.exception())
 
 
 def _send_pieces(conn: transport.Connection, pieces: list[bytes | memoryview]) -> None:

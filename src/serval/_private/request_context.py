@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from typing import Any
 
 _request: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "serval_request", default=None
 )
 _servable: list[Any] = [None]
+_model_listener: list[Callable[[list[str]], None] | None] = [None]
 
 
 def set_request(meta: dict[str, Any] | None) -> None:
@@ -25,3 +27,14 @@ def set_servable(obj: Any) -> None:
 
 def servable() -> Any:
     return _servable[0]
+
+
+def set_model_listener(listener: Callable[[list[str]], None]) -> None:
+    """The replica's hook: told whenever the set of loaded multiplexed models changes."""
+    _model_listener[0] = listener
+
+
+def report_models(model_ids: list[str]) -> None:
+    listener = _model_listener[0]
+    if listener is not None:
+        listener(model_ids)

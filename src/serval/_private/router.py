@@ -63,6 +63,7 @@ class ReplicaSlot:
         self.calls: dict[int, Call] = {}
         self.unsent: list[Call] = []  # sent before the connection was up
         self.dead = False
+        self.draining = False  # the replica refused work: it is shutting down
         self.conn = transport.Connection(self._on_message, self._on_lost)
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
@@ -128,6 +129,12 @@ class ReplicaSlot:
             return
         call = self.calls.pop(rid, None)
         self.reported = msg[3]
+        if kind == protocol.REJECT:
+            self.draining = True
+            self.in_flight -= 1
+            if call is not None:
+                self.router.requeue(call)
+            return
         self._finished()
         if call is None:
             return
@@ -267,7 +274,9 @@ class Router:
     def _choose(self, call: Call) -> ReplicaSlot | None:
         limit = self.info.max_ongoing_requests
         model = call.meta.get("multiplexed_model_id") if call.meta else None
-        free = [s for s in self.slots.values() if s.in_flight < limit and not s.dead]
+        free = [
+            s for s in self.slots.values() if s.in_flight < limit and not s.dead and not s.draining
+        ]
         if not free:
             return None
         if model:
@@ -278,6 +287,13 @@ class Router:
             return free[0]
         a, b = random.sample(free, 2)
         return a if a.load <= b.load else b
+
+    def requeue(self, call: Call) -> None:
+        """A call a draining replica refused: first in line again."""
+        call.replica = None
+        if not call.done.fired:
+            self.queue.appendleft(call)
+        self.dispatch()
 
     def replica_lost(self, slot: ReplicaSlot, reroute: list[Call]) -> None:
         if self.slots.get(slot.info.replica_id) is slot:

@@ -42,8 +42,11 @@ class Backend(ABC):
         """Where callers reach this replica's data channel."""
 
     @abstractmethod
-    def start_replica(self, replica_id: str, label: str) -> ReplicaHost:
-        """Start a replica host; it will register itself with the controller."""
+    def start_replica(
+        self, replica_id: str, label: str, env: dict[str, str] | None = None
+    ) -> ReplicaHost:
+        """Start a replica host (with extra environment variables); it will register itself
+        with the controller."""
 
     @abstractmethod
     def start_proxy(self, http_options_json: str) -> ReplicaHost:

@@ -89,20 +89,32 @@ class LocalBackend(Backend):
     def replica_address(self, replica_id: str) -> str:
         return os.path.join(self.address, "r", f"{replica_id}.sock")
 
-    def start_replica(self, replica_id: str, label: str) -> ReplicaHost:
-        return self._spawn("replica", label, replica_id, ["--replica-id", replica_id])
+    def start_replica(
+        self, replica_id: str, label: str, env: dict[str, str] | None = None
+    ) -> ReplicaHost:
+        return self._spawn("replica", label, replica_id, ["--replica-id", replica_id], env)
 
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         label = os.path.basename(self.address)
         return self._spawn("proxy", label, "proxy", ["--http-options", http_options_json])
 
-    def _spawn(self, role: str, label: str, host_id: str, extra: list[str]) -> ReplicaHost:
+    def _spawn(
+        self,
+        role: str,
+        label: str,
+        host_id: str,
+        extra: list[str],
+        env: dict[str, str] | None = None,
+    ) -> ReplicaHost:
         args = ["--address", self.address, *extra]
         fds: tuple[int, ...] = ()
         if self.lifeline_fd is not None:
             args += ["--lifeline-fd", str(self.lifeline_fd)]
             fds = (self.lifeline_fd,)
         proc = subprocess.Popen(
-            worker_argv(role, label, *args), pass_fds=fds, stdin=subprocess.DEVNULL
+            worker_argv(role, label, *args),
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env} if env else None,
         )
         return LocalProcess(host_id, proc)

@@ -115,10 +115,13 @@ class Controller:
             dep = app.deployments.get(name)
             if dep is None:
                 app.deployments[name] = DeploymentState(spec.name, dspec)
-            else:
-                dep.spec = dspec
-                dep.failed_message = ""
-                dep.start_failures = 0
+                continue
+            old_config = dep.spec.config.user_config
+            dep.spec = dspec
+            dep.failed_message = ""
+            dep.start_failures = 0
+            if dspec.config.user_config != old_config:
+                self._reconfigure(app, dep)
         self._publish()
         for dep in app.deployments.values():
             self._reconcile(app, dep)
@@ -202,6 +205,13 @@ class Controller:
             "cwd": app.spec.cwd,
         }
 
+    def rpc_record_models(self, peer: RpcPeer, replica_id: str, model_ids: list[str]) -> None:
+        found = self._replicas.get(replica_id)
+        if found is not None:
+            found[2].model_ids = frozenset(model_ids)
+            if found[2].state == ReplicaState.RUNNING:
+                self._publish()
+
     def rpc_replica_ready(self, peer: RpcPeer, replica_id: str, error: str | None) -> None:
         found = self._replicas.get(replica_id)
         if found is None:
@@ -217,6 +227,7 @@ class Controller:
         rec.state = ReplicaState.RUNNING
         dep.start_failures = 0
         self._publish()
+        self._spawn(self._health_loop(app, dep, rec))
         self._after_change(app, dep)
 
     # -- reconciliation --------------------------------------------------------------------------
@@ -243,7 +254,9 @@ class Controller:
         dep.next_index += 1
         replica_id = uuid.uuid4().hex[:12]
         label = f"{app.spec.name}.{dep.name}#{index}"
-        host = self.backend.start_replica(replica_id, label)
+        runtime_env = dep.spec.config.ray_actor_options.get("runtime_env") or {}
+        env = {str(k): str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
+        host = self.backend.start_replica(replica_id, label, env)
         rec = ReplicaRecord(
             replica_id, index, dep.spec.version, host, self.backend.replica_address(replica_id)
         )
@@ -254,6 +267,49 @@ class Controller:
     async def _watch(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
         code = await rec.host.wait()
         self._on_exit(app, dep, rec, code)
+
+    # -- live config and health --------------------------------------------------------------------
+
+    def _reconfigure(self, app: AppState, dep: DeploymentState) -> None:
+        """A new user_config, same code: apply it to the running replicas in place."""
+        for rec in dep.replicas.values():
+            # Replicas still starting read the new config when they register.
+            if rec.state == ReplicaState.RUNNING and rec.peer is not None:
+                dep.reconfiguring += 1
+                self._spawn(self._reconfigure_one(app, dep, rec, dep.spec.config.user_config))
+
+    async def _reconfigure_one(
+        self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, user_config: Any
+    ) -> None:
+        try:
+            assert rec.peer is not None
+            await rec.peer.call("reconfigure", user_config=user_config)
+        except Exception as exc:
+            logger.error("reconfigure of replica %s failed: %s", rec.replica_id, exc)
+            dep.failed_message = f"reconfigure() raised {type(exc).__name__}: {exc}"
+        finally:
+            dep.reconfiguring -= 1
+            app.notify()
+
+    async def _health_loop(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
+        while rec.state == ReplicaState.RUNNING:
+            config = dep.spec.config
+            await asyncio.sleep(config.health_check_period_s)
+            if rec.state != ReplicaState.RUNNING or rec.peer is None:
+                return
+            try:
+                await asyncio.wait_for(rec.peer.call("check_health"), config.health_check_timeout_s)
+            except Exception as exc:
+                reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
+                if rec.state != ReplicaState.RUNNING:
+                    return
+                logger.warning(
+                    "replica %s of %s failed its health check (%s); replacing it",
+                    rec.replica_id, dep.name, reason,
+                )
+                self._stop(app, dep, rec, graceful=False)
+                self._after_change(app, dep)
+                return
 
     def _stop(
         self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, graceful: bool = True

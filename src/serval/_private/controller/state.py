@@ -39,6 +39,7 @@ class DeploymentState:
     next_index: int = 0
     failed_message: str = ""
     start_failures: int = 0
+    reconfiguring: int = 0  # reconfigure() calls in flight
 
     @property
     def name(self) -> str:
@@ -71,7 +72,12 @@ class DeploymentState:
             return "UNHEALTHY"
         current = self.current()
         ready = [r for r in current if r.state == ReplicaState.RUNNING]
-        if len(ready) == self.target and len(current) == self.target and not self.outdated():
+        if (
+            len(ready) == self.target
+            and len(current) == self.target
+            and not self.outdated()
+            and not self.reconfiguring
+        ):
             return "HEALTHY"
         return "UPDATING"
 
