@@ -18,6 +18,7 @@ from serval.api import (
 )
 from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from serval.deployment import Application, Deployment, deployment
+from serval.batching import batch
 from serval.handle import (
     DeploymentHandle,
     DeploymentResponse,
@@ -28,6 +29,8 @@ from serval.handle import (
     get,
     wait,
 )
+
+from serval.multiplex import get_multiplexed_model_id, multiplexed
 
 __version__ = "0.1.0"
 
@@ -44,14 +47,17 @@ __all__ = [
     "RayServeHandle",
     "RayServeSyncHandle",
     "ReplicaContext",
+    "batch",
     "delete",
     "deployment",
     "exceptions",
     "get",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "multiplexed",
     "run",
     "shutdown",
     "start",
