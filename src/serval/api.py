@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from serval._private import request_context, runtime
-from serval._private.cluster import LocalCluster
+from serval._private.cluster import LocalCluster, is_running
+from serval._private.settings import settings
 from serval.config import HTTPOptions
 from serval.deployment import _UNSET, Application, build
 from serval.exceptions import (
@@ -67,10 +68,18 @@ class _Owner:
 _owner = _Owner()
 
 
-def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: Any) -> None:
+def start(
+    http_options: dict[str, Any] | HTTPOptions | None = None,
+    *,
+    address: str | None = None,
+    detached: bool = False,
+    **_ignored: Any,
+) -> None:
     """Start a local cluster owned by this process (``serve.run`` does it when needed).
 
-    Every process of the cluster exits when this one does.
+    Every process of the cluster exits when this one does. With ``address`` (or the
+    ``SERVAL_ADDRESS`` environment variable) connect to the cluster running there instead,
+    e.g. one started by ``serval start``; its applications outlive this process.
     """
     with _owner.lock:
         if runtime.address() is not None:
@@ -78,11 +87,19 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None, **_ignored: 
         if isinstance(http_options, dict):
             http_options = HTTPOptions(**http_options)
         _owner.http_options = http_options or HTTPOptions()
-        _owner.cluster = LocalCluster(_owner.http_options)
-        runtime.set_address(_owner.cluster.address)
+        address = address or settings().address
         if not _owner.atexit_registered:
             atexit.register(_shutdown_at_exit)
             _owner.atexit_registered = True
+        if address is not None:
+            if not is_running(address):
+                raise ServalError(
+                    f"no serval cluster is running at {address} (start one with `serval start`)"
+                )
+            runtime.set_address(address)
+            return
+        _owner.cluster = LocalCluster(_owner.http_options)
+        runtime.set_address(_owner.cluster.address)
 
 
 def run(
@@ -138,13 +155,20 @@ def delete(name: str, _blocking: bool = True) -> None:
 
 
 def shutdown() -> None:
-    """Delete every application and stop the cluster this process started."""
+    """Delete every application and stop the cluster (as Ray Serve does, also when this
+    process only connected to it)."""
+    _disconnect(stop_cluster=True)
+
+
+def _disconnect(stop_cluster: bool) -> None:
     with _owner.lock:
         cluster, _owner.cluster = _owner.cluster, None
         if runtime.address() is None:
             return
         try:
-            if cluster is not None:
+            if stop_cluster:
+                if cluster is not None:
+                    cluster.begin_shutdown()
                 with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                     _control("shutdown", timeout=_SHUTDOWN_TIMEOUT_S)
         finally:
@@ -156,8 +180,9 @@ def shutdown() -> None:
 
 
 def _shutdown_at_exit() -> None:
+    # A cluster this process owns ends with it; one it only connected to lives on.
     try:
-        shutdown()
+        _disconnect(stop_cluster=_owner.cluster is not None)
     except Exception:  # interpreter is exiting: never raise from atexit
         logger.exception("serval shutdown at exit failed")
 

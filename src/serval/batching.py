@@ -36,6 +36,8 @@ R_co = TypeVar("R_co", covariant=True)
 
 # Key of the dict, in a decorated method's instance, that holds that instance's queues.
 _QUEUES_ATTR = "__serval_batch_queues__"
+# The shortest wait for a batch to fill: the resolution of the event loop's timers.
+_MIN_SLEEP_S = 0.001
 
 
 class _BatchControls(Protocol):
@@ -143,7 +145,9 @@ class _BatchQueue:
         while self._pending:
             delay = self._time_to_next_batch()
             if delay > 0:
-                await self._sleep(delay)
+                # uvloop rounds timers to whole milliseconds, so a shorter sleep returns at
+                # once and the loop would spin until the deadline: overshoot it a little instead.
+                await self._sleep(max(delay, _MIN_SLEEP_S))
                 continue
             batch = self._take_batch()
             if batch:

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_THREADS = 512
 _DRAIN_LINGER_S = 0.05
+_REATTACH_DELAY_S = 0.1
 # Results of these types pickle identically without cloudpickle (HTTP replies are tuples).
 _PLAIN_RESULTS = frozenset({str, bytes, int, float, bool, type(None), tuple})
 
@@ -102,6 +103,7 @@ class Replica:
         self.asgi_app: Any = None
         self._server: asyncio.AbstractServer | None = None
         self.controller: RpcPeer | None = None
+        self._reattach_task: asyncio.Task[None] | None = None
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -111,6 +113,30 @@ class Replica:
         init = await self.controller.call("register", replica_id=self.replica_id)
         error = await self._init_user(init)
         await self.controller.call("replica_ready", replica_id=self.replica_id, error=error)
+        # Only now: a controller lost while starting means starting over, not reattaching.
+        self.controller.on_close = self._controller_lost
+
+    def _controller_lost(self, peer: RpcPeer) -> None:
+        if not self.draining:
+            logger.warning("lost the controller; reattaching when it is back")
+            self._reattach_task = self.loop.create_task(self._reattach())
+
+    async def _reattach(self) -> None:
+        """Keep serving; reconnect the control channel to the restarted controller."""
+        while not self.draining:
+            try:
+                peer = await RpcPeer.connect(controller_path(self.address), handler=self)
+                await peer.call("reattach", replica_id=self.replica_id)
+            except (OSError, ConnectionError):
+                await asyncio.sleep(_REATTACH_DELAY_S)
+                continue
+            except LookupError:
+                logger.error("the restarted controller does not know this replica; exiting")
+                os._exit(1)
+            self.controller = peer
+            peer.on_close = self._controller_lost
+            logger.info("reattached to the controller")
+            return
 
     async def _init_user(self, init: dict[str, Any]) -> str | None:
         self.app, self.deployment = init["app"], init["deployment"]

@@ -29,7 +29,7 @@ class RpcPeer:
     ) -> None:
         self._handler = handler
         self._on_push = on_push
-        self._on_close = on_close
+        self.on_close = on_close
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,5 +122,5 @@ class RpcPeer:
                 fut.set_exception(ConnectionResetError("control connection lost"))
         for task in self._tasks:
             task.cancel()
-        if self._on_close is not None:
-            self._on_close(self)
+        if self.on_close is not None:
+            self.on_close(self)

@@ -25,19 +25,23 @@ logger = logging.getLogger("serval")
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="serval-worker")
-    parser.add_argument("role", choices=["serval::controller", "serval::replica", "serval::proxy"])
+    parser.add_argument(
+        "role",
+        choices=["serval::controller", "serval::replica", "serval::proxy", "serval::daemon"],
+    )
     parser.add_argument("label")
     parser.add_argument("--address", required=True)
     parser.add_argument("--replica-id")
     parser.add_argument("--lifeline-fd", type=int)
     parser.add_argument("--http-options")
+    parser.add_argument("--recover", action="store_true")
     return parser.parse_args(argv)
 
 
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     http = HTTPOptions.from_json(args.http_options) if args.http_options else None
-    controller = Controller(LocalBackend(args.address, args.lifeline_fd), http)
+    controller = Controller(LocalBackend(args.address, args.lifeline_fd), http, args.address)
     peers: set[RpcPeer] = set()
 
     def new_peer() -> transport.Connection:
@@ -48,7 +52,7 @@ async def _controller_main(args: argparse.Namespace) -> None:
     server = await transport.listen(controller_path(args.address), new_peer)
     if args.lifeline_fd is not None:
         lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
-    controller.start()
+    controller.start(recover=args.recover)
     loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(controller.rpc_shutdown(None)))  # type: ignore[arg-type]
     await controller.stopped.wait()
     server.close()
@@ -96,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s {args.role} {args.label}: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    if args.role == "serval::daemon":
+        from serval._private.daemon import run_daemon
+
+        run_daemon(args.address, HTTPOptions.from_json(args.http_options))
+        return
     body = _MAINS[args.role]
     loop = runtime.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -49,5 +49,9 @@ class Backend(ABC):
         with the controller."""
 
     @abstractmethod
+    def adopt(self, host_id: str, pid: int) -> ReplicaHost | None:
+        """A host started by an earlier controller, if it is still alive."""
+
+    @abstractmethod
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         """Start the HTTP proxy; it will report to the controller when it listens."""

@@ -23,18 +23,36 @@ def worker_argv(role: str, label: str, *args: str) -> list[str]:
 
 
 class LocalProcess(ReplicaHost):
-    """A replica (or the proxy) as an OS process, watched through a pidfd."""
+    """A replica (or the proxy) as an OS process, watched through a pidfd.
 
-    def __init__(self, replica_id: str, proc: subprocess.Popen[bytes]) -> None:
+    Either a child this process started (``proc``), or a process adopted by pid after a
+    controller restart, whose exit code nobody here can read.
+    """
+
+    def __init__(
+        self, replica_id: str, proc: subprocess.Popen[bytes] | None, pid: int | None = None
+    ) -> None:
         self.replica_id = replica_id
         self._proc = proc
-        self._exit_code: int | None = None
-        self._done = asyncio.get_running_loop().create_future()
+        self._pid = proc.pid if proc is not None else pid
+        assert self._pid is not None
+        self._done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._watch()
+
+    @classmethod
+    def adopt(cls, replica_id: str, pid: int) -> LocalProcess | None:
+        """The live process ``pid`` if its command line names ``replica_id``; else None."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if replica_id.encode() not in f.read():
+                    return None
+        except OSError:
+            return None
+        return cls(replica_id, None, pid)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid
+        return self._pid
 
     @property
     def exited(self) -> bool:
@@ -49,7 +67,7 @@ class LocalProcess(ReplicaHost):
     def _signal(self, sig: int) -> None:
         if not self._done.done():
             with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(sig)
+                os.kill(self._pid, sig)  # type: ignore[arg-type]
 
     async def wait(self) -> int | None:
         return await asyncio.shield(self._done)
@@ -57,7 +75,10 @@ class LocalProcess(ReplicaHost):
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            pidfd = os.pidfd_open(self._proc.pid)
+            pidfd = os.pidfd_open(self._pid)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            self._reap()
+            return
         except (AttributeError, OSError):
             loop.create_task(self._poll())
             return
@@ -70,12 +91,21 @@ class LocalProcess(ReplicaHost):
         loop.add_reader(pidfd, readable)
 
     async def _poll(self) -> None:
-        while self._proc.poll() is None:
+        while self._alive():
             await asyncio.sleep(0.1)
         self._reap()
 
+    def _alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        try:
+            os.kill(self._pid, 0)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            return False
+        return True
+
     def _reap(self) -> None:
-        code = self._proc.wait()
+        code = self._proc.wait() if self._proc is not None else None
         if not self._done.done():
             self._done.set_result(code)
 
@@ -94,9 +124,12 @@ class LocalBackend(Backend):
     ) -> ReplicaHost:
         return self._spawn("replica", label, replica_id, ["--replica-id", replica_id], env)
 
+    def adopt(self, host_id: str, pid: int) -> ReplicaHost | None:
+        return LocalProcess.adopt(host_id, pid)
+
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         label = os.path.basename(self.address)
-        return self._spawn("proxy", label, "proxy", ["--http-options", http_options_json])
+        return self._spawn("proxy", label, "serval::proxy", ["--http-options", http_options_json])
 
     def _spawn(
         self,

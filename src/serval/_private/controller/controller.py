@@ -17,6 +17,7 @@ from typing import Any
 from serval._private import protocol
 from serval._private.backends.base import Backend, ReplicaHost
 from serval._private.client import Table
+from serval._private.controller import checkpoint
 from serval._private.controller.state import (
     AppState,
     DeploymentState,
@@ -38,8 +39,12 @@ _PROXY_RESTART_DELAY_S = 0.5
 
 
 class Controller:
-    def __init__(self, backend: Backend, http: HTTPOptions | None = None) -> None:
+    def __init__(
+        self, backend: Backend, http: HTTPOptions | None = None, address: str | None = None
+    ) -> None:
         self.backend = backend
+        self.address = address  # where the checkpoint lives (None: no checkpoint)
+        self._save_scheduled = False
         self.http = http
         self.proxy: ReplicaHost | None = None
         self.proxy_version = -1  # the newest table version the proxy has applied
@@ -53,9 +58,50 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
 
-    def start(self) -> None:
+    def start(self, recover: bool = False) -> None:
+        ckpt = checkpoint.load(self.address) if recover and self.address else None
+        if ckpt is not None:
+            checkpoint.restore(self, ckpt)
+            logger.info("recovered %d application(s) from the checkpoint", len(self.apps))
         if self.http is not None and self.http.enabled:
-            self._start_proxy()
+            proxy = None
+            if ckpt is not None and ckpt.proxy_pid is not None:
+                proxy = self.backend.adopt("serval::proxy", ckpt.proxy_pid)
+            if proxy is not None:
+                self.proxy = proxy
+                self._spawn(self._watch_proxy(proxy))
+            else:
+                self._start_proxy()
+        for app in list(self.apps.values()):
+            if app.deleting:
+                self._spawn(self._delete(app))
+                continue
+            for dep in app.deployments.values():
+                self._reconcile(app, dep)
+        self._publish()
+
+    def adopt_replica(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
+        """Take over a replica that outlived the previous controller."""
+        dep.replicas[rec.replica_id] = rec
+        self._replicas[rec.replica_id] = (app, dep, rec)
+        self._spawn(self._watch(app, dep, rec))
+        if rec.state == ReplicaState.RUNNING:
+            self._spawn(self._health_loop(app, dep, rec))
+
+    def _schedule_save(self) -> None:
+        if self.address is None or self._save_scheduled:
+            return
+        self._save_scheduled = True
+        asyncio.get_running_loop().call_soon(self._save)
+
+    def _save(self) -> None:
+        self._save_scheduled = False
+        if self.address is None or self.stopping:
+            return
+        try:
+            checkpoint.save(self, self.address)
+        except OSError as exc:
+            logger.error("could not write the checkpoint: %s", exc)
 
     # -- the HTTP proxy --------------------------------------------------------------------------
 
@@ -205,6 +251,14 @@ class Controller:
             "cwd": app.spec.cwd,
         }
 
+    def rpc_reattach(self, peer: RpcPeer, replica_id: str) -> None:
+        """A replica adopted after a controller restart reconnects its control channel."""
+        found = self._replicas.get(replica_id)
+        if found is None:
+            raise LookupError(f"unknown replica {replica_id}")
+        found[2].peer = peer
+        peer.info["replica_id"] = replica_id
+
     def rpc_record_models(self, peer: RpcPeer, replica_id: str, model_ids: list[str]) -> None:
         found = self._replicas.get(replica_id)
         if found is not None:
@@ -263,6 +317,7 @@ class Controller:
         dep.replicas[replica_id] = rec
         self._replicas[replica_id] = (app, dep, rec)
         self._spawn(self._watch(app, dep, rec))
+        self._schedule_save()
 
     async def _watch(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
         code = await rec.host.wait()
@@ -295,8 +350,10 @@ class Controller:
         while rec.state == ReplicaState.RUNNING:
             config = dep.spec.config
             await asyncio.sleep(config.health_check_period_s)
-            if rec.state != ReplicaState.RUNNING or rec.peer is None:
+            if rec.state != ReplicaState.RUNNING:
                 return
+            if rec.peer is None or rec.peer.closed:
+                continue  # adopted and not reattached yet, or dying: its exit is watched
             try:
                 await asyncio.wait_for(rec.peer.call("check_health"), config.health_check_timeout_s)
             except Exception as exc:
@@ -335,6 +392,7 @@ class Controller:
     def _on_exit(
         self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, code: int | None
     ) -> None:
+        self._schedule_save()
         dep.replicas.pop(rec.replica_id, None)
         self._replicas.pop(rec.replica_id, None)
         if rec.peer is not None:
@@ -381,6 +439,7 @@ class Controller:
             await app.changed.wait()
         if self.apps.get(app.spec.name) is app:
             del self.apps[app.spec.name]
+            self._schedule_save()
 
     def _check_route_prefix(self, spec: AppSpec) -> None:
         if spec.route_prefix is None:
@@ -422,6 +481,7 @@ class Controller:
         return table
 
     def _publish(self) -> None:
+        self._schedule_save()
         self.table_version += 1
         table = (self.table_version, self._table(), self._routes())
         pieces = protocol.dumps((protocol.PUSH, "table", table))

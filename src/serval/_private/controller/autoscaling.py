@@ -1,0 +1,152 @@
+"""The autoscaling decision: a pure function of load samples and time.
+
+No clock, no I/O, no asyncio: every call is given ``now``, so the policy is unit-tested with a
+fake clock (plain floats). The controller feeds it samples with :meth:`AutoscalingPolicy.record`
+and asks :meth:`AutoscalingPolicy.decide` for the number of replicas it should target.
+
+The semantics follow Ray Serve's default policy:
+
+* load = mean of the samples taken within the last ``look_back_period_s`` (0 with no sample);
+* raw desired = ``ceil(load / target_ongoing_requests)``;
+* ``upscaling_factor`` / ``downscaling_factor`` scale the change from the current count, which
+  still moves by at least one replica when the raw decision differs;
+* the result is clamped to ``[min_replicas, max_replicas]``;
+* a change is applied only once the same direction has been wanted on every decision for
+  ``upscale_delay_s`` (up) or ``downscale_delay_s`` (down); a reversal or a "no change" resets it;
+* at zero replicas, any load scales up at once (a waiting request must not wait for a delay);
+* down to zero only when ``min_replicas == 0`` and the load has been 0 for ``downscale_delay_s``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from serval.config import AutoscalingConfig
+
+__all__ = ["AutoscalingPolicy"]
+
+_UP = 1
+_STAY = 0
+_DOWN = -1
+
+
+class AutoscalingPolicy:
+    """Decides a deployment's replica count from its load history. Deterministic."""
+
+    def __init__(self, config: AutoscalingConfig, now: float) -> None:
+        self._config = config
+        # (time, ongoing) in the order recorded; entries older than the look-back are dropped.
+        self._samples: deque[tuple[float, float]] = deque()
+        # The direction wanted on the previous decision(s) and since when it has been wanted.
+        self._direction = _STAY
+        self._direction_since = now
+        # Since when the load has been 0 on every decision (None: it is not 0 now).
+        self._zero_since: float | None = None
+
+    @property
+    def config(self) -> AutoscalingConfig:
+        return self._config
+
+    def initial_replicas(self) -> int:
+        # Ray Serve: initial_replicas if set, else min_replicas.
+        cfg = self._config
+        return cfg.initial_replicas if cfg.initial_replicas is not None else cfg.min_replicas
+
+    def record(self, now: float, ongoing: float) -> None:
+        """One sample: total ongoing requests of the deployment (running at replicas + queued at callers)."""
+        # A non-finite sample is ignored, a negative one counts as 0: load is never negative.
+        if not math.isfinite(ongoing):
+            return
+        self._samples.append((now, max(0.0, float(ongoing))))
+        self._prune(now)
+
+    def decide(self, now: float, current: int) -> int:
+        """The number of replicas wanted now, given `current` (the present target)."""
+        cfg = self._config
+        self._prune(now)
+        load = self._load(now)
+
+        # The zero-load timer is kept on every decision, whatever is returned.
+        if load > 0:
+            self._zero_since = None
+        elif self._zero_since is None:
+            self._zero_since = now
+
+        raw = math.ceil(load / cfg.target_ongoing_requests)
+
+        # Scale from zero: a request is waiting and nothing can serve it -> scale up now, no delay.
+        if current <= 0 and load > 0:
+            self._restart(now)
+            return self._clamp(max(1, self._scaled(raw, 0)))
+
+        # Hard bounds: a target outside [min, max] (e.g. after a config change) is fixed at once.
+        if not cfg.min_replicas <= current <= cfg.max_replicas:
+            self._restart(now)
+            return self._clamp(current)
+
+        desired = self._clamp(self._scaled(raw, current))
+        direction = _UP if desired > current else _DOWN if desired < current else _STAY
+
+        # Hysteresis: a reversal or a "no change" decision restarts the timer.
+        if direction != self._direction:
+            self._direction = direction
+            self._direction_since = now
+        if direction == _STAY:
+            return current
+        elapsed = now - self._direction_since
+
+        if direction == _UP:
+            if elapsed < cfg.upscale_delay_s:
+                return current
+            self._restart(now)
+            return desired
+
+        if elapsed < cfg.downscale_delay_s:
+            return current
+        if desired == 0 and not self._zero_for(now, cfg.downscale_delay_s):
+            # Down to zero needs zero load for downscale_delay_s; meanwhile stop at one replica
+            # and keep the downscale timer running (the wish to go down has not changed).
+            return 1 if current > 1 else current
+        self._restart(now)
+        return desired
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _prune(self, now: float) -> None:
+        # Samples older than the look-back window are dropped for good.
+        cutoff = now - self._config.look_back_period_s
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+
+    def _load(self, now: float) -> float:
+        # Mean of the samples in [now - look_back_period_s, now]; 0 with no sample there.
+        cutoff = now - self._config.look_back_period_s
+        window = [v for t, v in self._samples if cutoff <= t <= now]
+        if not window:
+            return 0.0
+        return sum(window) / len(window)
+
+    def _scaled(self, raw: int, current: int) -> int:
+        # The factor scales the change; rounding up, but always at least one step when raw
+        # differs, and a downscale never goes below what the load needs (raw).
+        cfg = self._config
+        if raw > current:
+            factor = cfg.upscaling_factor if cfg.upscaling_factor is not None else 1.0
+            return max(current + 1, math.ceil(current + factor * (raw - current)))
+        if raw < current:
+            factor = cfg.downscaling_factor if cfg.downscaling_factor is not None else 1.0
+            stepped = min(current - 1, math.ceil(current + factor * (raw - current)))
+            return max(raw, stepped)
+        return current
+
+    def _clamp(self, n: int) -> int:
+        return max(self._config.min_replicas, min(self._config.max_replicas, n))
+
+    def _zero_for(self, now: float, duration: float) -> bool:
+        return self._zero_since is not None and now - self._zero_since >= duration
+
+    def _restart(self, now: float) -> None:
+        # After a change is applied, the next change waits its full delay again.
+        self._direction = _STAY
+        self._direction_since = now

@@ -1,0 +1,65 @@
+"""The detached owner of a cluster started by ``serval start``.
+
+It holds the lifeline and restarts a crashed controller, like a script that called
+``serve.run`` would; it exits when the cluster is shut down (``serval shutdown``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from serval._private.backends.local import worker_argv
+from serval._private.cluster import LocalCluster, is_running, make_private_dir
+from serval.config import HTTPOptions
+from serval.exceptions import ServalError
+
+logger = logging.getLogger(__name__)
+
+LOG_NAME = "daemon.log"
+
+
+def run_daemon(address: str, http_options: HTTPOptions) -> None:
+    """The daemon's body: own the cluster until its controller exits cleanly."""
+    cluster = LocalCluster(http_options, address=address)
+    cluster.stopped.wait()
+    cluster.close()
+
+
+def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.0) -> None:
+    """Start a daemon-owned cluster at ``address`` and return once it accepts calls."""
+    if is_running(address):
+        raise ServalError(f"a serval cluster is already running at {address}")
+    make_private_dir(address)
+    log_path = os.path.join(address, LOG_NAME)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            worker_argv(
+                "daemon",
+                os.path.basename(address),
+                "--address",
+                address,
+                "--http-options",
+                http_options.to_json(),
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_running(address):
+            return
+        if proc.poll() is not None:
+            raise ServalError(f"the serval daemon exited at start-up; see {log_path}")
+        time.sleep(0.01)
+    proc.kill()
+    raise ServalError(f"the serval daemon did not start within {timeout}s; see {log_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover - started through the worker entry point
+    sys.exit("use serval start")
