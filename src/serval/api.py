@@ -109,13 +109,14 @@ def run(
     route_prefix: str | None = _UNSET,
     blocking: bool = False,
     _local_testing_mode: bool = False,
+    _source_config: dict[str, Any] | None = None,
 ) -> DeploymentHandle:
     """Deploy ``target`` as application ``name``; wait until every replica is running.
 
     Returns a handle to the ingress deployment. A constructor that raises makes this raise
     ``DeploymentFailedError`` with the replica's traceback.
     """
-    spec = build(target, name, route_prefix)
+    spec = build(target, name, route_prefix, _source_config)
     if runtime.replica() is not None:
         raise ServalError("serve.run cannot be called from inside a deployment")
     start()
@@ -185,6 +186,14 @@ def _shutdown_at_exit() -> None:
         _disconnect(stop_cluster=_owner.cluster is not None)
     except Exception:  # interpreter is exiting: never raise from atexit
         logger.exception("serval shutdown at exit failed")
+
+
+def app_configs() -> dict[str, dict[str, Any] | None]:
+    """Each running app's config-file entry (None for apps deployed from Python)."""
+    if runtime.address() is None:
+        return {}
+    result: dict[str, dict[str, Any] | None] = _control("app_configs")
+    return result
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

@@ -216,9 +216,16 @@ class AppSpec:
     deployments: tuple[DeploymentSpec, ...]
     sys_path: tuple[str, ...]
     cwd: str
+    # The config-file entry this app was deployed from (``serval config`` shows it).
+    source_config: dict[str, Any] | None = None
 
 
-def build(app: Application, name: str, route_prefix: Any) -> AppSpec:
+def build(
+    app: Application,
+    name: str,
+    route_prefix: Any,
+    source_config: dict[str, Any] | None = None,
+) -> AppSpec:
     """Walk the bound graph, name each deployment once, serialize code and arguments."""
     from serval.handle import DeploymentHandle
 
@@ -281,4 +288,6 @@ def build(app: Application, name: str, route_prefix: Any) -> AppSpec:
             raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
         if len(route_prefix) > 1 and route_prefix.endswith("/"):
             route_prefix = route_prefix.rstrip("/")
-    return AppSpec(name, route_prefix, ingress, tuple(specs), tuple(sys.path), os.getcwd())
+    return AppSpec(
+        name, route_prefix, ingress, tuple(specs), tuple(sys.path), os.getcwd(), source_config
+    )

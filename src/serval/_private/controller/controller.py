@@ -208,6 +208,11 @@ class Controller:
             )
         return ServeStatus(out)
 
+    def rpc_app_configs(self, peer: RpcPeer) -> dict[str, dict[str, Any] | None]:
+        return {
+            name: app.spec.source_config for name, app in self.apps.items() if not app.deleting
+        }
+
     def rpc_get_app(self, peer: RpcPeer, name: str) -> str:
         app = self.apps.get(name)
         if app is None or app.deleting:
