@@ -10,8 +10,14 @@ Nothing here routes, schedules, validates or handles errors: it is the least wor
 framework must do to move a pickled call to another process and the answer back, so it is the
 yardstick that serval's handle figures are divided by.
 
-Run on its own: ``python benchmarks/_floor_ipc.py [--quick]``; ``handle_bench.py`` imports
-``measure_floor``. It must run before the calling process starts any thread (it forks).
+Where the two processes run matters a lot on a VM: with both on one CPU a round trip is two
+context switches; on two CPUs it is two cross-CPU wake-ups, several times slower when the other
+CPU is idle. ``FloorServer.measure`` can pin the client and the server for that reason.
+
+    python benchmarks/_floor_ipc.py [--quick]    # the floor in each placement
+
+``handle_bench.py`` uses ``FloorServer``; it must be started before the process starts any
+thread (it forks).
 """
 
 from __future__ import annotations
@@ -32,6 +38,21 @@ from typing import Any
 import uvloop
 
 _LEN = struct.Struct("!I")
+
+# Where the client and the server run: (client CPUs, server CPUs); None means any CPU.
+Placement = tuple[set[int] | None, set[int] | None]
+
+
+def placements() -> dict[str, Placement]:
+    """``two_cpus``, ``one_cpu`` (when this process may use two CPUs) and ``unpinned``."""
+    allowed = sorted(os.sched_getaffinity(0))
+    out: dict[str, Placement] = {}
+    if len(allowed) >= 2:
+        a, b = allowed[0], allowed[1]
+        out["two_cpus"] = ({a}, {b})
+        out["one_cpu"] = ({b}, {b})
+    out["unpinned"] = (None, None)
+    return out
 
 
 def _pct(sorted_values: list[float], p: float) -> float:
@@ -64,12 +85,12 @@ async def _serve(sock: socket.socket, lifeline_fd: int) -> None:
 
 
 def _child(sock: socket.socket, lifeline_fd: int) -> None:
-    code = 0
+    code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         uvloop.run(_serve(sock, lifeline_fd))
-    except BaseException:
-        code = 1
+        code = 0
     finally:
         os._exit(code)
 
@@ -111,7 +132,7 @@ class _Client:
 
 async def _measure(
     path: str, warmup: int, seq_n: int, tput_n: int, in_flight: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     reader, writer = await asyncio.open_unix_connection(path)
     client = _Client(reader, writer)
     try:
@@ -123,7 +144,6 @@ async def _measure(
             t = clock()
             await client.call("echo", 1)
             lat.append(clock() - t)
-        lat.sort()
 
         sem = asyncio.Semaphore(in_flight)
 
@@ -131,88 +151,93 @@ async def _measure(
             async with sem:
                 await client.call("echo", 1)
 
-        await asyncio.gather(*[one() for _ in range(min(tput_n, 5000))])  # warm-up
+        await asyncio.gather(*[one() for _ in range(min(tput_n, 2000))])  # warm-up
         t = clock()
         await asyncio.gather(*[one() for _ in range(tput_n)])
         rps = tput_n / (clock() - t)
     finally:
         await client.close()
-    return {
-        "seq_p50_us": _pct(lat, 0.50) * 1e6,
-        "seq_p99_us": _pct(lat, 0.99) * 1e6,
-        "rps": rps,
-    }
+    return {"latencies_s": lat, "rps": rps}
 
 
-def cpu_pair(shared: bool = False) -> tuple[int, int] | None:
-    """Two CPUs this process may use (one CPU twice if ``shared``); None if only one."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        return None
-    return (allowed[0], allowed[0]) if shared else (allowed[0], allowed[1])
+class FloorServer:
+    """The forked echo server; ``close()`` (or leaving the ``with``) always kills it."""
 
+    def __init__(self) -> None:
+        self.tmpdir = tempfile.mkdtemp(prefix="serval-floor-")
+        self.path = os.path.join(self.tmpdir, "floor.sock")
+        self.pid = -1
+        self._lifeline_w = -1
+        self._all_cpus = os.sched_getaffinity(0)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            sock.listen(128)
+            lifeline_r, self._lifeline_w = os.pipe()
+            self.pid = os.fork()
+            if self.pid == 0:
+                try:
+                    os.close(self._lifeline_w)
+                    _child(sock, lifeline_r)
+                finally:
+                    os._exit(1)  # the child never runs the parent's code
+            os.close(lifeline_r)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            sock.close()  # the child has it; connections queue on its backlog
 
-def measure_floor(
-    *,
-    warmup: int = 1000,
-    seq_n: int = 5000,
-    tput_n: int = 50_000,
-    in_flight: int = 64,
-    cpus: tuple[int, int] | None = None,
-) -> dict[str, float]:
-    """Fork the server, measure from this process, and always kill the server after.
+    def measure(
+        self,
+        placement: Placement = (None, None),
+        *,
+        warmup: int = 1000,
+        seq_n: int = 5000,
+        tput_n: int = 50_000,
+        in_flight: int = 64,
+    ) -> dict[str, Any]:
+        """Sequential round trips, then ``tput_n`` calls with ``in_flight`` at a time.
 
-    ``cpus``: pin (client, server) to these CPUs for the measurement; this process's own
-    affinity is restored afterwards. Unpinned, the scheduler may put both on one CPU or on two,
-    and on a VM the sequential round trip differs a lot between the two (see README).
-    """
-    original = os.sched_getaffinity(0)
-    tmpdir = tempfile.mkdtemp(prefix="serval-floor-")
-    path = os.path.join(tmpdir, "floor.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(128)
-    lifeline_r, lifeline_w = os.pipe()
-    pid = -1
-    try:
-        if cpus is not None:
-            os.sched_setaffinity(0, {cpus[0]})
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(lifeline_w)
-                if cpus is not None:
-                    os.sched_setaffinity(0, {cpus[1]})
-                _child(sock, lifeline_r)
-            finally:
-                os._exit(1)  # the child never runs the parent's code
-        os.close(lifeline_r)
-        sock.close()  # the child listens; connecting now queues on its backlog
-        return uvloop.run(_measure(path, warmup, seq_n, tput_n, in_flight))
-    finally:
+        Runs a uvloop loop in the calling thread, pinned as ``placement`` says for the duration
+        (on Linux the affinity is per thread: other threads of this process are not moved).
+        Returns ``latencies_s`` (every sequential round trip) and ``rps``.
+        """
+        client_cpus, server_cpus = placement
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(self.pid, server_cpus or self._all_cpus)
+        try:
+            if client_cpus:
+                os.sched_setaffinity(0, client_cpus)
+            return uvloop.run(_measure(self.path, warmup, seq_n, tput_n, in_flight))
+        finally:
+            os.sched_setaffinity(0, mine)
+
+    def close(self) -> None:
         with contextlib.suppress(OSError):
-            sock.close()
-        with contextlib.suppress(OSError):
-            os.close(lifeline_w)
-        if pid > 0:
+            os.close(self._lifeline_w)
+        if self.pid > 0:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        os.sched_setaffinity(0, original)
+                os.waitpid(self.pid, 0)
+            self.pid = -1
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> FloorServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv[1:]
-    sizes = {"seq_n": 3000, "tput_n": 20_000} if quick else {}
-    for label, cpus in (
-        ("two CPUs", cpu_pair()),
-        ("one CPU", cpu_pair(shared=True)),
-        ("unpinned", None),
-    ):
-        figs = measure_floor(cpus=cpus, **sizes)  # type: ignore[arg-type]
-        print(
-            f"floor, {label:>8}: sequential p50 {figs['seq_p50_us']:.0f} us, "
-            f"p99 {figs['seq_p99_us']:.0f} us; 64 in flight {figs['rps']:,.0f} req/s"
-        )
+    sizes = {"seq_n": 3000, "tput_n": 20_000} if "--quick" in sys.argv[1:] else {}
+    with FloorServer() as server:
+        for name, placement in placements().items():
+            figs = server.measure(placement, **sizes)  # type: ignore[arg-type]
+            lat = sorted(figs["latencies_s"])
+            print(
+                f"floor, {name:>8}: sequential p50 {_pct(lat, 0.5) * 1e6:.0f} µs, "
+                f"p99 {_pct(lat, 0.99) * 1e6:.0f} µs; 64 in flight {figs['rps']:,.0f} req/s"
+            )

@@ -1,22 +1,26 @@
 """serval's handle path against the floor of a cross-process Python call, in one run.
 
-    python benchmarks/handle_bench.py           # full run (about half a minute)
-    python benchmarks/handle_bench.py --quick   # a few seconds, for a smoke test
+    python benchmarks/handle_bench.py           # full run (about 40 s)
+    python benchmarks/handle_bench.py --quick   # a few seconds, a smoke test
     python benchmarks/handle_bench.py --check   # exit 1 if a goal is missed
 
-Measures, in this order:
+Measures:
 
-1. the floor (``_floor_ipc.py``): a forked server and a uvloop client over a Unix socket,
-   pickled frames; sequential round trip p50/p99 and throughput with 64 calls in flight;
+1. the floor (``_floor_ipc.py``): a forked echo server and a uvloop client over a Unix socket
+   in a private temporary directory, pickled frames; sequential round trip p50/p99 and
+   throughput with 64 calls in flight, with the client and server on two CPUs (the floor the
+   ratios divide by), on one CPU, and unpinned;
 2. serval cold start: a fresh ``python -c`` process times itself from before
    ``import serval`` to the first ``.result()`` of a no-op deployment;
 3. serval on a no-op deployment (``max_ongoing_requests=1000``): sequential p50/p99 with the
-   sync API (``h.echo.remote(1).result()``) and the async API (``await h.echo.remote(1)``
-   inside ``asyncio.run``), and async throughput with 64 in flight for a sync method
-   (``echo``) and an async one (``aecho``).
+   sync API (``h.echo.remote(1).result()`` from the main thread) and the async API
+   (``await h.echo.remote(1)`` inside ``asyncio.run``), and async throughput with 64 in flight
+   (a semaphore over 20,000 calls) for a sync method (``echo``) and an async one (``aecho``).
 
-Prints a table with each serval figure's ratio to the floor and its goal, Ray Serve's
-reference figures (measured on another machine, not in this run), then one JSON line.
+The floor and serval are measured in alternating rounds, so that both see the same machine;
+latency percentiles pool every round's samples, throughput is the median of the rounds.
+Prints a table with each serval figure's ratio to the floor and its goal, Ray Serve's reference
+figures (measured on another machine, not in this run), then one JSON line on stdout.
 See benchmarks/README.md.
 """
 
@@ -38,13 +42,13 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _floor_ipc import cpu_pair, measure_floor  # noqa: E402
+from _floor_ipc import FloorServer, placements
 
-import serval as serve  # noqa: E402
+import serval as serve
 
 IN_FLIGHT = 64
 
-# Goals, as ratios to the floor measured in the same run (cold start: absolute).
+# Goals: ratios to the floor measured in the same run; cold start is absolute.
 GOAL_SEQ_P50_MAX_X = 2.0
 GOAL_RPS_MIN_X = 0.6
 GOAL_COLD_START_MAX_S = 1.0
@@ -54,13 +58,18 @@ GOAL_COLD_START_MAX_S = 1.0
 RAY = {"seq_p50_us": 5980.0, "rps": 222.0, "cold_start_s": 11.9}
 RAY_FLOOR = {"seq_p50_us": 68.0, "rps": 23459.0}
 
-APP = "handle_bench"
-
-# Which placement of the floor's client and server the ratios divide by: each on its own CPU,
-# like a caller and a replica process that both have work to do (and like the reference
-# floor of 68 µs). One CPU and unpinned are measured and printed too; see README.
+# The floor placement the ratios divide by: client and server each on its own CPU, like a
+# caller and a replica that both have work to do (and like the reference floor's 68 µs).
 FLOOR_PLACEMENT = "two_cpus"
 PLACEMENT_LABELS = {"two_cpus": "two CPUs", "one_cpu": "one CPU", "unpinned": "unpinned"}
+
+APP = "handle_bench"
+
+SIZES = {
+    #        rounds, warm-up, sequential calls, throughput calls, cold starts  (per round)
+    "full": (5, 500, 3000, 20_000, 3),
+    "quick": (1, 200, 1000, 5_000, 1),
+}
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -72,21 +81,53 @@ class Noop:
         return x
 
 
-# -- measurements -------------------------------------------------------------------------------
+# -- serval measurements ------------------------------------------------------------------------
 
 
-def pct(sorted_values: list[float], p: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
+def seq_sync(h: Any, warmup: int, n: int) -> list[float]:
+    for _ in range(warmup):
+        assert h.echo.remote(1).result() == 1
+    lat = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t = clock()
+        h.echo.remote(1).result()
+        lat.append(clock() - t)
+    return lat
 
 
-def summarize(lat_s: list[float]) -> dict[str, float]:
-    lat = sorted(lat_s)
-    return {
-        "p50_us": pct(lat, 0.50) * 1e6,
-        "p99_us": pct(lat, 0.99) * 1e6,
-        "p999_us": pct(lat, 0.999) * 1e6,
-        "max_us": lat[-1] * 1e6,
-    }
+async def seq_async(h: Any, warmup: int, n: int) -> list[float]:
+    for _ in range(warmup):
+        assert await h.echo.remote(1) == 1
+    lat = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t = clock()
+        await h.echo.remote(1)
+        lat.append(clock() - t)
+    return lat
+
+
+async def burst(h: Any, method: str, n: int) -> float:
+    """``n`` calls, at most IN_FLIGHT at a time; returns requests per second."""
+    target = getattr(h, method)
+    sem = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one() -> None:
+        async with sem:
+            await target.remote(1)
+
+    t = time.perf_counter()
+    await asyncio.gather(*[one() for _ in range(n)])
+    return n / (time.perf_counter() - t)
+
+
+async def async_suite(h: Any, warmup: int, seq_n: int, tput_n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"seq_async": await seq_async(h, warmup, seq_n)}
+    for method in ("echo", "aecho"):
+        await burst(h, method, min(tput_n, 2000))  # warm-up
+        out[f"rps_{method}"] = await burst(h, method, tput_n)
+    return out
 
 
 def free_port() -> int:
@@ -137,11 +178,11 @@ COLD_START_CODE = textwrap.dedent(
 
 def cold_start_once() -> dict[str, Any]:
     """One fresh interpreter: import serval, serve.run, first result; timed inside it."""
-    # Output goes to files, not pipes: a pipe would also wait for any process that inherited it.
+    # Output goes to a file, not a pipe: a pipe would also wait for any process that inherited it.
     with tempfile.TemporaryFile("w+") as out:
         t = time.perf_counter()
         try:
-            code = subprocess.run(
+            code: int | None = subprocess.run(
                 [sys.executable, "-c", COLD_START_CODE % free_port()],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -164,52 +205,6 @@ def cold_start_once() -> dict[str, Any]:
         "process_wall_s": wall,
         "address": None if address == "None" else address,
     }
-
-
-def seq_sync(h: Any, warmup: int, n: int) -> dict[str, float]:
-    for _ in range(warmup):
-        assert h.echo.remote(1).result() == 1
-    lat = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t = clock()
-        h.echo.remote(1).result()
-        lat.append(clock() - t)
-    return summarize(lat)
-
-
-async def seq_async(h: Any, warmup: int, n: int) -> dict[str, float]:
-    for _ in range(warmup):
-        assert await h.echo.remote(1) == 1
-    lat = []
-    clock = time.perf_counter
-    for _ in range(n):
-        t = clock()
-        await h.echo.remote(1)
-        lat.append(clock() - t)
-    return summarize(lat)
-
-
-async def burst(h: Any, method: str, n: int) -> float:
-    """``n`` calls, at most IN_FLIGHT at a time; returns requests per second."""
-    target = getattr(h, method)
-    sem = asyncio.Semaphore(IN_FLIGHT)
-
-    async def one() -> None:
-        async with sem:
-            await target.remote(1)
-
-    t = time.perf_counter()
-    await asyncio.gather(*[one() for _ in range(n)])
-    return n / (time.perf_counter() - t)
-
-
-async def async_suite(h: Any, warmup: int, seq_n: int, tput_n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"seq_async": await seq_async(h, warmup, seq_n)}
-    for method in ("echo", "aecho"):
-        await burst(h, method, min(tput_n, 2000))  # warm-up
-        out[f"rps_{method}"] = await burst(h, method, tput_n)
-    return out
 
 
 def cluster_processes(address: str) -> dict[int, str]:
@@ -243,7 +238,24 @@ def leftovers(addresses: list[str], grace_s: float = 3.0) -> dict[int, str]:
         time.sleep(0.05)
 
 
-# -- report -------------------------------------------------------------------------------------
+# -- statistics and report ----------------------------------------------------------------------
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
+
+
+def latency_figures(rounds: list[list[float]]) -> dict[str, Any]:
+    """Percentiles (µs) of every round's samples pooled, and each round's own p50."""
+    pooled = sorted(x for r in rounds for x in r)
+    return {
+        "p50_us": pct(pooled, 0.50) * 1e6,
+        "p99_us": pct(pooled, 0.99) * 1e6,
+        "p999_us": pct(pooled, 0.999) * 1e6,
+        "max_us": pooled[-1] * 1e6,
+        "round_p50_us": [pct(sorted(r), 0.5) * 1e6 for r in rounds],
+        "n": len(pooled),
+    }
 
 
 def fmt_us(v: float) -> str:
@@ -254,17 +266,39 @@ def fmt_rps(v: float) -> str:
     return f"{v:,.0f}/s"
 
 
-def report(floors: dict[str, dict[str, float]], cold: list[dict[str, Any]], sv: dict[str, Any],
-           opts: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    return fmt.format(min(values)) + "-" + fmt.format(max(values))
+
+
+def report(
+    floor_raw: dict[str, dict[str, list[Any]]],
+    cold: list[dict[str, Any]],
+    raw: dict[str, list[Any]],
+    leftover: dict[int, str],
+    mode: str,
+    sizes: tuple[int, ...],
+    elapsed: float,
+) -> dict[str, Any]:
+    rounds, warmup, seq_n, tput_n, _ = sizes
+    floors = {
+        name: {
+            **latency_figures(r["lat"]),
+            "rps": statistics.median(r["rps"]),
+            "rps_rounds": r["rps"],
+        }
+        for name, r in floor_raw.items()
+    }
     ref = FLOOR_PLACEMENT if FLOOR_PLACEMENT in floors else "unpinned"
-    fseq, fp99, frps = (floors[ref][k] for k in ("seq_p50_us", "seq_p99_us", "rps"))
-    ss, sa = sv["seq_sync"], sv["seq_async"]
+    fl = floors[ref]
+    fseq, fp99, frps = fl["p50_us"], fl["p99_us"], fl["rps"]
+    ss, sa = latency_figures(raw["seq_sync"]), latency_figures(raw["seq_async"])
+    rps_echo, rps_aecho = statistics.median(raw["rps_echo"]), statistics.median(raw["rps_aecho"])
     cold_med = statistics.median(c["first_result_s"] for c in cold)
     goals = {
         "seq_sync_p50": ss["p50_us"] <= GOAL_SEQ_P50_MAX_X * fseq,
         "seq_async_p50": sa["p50_us"] <= GOAL_SEQ_P50_MAX_X * fseq,
-        "rps_echo": sv["rps_echo"] >= GOAL_RPS_MIN_X * frps,
-        "rps_aecho": sv["rps_aecho"] >= GOAL_RPS_MIN_X * frps,
+        "rps_echo": rps_echo >= GOAL_RPS_MIN_X * frps,
+        "rps_aecho": rps_aecho >= GOAL_RPS_MIN_X * frps,
         "cold_start": cold_med < GOAL_COLD_START_MAX_S,
     }
 
@@ -286,65 +320,72 @@ def report(floors: dict[str, dict[str, float]], cold: list[dict[str, Any]], sv: 
     row("sequential p50, async await", fseq, sa["p50_us"], fmt_us, seq_goal,
         goals["seq_async_p50"])
     row("sequential p99, async await", fp99, sa["p99_us"], fmt_us)
-    row(f"throughput, {IN_FLIGHT} in flight, sync echo", frps, sv["rps_echo"], fmt_rps,
-        rps_goal, goals["rps_echo"], ray_rps)
-    row(f"throughput, {IN_FLIGHT} in flight, async aecho", frps, sv["rps_aecho"], fmt_rps,
-        rps_goal, goals["rps_aecho"])
+    row(f"throughput, {IN_FLIGHT} in flight, sync echo", frps, rps_echo, fmt_rps, rps_goal,
+        goals["rps_echo"], ray_rps)
+    row(f"throughput, {IN_FLIGHT} in flight, async aecho", frps, rps_aecho, fmt_rps, rps_goal,
+        goals["rps_aecho"])
     row("cold start, import -> first result", None, cold_med, lambda v: f"{v:.2f} s",
         f"< {GOAL_COLD_START_MAX_S:g} s", goals["cold_start"], f"{RAY['cold_start_s']:g} s")
 
     head = ("figure", "floor", "serval", "x floor", "goal", "met", "Ray Serve 2.60 *")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
-    mode = "quick" if opts.quick else "full"
+    missed = [k for k, v in goals.items() if not v]
     print()
     print(f"serval handle benchmark ({mode} run): Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, {platform.machine()}, serval {serve.__version__}")
-    print(f"  sequential: {opts.seq_n:,} calls after {opts.warmup:,} warm-up; throughput: "
-          f"{opts.tput_n:,} calls (floor: {opts.floor_tput_n:,}); cold start: median of "
-          f"{len(cold)} fresh process(es)")
+    print(f"  {rounds} round(s), each: {seq_n:,} sequential calls after {warmup:,} warm-up, "
+          f"{tput_n:,} calls for throughput; cold start: median of {len(cold)} fresh process(es)")
     print()
     print(line.format(*head))
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(line.format(*r))
     print()
-    print("  floor: forked server + uvloop client, Unix socket in a private temp dir, pickled "
-          "frames, measured in this run;")
-    print(f"    the floor column has client and server on {PLACEMENT_LABELS[ref]}; all placements"
-          " (sequential p50 / p99, req/s):")
+    print("  floor: forked echo server + uvloop client, Unix socket in a private temp dir, pickled")
+    print(f"    frames, measured in this run with client and server on {PLACEMENT_LABELS[ref]}."
+          " All placements:")
     for name, f in floors.items():
-        mark = "  <- floor" if name == ref else ""
-        print(f"      {PLACEMENT_LABELS[name]:<9} {f['seq_p50_us']:>6,.0f} / {f['seq_p99_us']:>6,.0f}"
-              f" µs   {f['rps']:>8,.0f}/s{mark}")
+        mark = "   <- the floor column" if name == ref else ""
+        print(f"      {PLACEMENT_LABELS[name]:<9} p50 {f['p50_us']:>5,.0f} µs  "
+              f"p99 {f['p99_us']:>6,.0f} µs  {f['rps']:>7,.0f}/s{mark}")
     print("  x floor: serval / floor (latency: lower is better; throughput: higher is better).")
-    print("  * Ray Serve: measured ELSEWHERE (another 2-core machine), not in this run; in")
-    print(f"    brackets, its ratio to the floor measured there ({RAY_FLOOR['seq_p50_us']:.0f} µs,"
-          f" {RAY_FLOOR['rps']:,.0f}/s).")
+    print("  * Ray Serve: measured ELSEWHERE (another 2-core machine, 2026-11-25), not in this "
+          "run;")
+    print("    in brackets its ratio to the floor measured there "
+          f"({RAY_FLOOR['seq_p50_us']:.0f} µs, {RAY_FLOOR['rps']:,.0f}/s).")
+    if rounds > 1:
+        print("  spread over rounds (min-max): sequential p50 sync "
+              f"{spread(ss['round_p50_us'])} µs, async {spread(sa['round_p50_us'])} µs, floor "
+              f"{spread(fl['round_p50_us'])} µs;")
+        print(f"    req/s echo {spread(raw['rps_echo'])}, aecho {spread(raw['rps_aecho'])}, "
+              f"floor {spread(fl['rps_rounds'])}")
+    print(f"  tails, p99.9 / max: sync {ss['p999_us']:,.0f} / {ss['max_us']:,.0f} µs; async "
+          f"{sa['p999_us']:,.0f} / {sa['max_us']:,.0f} µs; floor {fl['p999_us']:,.0f} / "
+          f"{fl['max_us']:,.0f} µs")
     colds = ", ".join(f"{c['first_result_s']:.2f}" for c in cold)
-    print(f"  cold start runs: {colds} s; whole process incl. interpreter start and shutdown: "
+    print(f"  cold start runs: {colds} s; whole process (interpreter start to exit): "
           f"{statistics.median(c['process_wall_s'] for c in cold):.2f} s, of which "
           f"serve.shutdown() {statistics.median(c['shutdown_s'] for c in cold):.2f} s")
-    print(f"  tails, p99.9 / max: sync {ss['p999_us']:,.0f} / {ss['max_us']:,.0f} µs; "
-          f"async {sa['p999_us']:,.0f} / {sa['max_us']:,.0f} µs")
-    if sv["leftover_processes"]:
-        print(f"  WARNING: {len(sv['leftover_processes'])} serval process(es) outlived "
-              "serve.shutdown() by 3 s")
-    missed = [k for k, v in goals.items() if not v]
+    if leftover:
+        print(f"  WARNING: {len(leftover)} serval process(es) outlived serve.shutdown() by 3 s")
     print(f"  goals met: {len(goals) - len(missed)}/{len(goals)}"
           + (f" (missed: {', '.join(missed)})" if missed else ""))
     print(f"  total run time: {elapsed:.1f} s")
     print()
 
-    r1 = lambda v: round(v, 1)  # noqa: E731
+    def r1(v: float) -> float:
+        return round(v, 1)
+
     result = {
         "mode": mode,
+        "rounds": rounds,
         "floor_placement": ref,
         "floor_seq_p50_us": r1(fseq),
         "floor_seq_p99_us": r1(fp99),
         "floor_rps_c64": round(frps),
         "floor_placements": {
-            name: {"seq_p50_us": r1(f["seq_p50_us"]), "seq_p99_us": r1(f["seq_p99_us"]),
+            name: {"seq_p50_us": r1(f["p50_us"]), "seq_p99_us": r1(f["p99_us"]),
                    "rps_c64": round(f["rps"])}
             for name, f in floors.items()
         },
@@ -356,8 +397,10 @@ def report(floors: dict[str, dict[str, float]], cold: list[dict[str, Any]], sv: 
         "serval_seq_async_p99_us": r1(sa["p99_us"]),
         "serval_seq_async_p999_us": r1(sa["p999_us"]),
         "serval_seq_async_max_us": r1(sa["max_us"]),
-        "serval_rps_c64_echo": round(sv["rps_echo"]),
-        "serval_rps_c64_aecho": round(sv["rps_aecho"]),
+        "serval_rps_c64_echo": round(rps_echo),
+        "serval_rps_c64_aecho": round(rps_aecho),
+        "serval_rps_c64_echo_rounds": [round(v) for v in raw["rps_echo"]],
+        "serval_rps_c64_aecho_rounds": [round(v) for v in raw["rps_aecho"]],
         "serval_cold_start_s": round(cold_med, 3),
         "serval_cold_start_runs_s": [round(c["first_result_s"], 3) for c in cold],
         "serval_cold_process_wall_s": round(
@@ -365,10 +408,10 @@ def report(floors: dict[str, dict[str, float]], cold: list[dict[str, Any]], sv: 
         "serval_cold_shutdown_s": round(statistics.median(c["shutdown_s"] for c in cold), 3),
         "x_seq_sync_p50": round(ss["p50_us"] / fseq, 2),
         "x_seq_async_p50": round(sa["p50_us"] / fseq, 2),
-        "x_rps_echo": round(sv["rps_echo"] / frps, 3),
-        "x_rps_aecho": round(sv["rps_aecho"] / frps, 3),
+        "x_rps_echo": round(rps_echo / frps, 3),
+        "x_rps_aecho": round(rps_aecho / frps, 3),
         "goals_met": goals,
-        "leftover_processes": len(sv["leftover_processes"]),
+        "leftover_processes": len(leftover),
         "rayserve_measured_elsewhere": {
             "seq_p50_us": RAY["seq_p50_us"], "rps_c64": RAY["rps"],
             "cold_start_s": RAY["cold_start_s"],
@@ -388,53 +431,56 @@ def _sigterm(signum: int, frame: Any) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke test)")
+    ap.add_argument("--quick", action="store_true", help="one short round (a smoke test)")
+    ap.add_argument("--rounds", type=int, help="override the number of rounds")
     ap.add_argument("--check", action="store_true", help="exit 1 if any goal is missed")
     opts = ap.parse_args()
-    if opts.quick:
-        opts.warmup, opts.seq_n, opts.tput_n, opts.floor_tput_n, opts.cold_n = 200, 1000, 5000, 10_000, 1
-    else:
-        opts.warmup, opts.seq_n, opts.tput_n, opts.floor_tput_n, opts.cold_n = 1000, 5000, 20_000, 50_000, 3
+    mode = "quick" if opts.quick else "full"
+    rounds, warmup, seq_n, tput_n, cold_n = SIZES[mode]
+    rounds = opts.rounds or rounds
     signal.signal(signal.SIGTERM, _sigterm)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     started = time.perf_counter()
 
-    # 1. The floor first: it forks, so this process must not have started any thread yet.
-    #    Measured with client and server on two CPUs (the floor), on one CPU, and unpinned:
-    #    on a VM the sequential round trip differs a lot between them (see README).
-    print("measuring the floor ...", flush=True)
-    placements = {"two_cpus": cpu_pair(), "one_cpu": cpu_pair(shared=True), "unpinned": None}
-    floors = {
-        name: measure_floor(warmup=opts.warmup, seq_n=opts.seq_n, tput_n=opts.floor_tput_n,
-                            in_flight=IN_FLIGHT, cpus=cpus)
-        for name, cpus in placements.items()
-        if cpus is not None or name == "unpinned"
-    }
-
-    # 2. Cold start, in fresh processes, while nothing else of serval runs.
-    print("measuring serval cold start ...", flush=True)
-    cold = [cold_start_once() for _ in range(opts.cold_n)]
-
-    # 3. The handle paths, on one no-op deployment.
-    print("measuring serval handles ...", flush=True)
-    sv: dict[str, Any] = {}
-    addresses = [c["address"] for c in cold if c["address"]]
-    try:
-        serve.start(http_options={"port": free_port()})
-        address = cluster_address()
-        if address:
-            addresses.append(address)
-        h = serve.run(Noop.bind(), name=APP)
-        sv["seq_sync"] = seq_sync(h, opts.warmup, opts.seq_n)
-        sv.update(asyncio.run(async_suite(h, opts.warmup, opts.seq_n, opts.tput_n)))
-    finally:
-        serve.shutdown()
-    sv["leftover_processes"] = leftovers(addresses)
-    for pid, cmd in sv["leftover_processes"].items():
+    floor_raw: dict[str, dict[str, list[Any]]] = {n: {"lat": [], "rps": []} for n in placements()}
+    raw: dict[str, list[Any]] = {"seq_sync": [], "seq_async": [], "rps_echo": [], "rps_aecho": []}
+    addresses: list[str] = []
+    # The floor's server is forked first, while this process has no thread but the main one.
+    with FloorServer() as floor_server:
+        print("serval cold start ...", flush=True)
+        cold = []
+        for _ in range(cold_n):
+            cold.append(cold_start_once())
+            if cold[-1]["address"]:
+                addresses.append(cold[-1]["address"])
+        try:
+            serve.start(http_options={"port": free_port()})
+            address = cluster_address()
+            if address:
+                addresses.append(address)
+            h = serve.run(Noop.bind(), name=APP)
+            for i in range(rounds):
+                print(f"round {i + 1}/{rounds}: floor ...", end="", flush=True)
+                for name, placement in placements().items():
+                    f = floor_server.measure(placement, warmup=warmup, seq_n=seq_n,
+                                             tput_n=tput_n, in_flight=IN_FLIGHT)
+                    floor_raw[name]["lat"].append(f["latencies_s"])
+                    floor_raw[name]["rps"].append(f["rps"])
+                print(" serval sync ...", end="", flush=True)
+                raw["seq_sync"].append(seq_sync(h, warmup, seq_n))
+                print(" serval async ...", flush=True)
+                out = asyncio.run(async_suite(h, warmup, seq_n, tput_n))
+                for key in ("seq_async", "rps_echo", "rps_aecho"):
+                    raw[key].append(out[key])
+        finally:
+            serve.shutdown()
+    left = leftovers(addresses)
+    for pid, cmd in left.items():
         print(f"WARNING: still running 3 s after serve.shutdown(): pid {pid}: {cmd}",
               file=sys.stderr)
 
-    result = report(floors, cold, sv, opts, time.perf_counter() - started)
+    result = report(floor_raw, cold, raw, left, mode, (rounds, warmup, seq_n, tput_n, cold_n),
+                    time.perf_counter() - started)
     if opts.check and not all(result["goals_met"].values()):
         return 1
     return 0

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 import serval as serve
 
+# Every cluster this test session starts lives under one directory of its own (runtime dirs are
+# made in the temp dir; subprocesses inherit TMPDIR), so the leak check below counts this
+# session's processes only, not those of other sessions on the machine.
+SESSION_TMP = tempfile.mkdtemp(prefix="serval-tests-")
+os.environ["TMPDIR"] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
 
-def serval_processes() -> list[tuple[int, str]]:
-    """(pid, command line) of every live serval process on this machine."""
+
+def serval_processes(marker: str = SESSION_TMP) -> list[tuple[int, str]]:
+    """(pid, command line) of every live serval process whose command line holds ``marker``
+    (by default: every process of a cluster this test session started)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -24,7 +33,7 @@ def serval_processes() -> list[tuple[int, str]]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "serval::" in cmd and state != "Z":
+        if "serval::" in cmd and marker in cmd and state != "Z":
             found.append((int(entry), cmd))
     return found
 
@@ -57,8 +66,7 @@ def http_url(serve_instance: object) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_processes() -> Iterator[None]:
-    before = {pid for pid, _ in serval_processes()}
     yield
     serve.shutdown()
-    leaked = [(pid, cmd) for pid, cmd in serval_processes() if pid not in before]
+    leaked = serval_processes()
     assert not leaked, f"serval processes left running after the tests: {leaked}"

@@ -222,7 +222,7 @@ def test_a_failing_batch_fails_each_caller_and_the_next_batch_runs() -> None:
 def test_a_wrong_result_is_a_clear_error_to_every_caller(
     returned: Callable[[list[int]], Any], error: type[Exception], words: list[str]
 ) -> None:
-    @batch(max_batch_size=3, batch_wait_timeout_s=1)
+    @batch(max_batch_size=3, batch_wait_timeout_s=0.02)
     async def broken(xs: list[int]) -> Any:
         return returned(xs) if xs[0] == 0 else xs
 
@@ -467,7 +467,7 @@ arrivals = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     pattern=arrivals,
     max_batch_size=st.integers(1, 8),

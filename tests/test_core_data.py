@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 import serval as serve
+from conftest import free_port
 
 MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
 def echo() -> Iterator[serve.DeploymentHandle]:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     handle = serve.run(Echo.bind(), name="data", route_prefix="/data")
     yield handle
     serve.shutdown()

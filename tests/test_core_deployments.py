@@ -9,14 +9,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import serval_processes
 
 import serval as serve
+from conftest import free_port, serval_processes
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     yield
     serve.shutdown()
 
@@ -223,6 +223,38 @@ def test_delete_then_redeploy_same_name(apps: None) -> None:
     serve.delete("default")
     h = serve.run(Adder.bind(2))
     assert h.remote(1).result(timeout_s=10) == 3
+
+
+def test_redeploy_same_app_name_updates_code(apps: None) -> None:
+    first = serve.run(Adder.bind(1))
+    assert first.remote(1).result(timeout_s=10) == 2
+    second = serve.run(Adder.bind(2))
+    assert second.remote(1).result(timeout_s=10) == 3
+    # the old handle now reaches the new version too, and the old replica goes away
+    assert first.remote(1).result(timeout_s=10) == 3
+    _poll(
+        lambda: (
+            serve.status().applications["default"].deployments["Adder"].replica_states
+            == {"RUNNING": 1}
+        ),
+        what="the old replica to stop",
+    )
+
+
+@serve.deployment
+class Lookup:
+    def __init__(self, other) -> None:
+        pass
+
+    def call_by_name(self, x: int) -> int:
+        # no app_name: the caller's own application
+        return serve.get_deployment_handle("Adder").remote(x).result(timeout_s=10)
+
+
+def test_get_deployment_handle_inside_replica_defaults_to_own_app(apps: None) -> None:
+    serve.run(Adder.bind(1000), name="elsewhere", route_prefix="/elsewhere")
+    h = serve.run(Lookup.bind(Adder.bind(1)), name="mine", route_prefix="/mine")
+    assert h.call_by_name.remote(1).result(timeout_s=10) == 2
 
 
 def test_replica_context_inside_replica(apps: None) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 import serval as serve
+from conftest import free_port
 from serval.exceptions import (
     ApplicationNotFoundError,
     DeploymentFailedError,
@@ -21,7 +22,7 @@ from serval.exceptions import (
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     yield
     serve.shutdown()
 
@@ -213,6 +214,30 @@ def test_unpicklable_argument_async_path(apps: None) -> None:
         return await h.ok.remote(5)
 
     assert asyncio.run(main()) == 5
+
+
+def test_unpicklable_argument_legacy_sync_handle(apps: None) -> None:
+    serve.run(Faulty.bind())
+    handle = Faulty.get_handle()
+    start = time.monotonic()
+    with pytest.raises(SerializationError, match="guard"):
+        serve.get(handle.echo.remote(guard=threading.Lock()), timeout=10)
+    assert time.monotonic() - start < 5
+    assert serve.get(handle.ok.remote(8), timeout=10) == 8
+
+
+def test_unpicklable_constructor_argument(cluster: None) -> None:
+    with pytest.raises(TypeError, match="Faulty"):
+        serve.run(Faulty.bind(threading.Lock()))
+
+
+def test_failed_argument_fails_the_chained_call(apps: None) -> None:
+    h = serve.run(Faulty.bind())
+    failed = h.raise_value_error.remote(11)
+    chained = h.echo.remote(failed)
+    with pytest.raises(ValueError, match="bad input 11"):
+        chained.result(timeout_s=10)
+    assert h.ok.remote(1).result(timeout_s=10) == 1
 
 
 def test_unpicklable_return_value(apps: None) -> None:

@@ -4,17 +4,19 @@ selection, chaining responses as arguments, and composition inside replicas."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 import serval as serve
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     yield
     serve.shutdown()
 
@@ -69,6 +71,13 @@ class Parent:
 
     async def gather(self, n: int) -> list[int]:
         return list(await asyncio.gather(*[self.child.aslow.remote(i) for i in range(n)]))
+
+    async def blocking_result_in_async(self, x: int) -> str:
+        try:
+            self.child.remote(x).result(timeout_s=5)
+        except RuntimeError as exc:
+            return f"RuntimeError: {exc}"
+        return "no error"
 
     async def chain_inside(self, x: int) -> int:
         # a response passed as an argument inside a replica
@@ -173,3 +182,26 @@ def test_handle_from_get_app_handle_in_async_code(apps: None) -> None:
         return await h.double.remote(21)
 
     assert asyncio.run(main()) == 42
+
+
+def test_result_inside_async_method_is_refused(apps: None) -> None:
+    # blocking on the replica's own event loop would deadlock it: a clear error instead
+    h = serve.run(Parent.bind(Child.bind()))
+    out = h.blocking_result_in_async.remote(1).result(timeout_s=10)
+    assert out.startswith("RuntimeError"), out
+    assert h.via_await.remote(1).result(timeout_s=10) == 11  # the replica is fine
+
+
+def test_handle_shared_by_threads(apps: None) -> None:
+    h = serve.run(Calc.bind())
+    results: dict[int, list[int]] = {}
+
+    def worker(t: int) -> None:
+        results[t] = [h.double.remote(t * 100 + i).result(timeout_s=10) for i in range(20)]
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {t: [2 * (t * 100 + i) for i in range(20)] for t in range(8)}

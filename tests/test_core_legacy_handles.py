@@ -10,11 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 import serval as serve
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     yield
     serve.shutdown()
 

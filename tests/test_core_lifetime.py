@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import serval_processes
 
 import serval as serve
+from conftest import free_port, serval_processes
 
 KILL_DEADLINE_S = 5.0
 
@@ -63,6 +63,15 @@ def _wait_gone(pids, timeout: float) -> float:
     return time.monotonic() - start
 
 
+def _check_roles(cmds: list[str], replicas: list[str]) -> None:
+    """One controller, at most one HTTP proxy, exactly these replicas, nothing else."""
+    assert sum("serval::controller " in c for c in cmds) == 1, cmds
+    assert sum("serval::proxy " in c for c in cmds) <= 1, cmds
+    for label in replicas:
+        assert sum(f"serval::replica {label} " in c for c in cmds) == 1, (label, cmds)
+    assert sum("serval::replica " in c for c in cmds) == len(replicas), cmds
+
+
 @serve.deployment(num_replicas=2)
 class Model:
     def __call__(self) -> int:
@@ -79,26 +88,23 @@ class Front:
 
 
 def test_process_roles_in_command_lines() -> None:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     try:
         serve.run(Front.bind(Model.bind()))
         cmds = sorted(_serval_descendants(os.getpid()).values())
-        assert sum("serval::controller" in c for c in cmds) == 1, cmds
-        for label in ("default.Model#0", "default.Model#1", "default.Front#0"):
-            assert sum(f"serval::replica {label}" in c for c in cmds) == 1, (label, cmds)
-        assert len(cmds) == 4, cmds  # controller + 3 replicas, nothing else
+        _check_roles(cmds, ["default.Model#0", "default.Model#1", "default.Front#0"])
     finally:
         serve.shutdown()
 
 
 def test_shutdown_leaves_no_process() -> None:
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     try:
         handle = serve.run(Front.bind(Model.bind()))
         replica_pid = handle.remote().result(timeout_s=10)
         ours = _serval_descendants(os.getpid())
         assert replica_pid in ours
-        assert len(ours) == 4
+        _check_roles(list(ours.values()), ["default.Model#0", "default.Model#1", "default.Front#0"])
     finally:
         serve.shutdown()
     # shutdown() is blocking: nothing of the cluster remains when it returns
@@ -109,13 +115,14 @@ def test_shutdown_leaves_no_process() -> None:
 
 def test_shutdown_twice_and_restart() -> None:
     serve.shutdown()  # no cluster: a no-op
-    serve.start()
+    serve.start(http_options={"port": free_port()})
     try:
         first = _serval_descendants(os.getpid())
         serve.shutdown()
         serve.shutdown()
         assert _alive(first) == []
-        handle = serve.run(Front.bind(Model.bind()))  # starts a new cluster
+        serve.start(http_options={"port": free_port()})  # a new cluster
+        handle = serve.run(Front.bind(Model.bind()))
         assert isinstance(handle.remote().result(timeout_s=10), int)
     finally:
         serve.shutdown()
@@ -126,6 +133,8 @@ DRIVER = textwrap.dedent(
     """
     import os, sys
     import serval as serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
 
     @serve.deployment(num_replicas=2)
     class Model:
@@ -158,7 +167,7 @@ def _start_driver(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], dic
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     proc = subprocess.Popen(
-        [sys.executable, str(script), mode],
+        [sys.executable, str(script), mode, str(free_port())],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -172,11 +181,7 @@ def _start_driver(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], dic
         _, err = proc.communicate(timeout=10)
         pytest.fail(f"driver did not start: {line!r}\n{err}")
     procs = _serval_descendants(proc.pid)
-    cmds = sorted(procs.values())
-    assert sum("serval::controller" in c for c in cmds) == 1, cmds
-    assert sum("serval::replica default.Model#0" in c for c in cmds) == 1, cmds
-    assert sum("serval::replica default.Model#1" in c for c in cmds) == 1, cmds
-    assert sum("serval::replica fn.greet#0" in c for c in cmds) == 1, cmds
+    _check_roles(list(procs.values()), ["default.Model#0", "default.Model#1", "fn.greet#0"])
     return proc, procs
 
 
@@ -196,7 +201,6 @@ def test_driver_exiting_leaves_nothing_behind(tmp_path: Path, mode: str) -> None
 def test_driver_sigkill_takes_the_cluster_down(tmp_path: Path) -> None:
     proc, procs = _start_driver(tmp_path, "hang")
     try:
-        assert len(procs) == 4
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         elapsed = _wait_gone(procs, timeout=KILL_DEADLINE_S)

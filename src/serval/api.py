@@ -75,12 +75,19 @@ def start(
     detached: bool = False,
     **_ignored: Any,
 ) -> None:
-    """Start a local cluster owned by this process (``serve.run`` does it when needed).
+    """Start a local cluster owned by this process (``serve.run`` does it when needed);
+    returns once its HTTP proxy listens.
 
     Every process of the cluster exits when this one does. With ``address`` (or the
     ``SERVAL_ADDRESS`` environment variable) connect to the cluster running there instead,
     e.g. one started by ``serval start``; its applications outlive this process.
     """
+    _start(http_options, address)
+    _control("wait_proxy")
+
+
+def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | None) -> None:
+    # serve.run starts the cluster this way: it waits for the proxy with the app, in parallel.
     with _owner.lock:
         if runtime.address() is not None:
             return
@@ -119,7 +126,7 @@ def run(
     spec = build(target, name, route_prefix, _source_config)
     if runtime.replica() is not None:
         raise ServalError("serve.run cannot be called from inside a deployment")
-    start()
+    _start(None, None)
     status_, message = runtime.run_sync(_deploy(spec))
     if status_ != "RUNNING":
         raise DeploymentFailedError(f"application {name!r} failed to deploy:\n{message}")

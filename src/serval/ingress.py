@@ -8,7 +8,9 @@ sees the remaining parameters only.
 from __future__ import annotations
 
 import copyreg
+import functools
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,10 +30,25 @@ def ingress(app: Any) -> Callable[[C], C]:
     def decorator(cls: C) -> C:
         if not inspect.isclass(cls):
             raise TypeError("@serve.ingress decorates a class (put it under @serve.deployment)")
+        for member in vars(cls).values():
+            if inspect.isfunction(member):
+                _resolve_annotations(member)
         setattr(cls, ASGI_APP_ATTR, app)
         return cls
 
     return decorator
+
+
+def _resolve_annotations(fn: Any) -> None:
+    """Turn string annotations (``from __future__ import annotations``) into the objects they
+    name, here where the module is at hand: the class may travel to replicas by value, and then
+    only the names its code uses come along, not those its annotations mention."""
+    if not any(isinstance(a, str) for a in getattr(fn, "__annotations__", {}).values()):
+        return
+    try:
+        fn.__annotations__ = typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # a forward reference not defined yet: leave it for FastAPI to try
+        return
 
 
 def _make_state_picklable() -> None:
@@ -78,7 +95,30 @@ def _bound_endpoint(route: Any, instance: Any) -> Any | None:
     method = getattr(instance, endpoint.__name__, None)
     if method is None or getattr(method, "__func__", None) is not endpoint:
         return None
-    return method
+    return _bind(endpoint, instance)
+
+
+def _bind(endpoint: Any, instance: Any) -> Any:
+    """``endpoint`` with ``self`` filled in, as a function FastAPI can analyse: its signature
+    lacks ``self`` and carries resolved annotations (string annotations, from
+    ``from __future__ import annotations``, resolve in the endpoint's own module)."""
+    try:
+        sig = inspect.signature(endpoint, eval_str=True)
+    except (NameError, TypeError, SyntaxError):
+        sig = inspect.signature(endpoint)
+    if inspect.iscoroutinefunction(endpoint):
+
+        async def bound(*args: Any, **kwargs: Any) -> Any:
+            return await endpoint(instance, *args, **kwargs)
+
+    else:
+
+        def bound(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            return endpoint(instance, *args, **kwargs)
+
+    functools.update_wrapper(bound, endpoint)
+    bound.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # type: ignore[attr-defined]
+    return bound
 
 
 def _rebuild(route: Any, endpoint: Any) -> Any:

@@ -54,7 +54,10 @@ class AutoscalingPolicy:
         return cfg.initial_replicas if cfg.initial_replicas is not None else cfg.min_replicas
 
     def record(self, now: float, ongoing: float) -> None:
-        """One sample: total ongoing requests of the deployment (running at replicas + queued at callers)."""
+        """One sample: total ongoing requests of the deployment.
+
+        That is, requests running at its replicas plus those queued at callers.
+        """
         # A non-finite sample is ignored, a negative one counts as 0: load is never negative.
         if not math.isfinite(ongoing):
             return

@@ -131,6 +131,11 @@ class Controller:
         self.proxy_version = max(self.proxy_version, version)
         self._proxy_notify()
 
+    async def rpc_wait_proxy(self, peer: RpcPeer) -> None:
+        """Return once the HTTP proxy listens (at once if there is none)."""
+        if self.proxy is not None:
+            await self._wait_proxy(0)
+
     async def _wait_proxy(self, version: int) -> None:
         while self.proxy_version < version:
             if self.proxy_error is not None:

@@ -1,0 +1,559 @@
+"""The ``serval`` command (also ``python -m serval``), with Ray Serve's verbs.
+
+``run``, ``build``, ``start``, ``deploy``, ``status``, ``config`` and ``shutdown``. The cluster a
+command talks to is ``--address``, else ``SERVAL_ADDRESS``, else the per-user default runtime
+directory; ``run`` without either starts a cluster owned by the command. Errors print one line
+and exit 1 — never a traceback (``-v`` logs it at debug level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+
+from serval.config import HTTPOptions
+from serval.exceptions import ServalError
+from serval.schema import (
+    ApplicationSchema,
+    ServeDeploySchema,
+    application_config,
+    build_application,
+    import_attr,
+    load_config,
+    parse_config,
+    resolve_application,
+    source_config,
+)
+
+__all__ = ["main"]
+
+logger = logging.getLogger("serval.cli")
+
+_PROG = "serval"
+_SHUTDOWN_WAIT_S = 10.0
+
+
+class CLIError(Exception):
+    """An error the user can act on: printed as one line, exit code 1."""
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except (CLIError, ServalError) as exc:
+        logger.debug("command failed", exc_info=True)
+        return _fail(str(exc))
+    except Exception as exc:
+        logger.debug("command failed", exc_info=True)
+        return _fail(f"{type(exc).__name__}: {exc}")
+
+
+def _fail(message: str) -> int:
+    first, _, rest = message.strip().partition("\n")
+    # A replica's traceback ends with the exception itself; that line is the one to show.
+    last = rest.strip().splitlines()[-1] if rest.strip() else ""
+    print(f"{_PROG}: error: {first}{' ' + last if last else ''}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description="serval: serve Ray Serve applications on one machine."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="deploy an app or a config file and serve until Ctrl-C")
+    p.add_argument("target", help="module:app (an Application or an app builder) or config.yaml")
+    p.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="args for an app builder")
+    p.add_argument("--name", help="application name (default: 'default')")
+    p.add_argument("--route-prefix", help="HTTP route prefix (default: the app's, else '/')")
+    _http_flags(p)
+    _address_flag(p, "a running cluster to deploy to (default: start one owned by this command)")
+    _app_dir_flag(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("build", help="write a config file for one or more apps")
+    p.add_argument("import_paths", nargs="+", metavar="module:app")
+    p.add_argument("-o", "--output-path", help="file to write (default: print it)")
+    _app_dir_flag(p)
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("start", help="start a detached cluster")
+    _http_flags(p)
+    _address_flag(p, "runtime directory of the new cluster")
+    p.set_defaults(func=_cmd_start)
+
+    p = sub.add_parser("deploy", help="deploy a config file's apps to a running cluster")
+    p.add_argument("config_file")
+    _address_flag(p)
+    _app_dir_flag(p)
+    p.set_defaults(func=_cmd_deploy)
+
+    p = sub.add_parser("status", help="show applications and deployments")
+    p.add_argument("-n", "--name", help="only this application")
+    _address_flag(p)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("config", help="print the config the apps were deployed with")
+    p.add_argument("-n", "--name", help="only this application")
+    _address_flag(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("shutdown", help="delete every app and stop the cluster")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    _address_flag(p)
+    p.set_defaults(func=_cmd_shutdown)
+    return parser
+
+
+def _http_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", "--http-host", dest="host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", "--http-port", dest="port", type=int, help="HTTP port (default 8000)")
+
+
+def _address_flag(p: argparse.ArgumentParser, text: str | None = None) -> None:
+    p.add_argument(
+        "--address",
+        "-a",
+        help=text
+        or "the cluster's runtime directory (default: $SERVAL_ADDRESS, else the per-user default)",
+    )
+
+
+def _app_dir_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--app-dir", "-d", default=".", help="put this directory first on sys.path (default: .)"
+    )
+
+
+# -- the cluster a command talks to --------------------------------------------------------------
+
+
+def _given_address(args: argparse.Namespace) -> str | None:
+    address: str | None = args.address or os.environ.get("SERVAL_ADDRESS") or None
+    return os.path.abspath(address) if address else None
+
+
+def _address(args: argparse.Namespace) -> str:
+    from serval._private.cluster import default_address
+
+    return _given_address(args) or default_address()
+
+
+def _connect(address: str) -> None:
+    from serval import api
+    from serval._private.cluster import is_running
+
+    if not is_running(address):
+        raise CLIError(f"no serval cluster is running at {address} (start one with `serval start`)")
+    api.start(address=address)
+
+
+def _use_app_dir(app_dir: str) -> None:
+    """As Ray does: the app directory (cwd by default) comes first on sys.path; ``serve.run``
+    hands the same sys.path to the replicas."""
+    path = os.path.abspath(app_dir)
+    if not os.path.isdir(path):
+        raise CLIError(f"--app-dir {app_dir}: not a directory")
+    sys.path.insert(0, path)
+
+
+def _check_port_free(options: HTTPOptions) -> None:
+    if not options.enabled:
+        return
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((options.host, options.port))
+        except OSError as exc:
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else f"is not usable ({exc})"
+            raise CLIError(f"HTTP port {options.host}:{options.port} {reason}") from None
+
+
+def _http_options(args: argparse.Namespace, base: HTTPOptions | None = None) -> HTTPOptions:
+    base = base or HTTPOptions()
+    try:
+        return HTTPOptions(
+            host=args.host if args.host is not None else base.host,
+            port=args.port if args.port is not None else base.port,
+            request_timeout_s=base.request_timeout_s,
+            root_path=base.root_path,
+            enabled=base.enabled,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from serval import api
+
+    _use_app_dir(args.app_dir)
+    address = _given_address(args)
+    config: ServeDeploySchema | None = None
+    if _is_config_file(args.target):
+        if args.name or args.route_prefix or args.arguments:
+            raise CLIError(
+                "--name, --route-prefix and KEY=VALUE args go with module:app, not a config file"
+            )
+        config = load_config(args.target)
+        apps = _build_all(config, args.target)
+    else:
+        apps = [_app_from_import_path(args)]
+    http = _http_options(args, config.http() if config is not None else None)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    deployed: list[str] = []
+    try:
+        if address is not None:
+            if args.host is not None or args.port is not None:
+                logger.warning("--host/--port ignored: the cluster at %s has its own", address)
+            _connect(address)
+        else:
+            _check_port_free(http)
+            api.start(http_options=http)
+        for cfg, app, src in apps:
+            api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
+            deployed.append(cfg.name)
+            _print_serving(cfg, http if address is None else None)
+        print("Ctrl-C to stop.", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        logger.info("shutting down")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _teardown(address, deployed)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _teardown(address: str | None, deployed: list[str]) -> None:
+    """A cluster this command owns stops; on a cluster it only connected to, the apps it
+    deployed are deleted and the cluster lives on."""
+    from serval import api
+
+    if address is None:
+        api.shutdown()
+        return
+    for name in deployed:
+        with contextlib.suppress(ServalError, ConnectionError, OSError):
+            api.delete(name)
+
+
+def _is_config_file(target: str) -> bool:
+    return target.endswith((".yaml", ".yml", ".json")) or os.path.isfile(target)
+
+
+def _app_from_import_path(
+    args: argparse.Namespace,
+) -> tuple[ApplicationSchema, Any, dict[str, Any] | None]:
+    builder_args: dict[str, Any] = {}
+    for item in args.arguments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"app builder arguments are KEY=VALUE, got {item!r}")
+        builder_args[key] = value
+    try:
+        target = import_attr(args.target)
+    except ImportError as exc:
+        raise CLIError(f"{args.target}: {exc}") from None
+    try:
+        app, reason = resolve_application(target, builder_args, args.target)
+    except Exception as exc:  # a typed builder's arguments failed validation
+        raise CLIError(f"{args.target}: invalid app builder arguments: {exc}") from None
+    if app is None:
+        raise CLIError(reason)
+    route_prefix: Any = args.route_prefix
+    if route_prefix is None:
+        route_prefix = app.deployment.route_prefix or "/"
+    try:
+        cfg = ApplicationSchema(
+            name=args.name or "default", route_prefix=route_prefix, import_path=args.target
+        )
+    except Exception as exc:
+        raise CLIError(str(exc).splitlines()[-1].strip()) from None
+    # Like Ray, an app run from an import path has no config entry (`serval config` skips it).
+    return cfg, app, None
+
+
+def _build_all(
+    config: ServeDeploySchema, file: str
+) -> list[tuple[ApplicationSchema, Any, dict[str, Any] | None]]:
+    """Import and build every app before deploying any, so a bad entry deploys nothing."""
+    return [
+        (cfg, build_application(cfg, i, file), source_config(cfg))
+        for i, cfg in enumerate(config.applications)
+    ]
+
+
+def _print_serving(cfg: ApplicationSchema, http: HTTPOptions | None) -> None:
+    if cfg.route_prefix is None:
+        where = "no HTTP route"
+    elif http is None:
+        where = f"route prefix {cfg.route_prefix}"
+    elif not http.enabled:
+        where = "HTTP disabled"
+    else:
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+        where = f"http://{host}:{http.port}{http.root_path}{cfg.route_prefix}"
+    print(f"application {cfg.name!r} is running: {where}", flush=True)
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+
+    _use_app_dir(args.app_dir)
+    many = len(args.import_paths) > 1
+    entries = []
+    for i, path in enumerate(args.import_paths, start=1):
+        try:
+            target = import_attr(path)
+        except ImportError as exc:
+            raise CLIError(f"{path}: {exc}") from None
+        app, reason = resolve_application(target, {}, path)
+        if app is None:
+            raise CLIError(reason)
+        name = f"app{i}"
+        prefix = app.deployment.route_prefix or (f"/{name}" if many else "/")
+        entries.append(application_config(app, name, prefix, path))
+    defaults = HTTPOptions()
+    document: dict[str, Any] = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": defaults.host, "port": defaults.port},
+        "applications": entries,
+    }
+    parse_config(document, args.output_path or "<serval build>")  # what we write must load
+    try:
+        body = yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+    except yaml.YAMLError as exc:
+        raise CLIError(f"an option cannot be written as YAML: {exc}") from None
+    text = f"# This file was generated by `serval build`.\n\n{body}"
+    if args.output_path:
+        with open(args.output_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output_path}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# -- start / deploy ------------------------------------------------------------------------------
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from serval._private.daemon import start_detached
+
+    address = _address(args)
+    http = _http_options(args)
+    from serval._private.cluster import is_running
+
+    if is_running(address):
+        raise CLIError(f"a serval cluster is already running at {address}")
+    _check_port_free(http)
+    start_detached(address, http)
+    print(f"serval cluster started at {address} (HTTP on http://{http.host}:{http.port})")
+    if address != _default_address():
+        print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}")
+    return 0
+
+
+def _default_address() -> str:
+    from serval._private.cluster import default_address
+
+    return default_address()
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from serval import api
+
+    _use_app_dir(args.app_dir)
+    address = _address(args)
+    config = load_config(args.config_file)
+    apps = _build_all(config, args.config_file)
+    _connect(address)
+    if "http_options" in config.model_fields_set or "proxy_location" in config.model_fields_set:
+        logger.info("http_options apply when a cluster starts; the running one keeps its own")
+    before = api.app_configs()
+    for cfg, app, src in apps:
+        logger.info("deploying application %r", cfg.name)
+        api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
+    # As in Ray: the file is the whole desired state of config-deployed applications.
+    wanted = {cfg.name for cfg, _, _ in apps}
+    for name, src in before.items():
+        if src is not None and name not in wanted:
+            logger.info("deleting application %r (not in %s)", name, args.config_file)
+            api.delete(name)
+    names = ", ".join(repr(cfg.name) for cfg, _, _ in apps)
+    print(f"deployed {names} to {address}")
+    return 0
+
+
+# -- status / config -----------------------------------------------------------------------------
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from serval import api
+
+    address = _address(args)
+    _connect(address)
+    status = api.status()
+    apps: dict[str, Any] = {}
+    for name, app in status.applications.items():
+        if args.name and name != args.name:
+            continue
+        apps[name] = {
+            "status": app.status,
+            "route_prefix": app.route_prefix,
+            "message": app.message,
+            "last_deployed": _when(app.last_deployed_time_s),
+            "deployments": {
+                dep_name: {
+                    "status": dep.status,
+                    "replica_states": dict(dep.replica_states),
+                    "message": dep.message,
+                }
+                for dep_name, dep in app.deployments.items()
+            },
+        }
+    if args.name and not apps:
+        raise CLIError(f"no application named {args.name!r} at {address}")
+    sys.stdout.write(_yaml({"address": address, "applications": apps}))
+    return 0
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from serval import api
+
+    _connect(_address(args))
+    configs = api.app_configs()
+    if args.name:
+        if args.name not in configs:
+            raise CLIError(f"no application named {args.name!r}")
+        configs = {args.name: configs[args.name]}
+    docs = [_yaml(c) for c in configs.values() if c is not None]
+    python_apps = [name for name, c in configs.items() if c is None]
+    if not docs:
+        print("No config has been deployed.")
+    else:
+        sys.stdout.write("---\n".join(docs))
+    if python_apps:
+        logger.info("deployed from Python, without a config: %s", ", ".join(python_apps))
+    return 0
+
+
+def _yaml(data: Any) -> str:
+
+    class Dumper(yaml.SafeDumper):  # type: ignore[misc]
+        pass
+
+    def text(dumper: Any, value: str) -> Any:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    out: str = yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=False)
+    return out
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+def _cmd_shutdown(args: argparse.Namespace) -> int:
+    from serval import api
+
+    address = _address(args)
+    _connect(address)
+    if not args.yes and not _confirm(
+        f"This stops the serval cluster at {address} and deletes every application on it. "
+        "Continue? [y/N] "
+    ):
+        raise CLIError("aborted")
+    api.shutdown()
+    if not _wait_gone(address, _SHUTDOWN_WAIT_S):
+        raise CLIError(f"some processes of the cluster at {address} are still running")
+    print(f"serval cluster at {address} stopped")
+    return 0
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(question)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _wait_gone(address: str, timeout: float) -> bool:
+    """Wait until no serval process of ``address`` is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_cluster_pids(address)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _cluster_pids(address: str) -> Iterator[int]:
+    marker = b"\0" + os.fsencode(address) + b"\0"
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"serval::" in cmd and marker in cmd and state != b"Z":
+            yield int(entry)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

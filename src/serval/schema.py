@@ -1,0 +1,587 @@
+"""Config files in Ray Serve's schema: validation, and turning an entry into an Application.
+
+A file has ``proxy_location``, ``http_options`` and ``applications``; each application has a
+``name``, ``route_prefix``, ``import_path``, ``args``, ``runtime_env`` (``env_vars`` only) and
+``deployments`` whose options override those set in code. Every model forbids unknown fields, so
+a misspelt option is an error, never silently ignored. A bad file raises :class:`ConfigError`,
+which names the file, the field (``applications[0].deployments[1].num_replicas``) and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import traceback
+import types
+import typing
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+
+import yaml  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import model_validator as _model_validator
+
+from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
+from serval.deployment import _UNSUPPORTED_OPTIONS, Application, Deployment
+from serval.exceptions import ServalError
+
+__all__ = [
+    "ApplicationSchema",
+    "ConfigError",
+    "DeploymentSchema",
+    "HTTPOptionsSchema",
+    "ServeDeploySchema",
+    "application_config",
+    "build_application",
+    "import_attr",
+    "load_config",
+    "parse_config",
+    "source_config",
+]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class ConfigError(ServalError):
+    """A config file (or an entry of it) that cannot be deployed: file, field and reason."""
+
+    def __init__(self, file: str, problems: list[tuple[str, str]]) -> None:
+        self.file = file
+        self.problems = problems
+        parts = [f"{field}: {reason}" if field else reason for field, reason in problems]
+        super().__init__(f"{file}: " + "; ".join(parts))
+
+
+# -- the models ----------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = _STRICT
+
+
+class HTTPOptionsSchema(_Model):
+    host: str = HTTPOptions.host
+    port: int = Field(default=HTTPOptions.port, ge=1, le=65535)
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    root_path: str = ""
+
+
+class RuntimeEnvSchema(_Model):
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+
+class RayActorOptionsSchema(_Model):
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    memory: float | None = Field(default=None, ge=0)
+    resources: dict[str, float] | None = None
+    runtime_env: RuntimeEnvSchema | None = None
+
+
+def _autoscaling_model() -> type[BaseModel]:
+    """The fields of :class:`serval.config.AutoscalingConfig`, unknown ones rejected."""
+    hints = typing.get_type_hints(AutoscalingConfig)
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name], f.default) for f in dataclasses.fields(AutoscalingConfig)
+    }
+    model: type[BaseModel] = create_model("AutoscalingConfigSchema", __config__=_STRICT, **fields)
+    return model
+
+
+if TYPE_CHECKING:
+    AutoscalingConfigSchema = BaseModel
+else:
+    AutoscalingConfigSchema = _autoscaling_model()
+
+
+class DeploymentSchema(_Model):
+    """Options of one deployment; only the fields the file sets override the code's."""
+
+    name: str = Field(min_length=1)
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_queued_requests: int | None = Field(default=None, ge=-1)
+    user_config: Any = None
+    autoscaling_config: AutoscalingConfigSchema | None = None
+    health_check_period_s: float | None = Field(default=None, gt=0)
+    health_check_timeout_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(default=None, gt=0)
+    ray_actor_options: RayActorOptionsSchema | None = None
+
+    @field_validator("num_replicas", mode="wrap")
+    @classmethod
+    def _num_replicas(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+        # One clear message instead of one per member of the union.
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"must be an int >= 0 or 'auto' (got {_short(value)})")
+        return value
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, value: BaseModel | None) -> BaseModel | None:
+        if value is not None:
+            AutoscalingConfig(**value.model_dump())  # cross-field checks (min <= max, ...)
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        """The options this entry sets, as ``Deployment.options`` keywords."""
+        return self.model_dump(exclude_unset=True, exclude={"name"})
+
+
+class ApplicationSchema(_Model):
+    name: str = Field(default="default", min_length=1)
+    route_prefix: str | None = "/"
+    import_path: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    runtime_env: RuntimeEnvSchema = Field(default_factory=RuntimeEnvSchema)
+    deployments: list[DeploymentSchema] = Field(default_factory=list)
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/' (got {value!r})")
+        if value != "/" and value.endswith("/"):
+            raise ValueError(f"must not end with '/' unless it is '/' (got {value!r})")
+        if "{" in value or "}" in value:
+            raise ValueError(f"must not contain '{{' or '}}' (got {value!r})")
+        return value
+
+    @field_validator("import_path")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        _split_import_path(value)
+        return value
+
+    @_model_validator(mode="after")
+    def _unique_deployments(self) -> ApplicationSchema:
+        seen: dict[str, int] = {}
+        for i, dep in enumerate(self.deployments):
+            if dep.name in seen:
+                raise ValueError(
+                    f"deployments[{i}].name: duplicate deployment {dep.name!r} "
+                    f"(also deployments[{seen[dep.name]}])"
+                )
+            seen[dep.name] = i
+        return self
+
+
+class GRPCOptionsSchema(_Model):
+    """Accepted for files written by Ray's ``serve build``; serval serves no gRPC."""
+
+    port: int = 9000
+    grpc_servicer_functions: list[str] = Field(default_factory=list)
+    request_timeout_s: float | None = None
+
+    @field_validator("grpc_servicer_functions")
+    @classmethod
+    def _no_servicers(cls, value: list[str]) -> list[str]:
+        if value:
+            raise ValueError("gRPC is not supported by serval; serve over HTTP")
+        return value
+
+
+class ServeDeploySchema(_Model):
+    proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
+    http_options: HTTPOptionsSchema = Field(default_factory=lambda: HTTPOptionsSchema())
+    grpc_options: GRPCOptionsSchema | None = None
+    # Ray's serve build writes one; serval's processes log as the CLI configures them.
+    logging_config: dict[str, Any] | None = None
+    applications: list[ApplicationSchema] = Field(min_length=1)
+
+    @_model_validator(mode="after")
+    def _unique_apps(self) -> ServeDeploySchema:
+        names: dict[str, int] = {}
+        prefixes: dict[str, int] = {}
+        for i, app in enumerate(self.applications):
+            if app.name in names:
+                raise ValueError(
+                    f"applications[{i}].name: duplicate application name {app.name!r} "
+                    f"(also applications[{names[app.name]}])"
+                )
+            names[app.name] = i
+            if app.route_prefix is not None:
+                if app.route_prefix in prefixes:
+                    raise ValueError(
+                        f"applications[{i}].route_prefix: route prefix {app.route_prefix!r} is "
+                        f"already used by applications[{prefixes[app.route_prefix]}]"
+                    )
+                prefixes[app.route_prefix] = i
+        return self
+
+    def http(self, host: str | None = None, port: int | None = None) -> HTTPOptions:
+        """The file's HTTP options, with ``host``/``port`` from the command line winning."""
+        opts = self.http_options
+        return HTTPOptions(
+            host=host if host is not None else opts.host,
+            port=port if port is not None else opts.port,
+            request_timeout_s=opts.request_timeout_s,
+            root_path=opts.root_path,
+            enabled=self.proxy_location != "Disabled",
+        )
+
+
+# -- loading and error messages ------------------------------------------------------------------
+
+
+def load_config(path: str) -> ServeDeploySchema:
+    """Read and validate a config file; :class:`ConfigError` says what is wrong where."""
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, [("", exc.strerror or str(exc))]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(path, [(where, f"invalid YAML: {problem}")]) from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, file: str = "<config>") -> ServeDeploySchema:
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(file, [("", f"expected a mapping with 'applications', got {kind}")])
+    try:
+        return ServeDeploySchema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(file, _problems(exc)) from None
+
+
+def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = prefix + tuple(err["loc"])
+        out.append((field_path(loc), _reason(err, loc)))
+    return out
+
+
+def field_path(loc: tuple[str | int, ...]) -> str:
+    """``("applications", 0, "name")`` -> ``applications[0].name``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _reason(err: Any, loc: tuple[str | int, ...]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return _unknown_field(loc)
+    if kind == "missing":
+        return "required field is missing"
+    msg: str = err["msg"]
+    if kind in ("value_error", "assertion_error"):
+        prefixes = ("Value error, ", "Assertion failed, ")
+        return msg.split(", ", 1)[1] if msg.startswith(prefixes) else msg
+    return f"{msg} (got {_short(err.get('input'))})"
+
+
+def _unknown_field(loc: tuple[str | int, ...]) -> str:
+    name = str(loc[-1])
+    parent = _model_at(loc[:-1])
+    if parent is RuntimeEnvSchema:
+        return (
+            f"runtime_env field {name!r} is not supported: serval supports only env_vars "
+            "(install packages in the environment itself)"
+        )
+    if parent is DeploymentSchema and name in _UNSUPPORTED_OPTIONS:
+        return f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}"
+    if parent is DeploymentSchema and name == "max_concurrent_queries":
+        return "unknown field: max_concurrent_queries was renamed max_ongoing_requests"
+    reason = "unknown field"
+    if parent is not None:
+        close = difflib.get_close_matches(name, list(parent.model_fields), n=1)
+        if close:
+            reason += f"; did you mean {close[0]!r}?"
+        else:
+            reason += f" (expected one of: {', '.join(parent.model_fields)})"
+    return reason
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    tp: Any = ServeDeploySchema
+    for part in loc:
+        if isinstance(part, int):
+            args = get_args(tp)
+            tp = args[0] if get_origin(tp) is list and args else None
+        elif isinstance(tp, type) and issubclass(tp, BaseModel) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        else:
+            return None
+        if get_origin(tp) in (Union, types.UnionType):
+            members = [a for a in get_args(tp) if a is not type(None)]
+            tp = members[0] if len(members) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- import paths ----------------------------------------------------------------------------------
+
+
+def _split_import_path(path: str) -> tuple[str, str]:
+    """``pkg.mod:attr`` or ``pkg.mod.attr`` -> (module, attribute path)."""
+    if path.count(":") > 1:
+        raise ValueError(f"must be 'module:attribute' or 'module.attribute' (got {path!r})")
+    if ":" in path:
+        module, attr = path.split(":")
+    else:
+        module, _, attr = path.rpartition(".")
+    if (
+        not module
+        or not attr
+        or not all(p.isidentifier() for p in (*module.split("."), *attr.split(".")))
+    ):
+        raise ValueError(f"must be 'module:attribute' or 'module.attribute' (got {path!r})")
+    return module, attr
+
+
+def import_attr(path: str) -> Any:
+    """Import ``module:attr``; raise ``ImportError`` with a one-line reason when that fails."""
+    try:
+        module_name, attr = _split_import_path(path)
+    except ValueError as exc:
+        raise ImportError(str(exc)) from None
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise ImportError(
+                f"no module named {exc.name!r} (looked in the current directory and sys.path)"
+            ) from None
+        raise ImportError(f"importing {module_name!r} failed: {_describe(exc)}") from None
+    except Exception as exc:
+        raise ImportError(f"importing {module_name!r} failed: {_describe(exc)}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"{module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def _describe(exc: BaseException) -> str:
+    """``ValueError: bad (at mymodule.py:12)``: the exception and the user's line that raised."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{text} (at {exc.filename}:{exc.lineno})"
+    if frames:
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return text
+
+
+# -- from a config entry to an Application -------------------------------------------------------
+
+
+def resolve_application(
+    target: Any, args: dict[str, Any], import_path: str
+) -> tuple[Application | None, str]:
+    """An Application from what an import path names: an Application, or an app builder
+    called with ``args`` (a dict, or a pydantic model if its parameter is annotated so).
+    Returns (app, "") or (None, reason)."""
+    if isinstance(target, Application):
+        if args:
+            return None, f"args were given but {import_path!r} is an Application, not a builder"
+        return target, ""
+    if isinstance(target, Deployment):
+        return None, f"{import_path!r} is a Deployment; point at {target.name}.bind(...)"
+    if not callable(target):
+        return None, (
+            f"{import_path!r} is a {type(target).__name__}, not an Application "
+            "(Deployment.bind(...)) or an app builder function"
+        )
+    arg: Any = args
+    model = _builder_model(target)
+    if model is not None:
+        arg = model.model_validate(args)  # ValidationError: the caller reports the fields
+    try:
+        app = target(arg)
+    except Exception as exc:
+        return None, f"the app builder {import_path!r} raised {_describe(exc)}"
+    if not isinstance(app, Application):
+        return None, (
+            f"the app builder {import_path!r} returned a {type(app).__name__}, "
+            "not an Application (Deployment.bind(...))"
+        )
+    return app, ""
+
+
+def _builder_model(builder: Callable[..., Any]) -> type[BaseModel] | None:
+    try:
+        params = list(inspect.signature(builder).parameters.values())
+        hints = typing.get_type_hints(builder)
+    except (TypeError, ValueError, NameError):
+        return None
+    if not params:
+        return None
+    hint = hints.get(params[0].name)
+    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
+
+
+def walk(app: Application) -> Iterator[tuple[str, Application]]:
+    """Each node of the bound graph once, with the name ``serve.run`` gives its deployment
+    (same order and same ``_1`` suffixes for a deployment bound twice)."""
+    seen: set[int] = set()
+    taken: set[str] = set()
+
+    def visit(node: Application) -> Iterator[tuple[str, Application]]:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        name, n = node.deployment.name, 0
+        while name in taken:
+            n += 1
+            name = f"{node.deployment.name}_{n}"
+        taken.add(name)
+        yield name, node
+        for child in _children((node.args, node.kwargs)):
+            yield from visit(child)
+
+    yield from visit(app)
+
+
+def _children(value: Any) -> Iterator[Application]:
+    if isinstance(value, Application):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _children(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _children(v)
+
+
+def rebuild(app: Application, change: Callable[[str, Deployment], Deployment]) -> Application:
+    """A copy of the graph with each node's deployment replaced by ``change(name, dep)``."""
+    names = {id(node): name for name, node in walk(app)}
+    memo: dict[int, Application] = {}
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, Application):
+            if id(value) not in memo:
+                new = Application(change(names[id(value)], value.deployment), (), {})
+                memo[id(value)] = new
+                new.args = copy(value.args)
+                new.kwargs = copy(value.kwargs)
+            return memo[id(value)]
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(copy(v) for v in value)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        return value
+
+    result: Application = copy(app)
+    return result
+
+
+def build_application(cfg: ApplicationSchema, index: int, file: str) -> Application:
+    """Import ``cfg.import_path``, call the builder, apply the file's deployment options and
+    ``runtime_env``; every failure is a :class:`ConfigError` at the field that caused it."""
+    here: tuple[str | int, ...] = ("applications", index)
+    try:
+        target = import_attr(cfg.import_path)
+    except ImportError as exc:
+        raise ConfigError(file, [(field_path((*here, "import_path")), str(exc))]) from None
+    try:
+        app, reason = resolve_application(target, cfg.args, cfg.import_path)
+    except ValidationError as exc:
+        raise ConfigError(file, _problems(exc, (*here, "args"))) from None
+    if app is None:
+        raise ConfigError(file, [(field_path((*here, "import_path")), reason)])
+
+    nodes = dict(walk(app))
+    for j, dep in enumerate(cfg.deployments):
+        if dep.name not in nodes:
+            raise ConfigError(
+                file,
+                [
+                    (
+                        field_path((*here, "deployments", j, "name")),
+                        f"application {cfg.name!r} has no deployment {dep.name!r} "
+                        f"(it has: {', '.join(nodes)})",
+                    )
+                ],
+            )
+    overrides = {dep.name: (j, dep.overrides()) for j, dep in enumerate(cfg.deployments)}
+    app_env = cfg.runtime_env.env_vars
+
+    def change(name: str, dep: Deployment) -> Deployment:
+        j, opts = overrides.get(name, (None, {}))
+        if app_env:
+            actor = dict(opts.get("ray_actor_options", dep.config.ray_actor_options) or {})
+            env = dict(actor.get("runtime_env") or {})
+            env["env_vars"] = {**app_env, **(env.get("env_vars") or {})}
+            actor["runtime_env"] = env
+            opts = {**opts, "ray_actor_options": actor}
+        if not opts:
+            return dep
+        try:
+            return dep.options(**opts)
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            where = (*here, "deployments", j) if j is not None else (*here, "runtime_env")
+            raise ConfigError(file, [(field_path(where), str(exc))]) from None
+
+    return rebuild(app, change)
+
+
+def source_config(cfg: ApplicationSchema) -> dict[str, Any]:
+    """The entry as ``serval config`` prints it: the fields the file set, plus the key ones."""
+    out: dict[str, Any] = {
+        "name": cfg.name,
+        "route_prefix": cfg.route_prefix,
+        "import_path": cfg.import_path,
+    }
+    out.update(cfg.model_dump(mode="json", exclude_unset=True))
+    return out
+
+
+# -- from an Application to a config entry (``serval build``) -------------------------------------
+
+
+def application_config(
+    app: Application, name: str, route_prefix: str | None, import_path: str
+) -> dict[str, Any]:
+    """A config entry that deploys ``app`` as the code sets it up."""
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": import_path,
+        "runtime_env": {},
+        "deployments": [
+            {"name": dep_name, **_options_set(node.deployment.config)}
+            for dep_name, node in walk(app)
+        ],
+    }
+
+
+_DEFAULTS = DeploymentConfig()
+
+
+def _options_set(config: DeploymentConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == getattr(_DEFAULTS, f.name):
+            continue
+        if isinstance(value, AutoscalingConfig):
+            value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+        out[f.name] = value
+    return out
