@@ -236,7 +236,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         apps = [_app_from_import_path(args)]
     http = _http_options(args, config.http() if config is not None else None)
 
+    # Ctrl-C and SIGTERM both tear down (SIGINT too when a shell started us with it ignored).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     deployed: list[str] = []
     try:
         if address is not None:
@@ -260,6 +262,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

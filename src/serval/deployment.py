@@ -167,15 +167,19 @@ def _validate_option_names(options: dict[str, Any]) -> None:
 def _normalize(options: dict[str, Any]) -> dict[str, Any]:
     out = dict(options)
     if out.get("num_replicas") == "auto":
+        # Ray Serve's defaults for num_replicas="auto".
         out["num_replicas"] = 1
-        out.setdefault("autoscaling_config", {})
+        out["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": 100,
+            "target_ongoing_requests": 2,
+            **(out.get("autoscaling_config") or {}),
+        }
     auto = out.get("autoscaling_config")
     if isinstance(auto, dict):
         out["autoscaling_config"] = AutoscalingConfig(**auto)
-    if out.get("autoscaling_config") is not None:
-        raise NotImplementedError(
-            "autoscaling_config is not supported yet by serval; set num_replicas instead"
-        )
+    elif auto is not None and not isinstance(auto, AutoscalingConfig):
+        raise TypeError("autoscaling_config must be a dict or serve.AutoscalingConfig")
     actor = out.get("ray_actor_options")
     if actor is not None:
         if not isinstance(actor, dict):

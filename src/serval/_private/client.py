@@ -21,6 +21,7 @@ from serval.exceptions import DeploymentNotFoundError, ServalError
 logger = logging.getLogger(__name__)
 
 _RECONNECT_DELAY_S = 0.1
+_QUEUE_REPORT_INTERVAL_S = 0.5
 
 
 # (version, {(app, deployment): info}, {route_prefix: (app, ingress)})
@@ -45,6 +46,7 @@ class ClusterClient:
         # route_prefix -> (app, ingress deployment); used by the HTTP proxy
         self.routes: dict[str, tuple[str, str]] = {}
         self.on_table: Callable[[int], None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
 
     # -- data plane ------------------------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class ClusterClient:
         for key, info in deployments.items():
             router = self.routers.get(key)
             if router is None:
-                self.routers[key] = Router(info)
+                self.routers[key] = Router(info, self._queue_started)
             else:
                 router.update(info)
         for key in [k for k in self.routers if k not in deployments]:
@@ -147,6 +149,27 @@ class ClusterClient:
         waiting, self._waiting = self._waiting, []
         for call in waiting:
             self.submit(call)
+
+    # -- queue reports (the autoscaler counts requests waiting at callers) ---------------------------
+
+    def _queue_started(self) -> None:
+        if self._reporter is None or self._reporter.done():
+            self._reporter = self.loop.create_task(self._report_queues())
+
+    async def _report_queues(self) -> None:
+        reported: set[tuple[str, str]] = set()
+        while not self._closed:
+            counts = {k: len(r.queue) for k, r in self.routers.items() if r.queue}
+            # Also say "0" once for what was waiting before, so the controller forgets it.
+            payload = {**{k: 0 for k in reported}, **counts}
+            try:
+                await self.call_controller("record_queued", counts=payload)
+            except (OSError, ConnectionError):
+                pass
+            if not counts:
+                return
+            reported = set(counts)
+            await asyncio.sleep(_QUEUE_REPORT_INTERVAL_S)
 
     def close(self) -> None:
         self._closed = True

@@ -197,6 +197,10 @@ class Replica:
         await self._call_user(fn, user_config)
         self.config = self.config.with_changes(user_config=user_config)
 
+    def rpc_metrics(self, peer: RpcPeer) -> int:
+        """Requests here now: running, and waiting for a slot."""
+        return self.ongoing + len(self._backlog)
+
     async def rpc_check_health(self, peer: RpcPeer) -> None:
         fn = getattr(self.user, "check_health", None)
         if fn is not None:

@@ -14,6 +14,7 @@ import itertools
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,11 +196,12 @@ def _args_error(call: Call, exc: BaseException) -> SerializationError:
 
 
 class Router:
-    def __init__(self, info: DeploymentInfo) -> None:
+    def __init__(self, info: DeploymentInfo, on_queued: Callable[[], None] | None = None) -> None:
         self.info = info
         self.slots: dict[str, ReplicaSlot] = {}
         self.queue: deque[Call] = deque()
         self.deleted = False
+        self._on_queued = on_queued  # told when requests start waiting (for the autoscaler)
         self.update(info)
 
     @property
@@ -245,6 +247,8 @@ class Router:
             call.set_exception(BackPressureError(self.label, len(self.queue), limit))
             return
         self.queue.append(call)
+        if len(self.queue) == 1 and self._on_queued is not None:
+            self._on_queued()
 
     def cancel(self, call: Call) -> None:
         call.cancel_requested = True

@@ -46,6 +46,7 @@ class SavedDeployment:
     next_index: int
     failed_message: str
     replicas: list[SavedReplica]
+    autoscale_target: int = 0
 
 
 @dataclass
@@ -92,6 +93,7 @@ def _save_app(app: AppState) -> SavedApp:
                 )
                 for r in dep.replicas.values()
             ],
+            dep.autoscale_target,
         )
         for dep in app.deployments.values()
     ]
@@ -116,9 +118,11 @@ def restore(controller: Controller, ckpt: Checkpoint) -> None:
             dep = DeploymentState(
                 saved.spec.name, sd.spec, next_index=sd.next_index, failed_message=sd.failed_message
             )
+            dep.autoscale_target = sd.autoscale_target
             app.deployments[dep.name] = dep
             for sr in sd.replicas:
                 _adopt(controller, app, dep, sr)
+            controller.setup_autoscaling(app, dep)
         controller.apps[saved.spec.name] = app
 
 

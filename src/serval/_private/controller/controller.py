@@ -18,6 +18,7 @@ from serval._private import protocol
 from serval._private.backends.base import Backend, ReplicaHost
 from serval._private.client import Table
 from serval._private.controller import checkpoint
+from serval._private.controller.autoscaling import AutoscalingPolicy
 from serval._private.controller.state import (
     AppState,
     DeploymentState,
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
 _PROXY_RESTART_DELAY_S = 0.5
+_QUEUE_REPORT_MAX_AGE_S = 2.0  # a caller's queue report counts this long
 
 
 class Controller:
@@ -165,7 +167,8 @@ class Controller:
         for name, dspec in wanted.items():
             dep = app.deployments.get(name)
             if dep is None:
-                app.deployments[name] = DeploymentState(spec.name, dspec)
+                dep = app.deployments[name] = DeploymentState(spec.name, dspec)
+                self.setup_autoscaling(app, dep)
                 continue
             old_config = dep.spec.config.user_config
             dep.spec = dspec
@@ -173,6 +176,7 @@ class Controller:
             dep.start_failures = 0
             if dspec.config.user_config != old_config:
                 self._reconfigure(app, dep)
+            self.setup_autoscaling(app, dep)
         self._publish()
         for dep in app.deployments.values():
             self._reconcile(app, dep)
@@ -332,6 +336,72 @@ class Controller:
     async def _watch(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
         code = await rec.host.wait()
         self._on_exit(app, dep, rec, code)
+
+    # -- autoscaling --------------------------------------------------------------------------------
+
+    def setup_autoscaling(self, app: AppState, dep: DeploymentState) -> None:
+        config = dep.spec.config.autoscaling_config
+        if config is None:
+            dep.policy = None
+            return
+        if dep.policy is not None and dep.policy.config == config:
+            return
+        fresh = dep.policy is None
+        dep.policy = AutoscalingPolicy(config, time.monotonic())
+        if fresh and not dep.replicas:
+            dep.autoscale_target = dep.policy.initial_replicas()
+        else:
+            dep.autoscale_target = max(
+                config.min_replicas, min(config.max_replicas, dep.autoscale_target)
+            )
+        self._spawn(self._autoscale_loop(app, dep, dep.policy))
+
+    async def _autoscale_loop(
+        self, app: AppState, dep: DeploymentState, policy: AutoscalingPolicy
+    ) -> None:
+        interval = policy.config.metrics_interval_s
+        while dep.policy is policy and not app.deleting and self._is_live(app, dep):
+            await asyncio.sleep(interval)
+            if dep.policy is not policy or app.deleting:
+                return
+            await self._autoscale_step(app, dep, policy, interval)
+
+    async def _autoscale_step(
+        self, app: AppState, dep: DeploymentState, policy: AutoscalingPolicy, interval: float
+    ) -> None:
+        running = [r for r in dep.running() if r.peer is not None and not r.peer.closed]
+        counts = await asyncio.gather(
+            *(asyncio.wait_for(r.peer.call("metrics"), interval) for r in running if r.peer),
+            return_exceptions=True,
+        )
+        now = time.monotonic()
+        ongoing = sum(c for c in counts if isinstance(c, int))
+        policy.record(now, ongoing + dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S))
+        self._apply_decision(app, dep, policy.decide(now, dep.autoscale_target))
+
+    def _apply_decision(self, app: AppState, dep: DeploymentState, wanted: int) -> None:
+        if wanted != dep.autoscale_target:
+            logger.info("autoscaling %s: %d -> %d replicas", dep.name, dep.autoscale_target, wanted)
+            dep.autoscale_target = wanted
+            self._reconcile(app, dep)
+            app.notify()
+            self._schedule_save()
+
+    def rpc_record_queued(self, peer: RpcPeer, counts: dict[tuple[str, str], int]) -> None:
+        now = time.monotonic()
+        for (app_name, dep_name), n in counts.items():
+            app = self.apps.get(app_name)
+            dep = app.deployments.get(dep_name) if app is not None else None
+            if app is None or dep is None:
+                continue
+            dep.queued[id(peer)] = (n, now)
+            if n > 0 and dep.policy is not None and dep.autoscale_target == 0:
+                # Requests wait at zero replicas: scale from zero now, not at the next tick.
+                dep.policy.record(now, float(dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S)))
+                self._apply_decision(app, dep, dep.policy.decide(now, 0))
+
+    def _is_live(self, app: AppState, dep: DeploymentState) -> bool:
+        return self.apps.get(app.spec.name) is app and app.deployments.get(dep.name) is dep
 
     # -- live config and health --------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from serval._private.backends.base import ReplicaHost
+from serval._private.controller.autoscaling import AutoscalingPolicy
 from serval._private.rpc import RpcPeer
 from serval.deployment import AppSpec, DeploymentSpec
 
@@ -40,6 +41,10 @@ class DeploymentState:
     failed_message: str = ""
     start_failures: int = 0
     reconfiguring: int = 0  # reconfigure() calls in flight
+    policy: AutoscalingPolicy | None = None
+    autoscale_target: int = 0
+    # Requests waiting at callers, as each caller last reported it: peer id -> (count, time).
+    queued: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -47,7 +52,12 @@ class DeploymentState:
 
     @property
     def target(self) -> int:
+        if self.spec.config.autoscaling_config is not None:
+            return self.autoscale_target
         return self.spec.config.num_replicas
+
+    def queued_now(self, now: float, max_age: float) -> int:
+        return sum(n for n, at in self.queued.values() if now - at <= max_age)
 
     def current(self) -> list[ReplicaRecord]:
         """Replicas of the wanted version that are not on their way out."""
