@@ -16,9 +16,9 @@ from serval.api import (
     start,
     status,
 )
+from serval.batching import batch
 from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from serval.deployment import Application, Deployment, deployment
-from serval.batching import batch
 from serval.handle import (
     DeploymentHandle,
     DeploymentResponse,
@@ -29,7 +29,6 @@ from serval.handle import (
     get,
     wait,
 )
-
 from serval.multiplex import get_multiplexed_model_id, multiplexed
 
 __version__ = "0.1.0"

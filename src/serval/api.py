@@ -25,11 +25,11 @@ from serval.status import ServeStatus
 
 __all__ = [
     "ReplicaContext",
-    "ingress",
     "delete",
     "get_app_handle",
     "get_deployment_handle",
     "get_replica_context",
+    "ingress",
     "run",
     "shutdown",
     "start",

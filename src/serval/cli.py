@@ -248,6 +248,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             _check_port_free(http)
             api.start(http_options=http)
+            print(f"started a serval cluster at {_owned_address()} (it stops with this command)")
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
             deployed.append(cfg.name)
@@ -263,6 +264,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def _owned_address() -> str:
+    from serval._private import runtime
+
+    return runtime.address() or "?"
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DeploymentConfig", "HTTPOptions", "AutoscalingConfig"]
+__all__ = ["AutoscalingConfig", "DeploymentConfig", "HTTPOptions"]
 
 # Options a replica needs when it changes; anything else can be applied in place.
-_IN_PLACE_FIELDS = frozenset({"num_replicas", "user_config", "max_queued_requests", "autoscaling_config"})
+_IN_PLACE_FIELDS = frozenset(
+    {"num_replicas", "user_config", "max_queued_requests", "autoscaling_config"}
+)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class AutoscalingConfig:
         if self.initial_replicas is not None:
             _check(
                 self.min_replicas <= self.initial_replicas <= self.max_replicas,
-                "autoscaling_config.initial_replicas must lie between min_replicas and max_replicas",
+                "autoscaling_config.initial_replicas must be within [min_replicas, max_replicas]",
             )
         _check(self.target_ongoing_requests > 0, "target_ongoing_requests must be > 0")
         for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):

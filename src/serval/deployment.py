@@ -72,7 +72,9 @@ class Deployment:
     def user_config(self) -> Any:
         return self.config.user_config
 
-    def options(self, *, name: str | None = None, route_prefix: Any = _UNSET, **changes: Any) -> Deployment:
+    def options(
+        self, *, name: str | None = None, route_prefix: Any = _UNSET, **changes: Any
+    ) -> Deployment:
         """A copy with other options (the same keywords as ``@serve.deployment``)."""
         _validate_option_names(changes)
         config = self.config.with_changes(**_normalize(changes)) if changes else self.config
@@ -110,7 +112,9 @@ class Deployment:
 class Application:
     """A bound deployment: the node of an application graph that ``serve.run`` deploys."""
 
-    def __init__(self, deployment: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, deployment: Deployment, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         self.deployment = deployment
         self.args = args
         self.kwargs = kwargs
@@ -159,7 +163,9 @@ def _validate_option_names(options: dict[str, Any]) -> None:
     if "max_concurrent_queries" in unknown:
         raise TypeError("max_concurrent_queries was renamed max_ongoing_requests (as in Ray Serve)")
     for name in sorted(unknown & set(_UNSUPPORTED_OPTIONS)):
-        raise ValueError(f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}")
+        raise ValueError(
+            f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}"
+        )
     if unknown:
         raise TypeError(f"unknown deployment option(s): {', '.join(sorted(unknown))}")
 

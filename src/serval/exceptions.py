@@ -8,19 +8,19 @@ Only an exception that cannot cross a process boundary becomes a :class:`UserCod
 from __future__ import annotations
 
 __all__ = [
-    "ServalError",
-    "RayServeException",
-    "BackPressureError",
-    "RequestCancelledError",
-    "DeploymentUnavailableError",
-    "DeploymentFailedError",
     "ApplicationNotFoundError",
+    "BackPressureError",
+    "DeploymentFailedError",
     "DeploymentNotFoundError",
+    "DeploymentUnavailableError",
     "GetTimeoutError",
-    "SerializationError",
-    "ReplicaDiedError",
-    "UserCodeError",
+    "RayServeException",
     "RemoteTraceback",
+    "ReplicaDiedError",
+    "RequestCancelledError",
+    "SerializationError",
+    "ServalError",
+    "UserCodeError",
 ]
 
 

@@ -265,9 +265,11 @@ class _HandleBase:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         opts = self._options
-        meta = {"multiplexed_model_id": opts.multiplexed_model_id} if opts.multiplexed_model_id else None
+        meta: dict[str, Any] | None = None
+        if opts.multiplexed_model_id:
+            meta = {"multiplexed_model_id": opts.multiplexed_model_id}
         if opts.stream:
-            meta = dict(meta or {}, stream=True)
+            meta = {**(meta or {}), "stream": True}
         return Call(
             self.app_name, self.deployment_name, opts.method_name, args, kwargs, meta, opts.stream
         )
@@ -365,7 +367,8 @@ def wait(
     for r in items:
         r._call.done.add_callback(one_done)
     enough.wait(timeout)
-    ready, not_ready = [], []
+    ready: list[Any] = []
+    not_ready: list[Any] = []
     for original, r in zip(refs, items, strict=True):
         (ready if r._call.done.fired and len(ready) < num_returns else not_ready).append(original)
     return ready, not_ready
@@ -376,7 +379,4 @@ def _as_ref(value: Any) -> _Submitted:
         return value
     if isinstance(value, _PendingRef):
         raise TypeError("await the async handle's remote() first: `ref = await handle.remote()`")
-    raise TypeError(
-        f"expected an ObjectRef or DeploymentResponse, got {type(value).__name__}"
-    )
-
+    raise TypeError(f"expected an ObjectRef or DeploymentResponse, got {type(value).__name__}")

@@ -72,9 +72,7 @@ class _ModelCache:
         del model  # the cache held the last reference the framework had
 
 
-def multiplexed(
-    func: F | None = None, *, max_num_models_per_replica: int = 3
-) -> Any:
+def multiplexed(func: F | None = None, *, max_num_models_per_replica: int = 3) -> Any:
     """Decorate an async model loader ``async def get_model(self, model_id)``."""
     if not isinstance(max_num_models_per_replica, int) or max_num_models_per_replica < 1:
         raise ValueError("max_num_models_per_replica must be an int >= 1")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic import model_validator as _model_validator
+from pydantic_core import PydanticCustomError
 
 from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
 from serval.deployment import _UNSUPPORTED_OPTIONS, Application, Deployment
@@ -165,9 +166,9 @@ class ApplicationSchema(_Model):
         seen: dict[str, int] = {}
         for i, dep in enumerate(self.deployments):
             if dep.name in seen:
-                raise ValueError(
-                    f"deployments[{i}].name: duplicate deployment {dep.name!r} "
-                    f"(also deployments[{seen[dep.name]}])"
+                raise _at(
+                    ("deployments", i, "name"),
+                    f"duplicate deployment {dep.name!r} (also deployments[{seen[dep.name]}])",
                 )
             seen[dep.name] = i
         return self
@@ -188,6 +189,11 @@ class GRPCOptionsSchema(_Model):
         return value
 
 
+def _at(where: tuple[str | int, ...], reason: str) -> PydanticCustomError:
+    """An error a model validator raises about one of the model's fields (``where``)."""
+    return PydanticCustomError("serval_field", "{reason}", {"where": where, "reason": reason})
+
+
 class ServeDeploySchema(_Model):
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptionsSchema = Field(default_factory=lambda: HTTPOptionsSchema())
@@ -202,16 +208,18 @@ class ServeDeploySchema(_Model):
         prefixes: dict[str, int] = {}
         for i, app in enumerate(self.applications):
             if app.name in names:
-                raise ValueError(
-                    f"applications[{i}].name: duplicate application name {app.name!r} "
-                    f"(also applications[{names[app.name]}])"
+                raise _at(
+                    ("applications", i, "name"),
+                    f"duplicate application name {app.name!r} "
+                    f"(also applications[{names[app.name]}])",
                 )
             names[app.name] = i
             if app.route_prefix is not None:
                 if app.route_prefix in prefixes:
-                    raise ValueError(
-                        f"applications[{i}].route_prefix: route prefix {app.route_prefix!r} is "
-                        f"already used by applications[{prefixes[app.route_prefix]}]"
+                    raise _at(
+                        ("applications", i, "route_prefix"),
+                        f"route prefix {app.route_prefix!r} is already used by "
+                        f"applications[{prefixes[app.route_prefix]}]",
                     )
                 prefixes[app.route_prefix] = i
         return self
@@ -262,7 +270,7 @@ def parse_config(data: Any, file: str = "<config>") -> ServeDeploySchema:
 def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
     out = []
     for err in exc.errors(include_url=False):
-        loc = prefix + tuple(err["loc"])
+        loc = prefix + tuple(err["loc"]) + tuple(err.get("ctx", {}).get("where", ()))
         out.append((field_path(loc), _reason(err, loc)))
     return out
 
@@ -282,6 +290,8 @@ def _reason(err: Any, loc: tuple[str | int, ...]) -> str:
     if kind == "missing":
         return "required field is missing"
     msg: str = err["msg"]
+    if kind == "serval_field":
+        return msg
     if kind in ("value_error", "assertion_error"):
         prefixes = ("Value error, ", "Assertion failed, ")
         return msg.split(", ", 1)[1] if msg.startswith(prefixes) else msg
@@ -403,7 +413,7 @@ def resolve_application(
         return None, f"{import_path!r} is a Deployment; point at {target.name}.bind(...)"
     if not callable(target):
         return None, (
-            f"{import_path!r} is a {type(target).__name__}, not an Application "
+            f"{import_path!r} is of type {type(target).__name__}, not an Application "
             "(Deployment.bind(...)) or an app builder function"
         )
     arg: Any = args
@@ -416,7 +426,7 @@ def resolve_application(
         return None, f"the app builder {import_path!r} raised {_describe(exc)}"
     if not isinstance(app, Application):
         return None, (
-            f"the app builder {import_path!r} returned a {type(app).__name__}, "
+            f"the app builder {import_path!r} returned type {type(app).__name__}, "
             "not an Application (Deployment.bind(...))"
         )
     return app, ""

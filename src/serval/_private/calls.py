@@ -20,7 +20,7 @@ from serval.exceptions import GetTimeoutError
 class Signal:
     """A thread-safe event that fires once and runs its callbacks in the firing thread."""
 
-    __slots__ = ("fired", "_callbacks", "_lock")
+    __slots__ = ("_callbacks", "_lock", "fired")
 
     def __init__(self) -> None:
         self.fired = False
@@ -80,21 +80,21 @@ class Call:
     """A request: where it goes, what it carries, and (later) how it ended."""
 
     __slots__ = (
+        "_error",
+        "_value",
         "app",
-        "deployment",
-        "method",
         "args",
+        "assigned",
+        "cancel_requested",
+        "deployment",
+        "done",
         "kwargs",
         "meta",
-        "rid",
-        "replica",
-        "assigned",
-        "done",
-        "_value",
-        "_error",
-        "stream",
-        "cancel_requested",
+        "method",
         "plain",
+        "replica",
+        "rid",
+        "stream",
     )
 
     def __init__(
@@ -182,7 +182,7 @@ class Call:
 class StreamBuffer:
     """Items of a streaming call, produced on the owner loop, consumed from any thread."""
 
-    __slots__ = ("items", "ended", "error", "_signal", "_lock")
+    __slots__ = ("_lock", "_signal", "ended", "error", "items")
 
     def __init__(self) -> None:
         self.items: deque[Any] = deque()

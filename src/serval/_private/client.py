@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from serval._private.calls import Call
-from serval._private.rpc import RpcPeer
 from serval._private.router import DeploymentInfo, Router
+from serval._private.rpc import RpcPeer
 from serval.exceptions import DeploymentNotFoundError, ServalError
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ClusterClient:
         for call in waiting:
             self.submit(call)
 
-    # -- queue reports (the autoscaler counts requests waiting at callers) ---------------------------
+    # -- queue reports (the autoscaler counts requests waiting at callers) ------------------------
 
     def _queue_started(self) -> None:
         if self._reporter is None or self._reporter.done():

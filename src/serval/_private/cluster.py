@@ -57,7 +57,8 @@ def make_private_dir(address: str | None) -> str:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise ServalError(f"{address} exists and is not a directory of this user") from None
         if stat.S_IMODE(info.st_mode) & 0o077:
-            raise ServalError(f"{address} is not private (mode {stat.S_IMODE(info.st_mode):o})")
+            mode = stat.S_IMODE(info.st_mode)
+            raise ServalError(f"{address} is not private (mode {mode:o})") from None
     return address
 
 

@@ -16,7 +16,10 @@ from typing import Any
 
 Message = dict[str, Any]
 Emit = Callable[[Message], None]
-ASGIApp = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+    Awaitable[None],
+]
 
 
 class ResponseCollector:
@@ -76,8 +79,13 @@ def http_receive(body: bytes) -> Callable[[], Awaitable[Message]]:
 
 
 async def respond(
-    user: Any, asgi_app: ASGIApp | None, scope: Message, body: bytes, collector: ResponseCollector,
-    inputs: asyncio.Queue[Message] | None, call_user: Callable[..., Awaitable[Any]],
+    user: Any,
+    asgi_app: ASGIApp | None,
+    scope: Message,
+    body: bytes,
+    collector: ResponseCollector,
+    inputs: asyncio.Queue[Message] | None,
+    call_user: Callable[..., Awaitable[Any]],
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
     """Serve one request; returns the whole response, or None if it was streamed."""
     if scope["type"] == "websocket":

@@ -1,9 +1,10 @@
 """Frames and payloads of the local wire.
 
-A frame is ``<meta_len:u32><nbufs:u16><tag:u64>`` then ``nbufs`` × ``<len:u64>``, the pickle (protocol 5)
-of the message, then its out-of-band buffers. The tag repeats the request id of data-plane
-messages, so a message that fails to unpickle can still be answered with an error. Large numpy arrays and bytearrays travel as those
-buffers, so neither side copies them into the pickle stream.
+A frame is ``<meta_len:u32><nbufs:u16><tag:u64>``, then ``nbufs`` lengths ``<len:u64>``, the
+pickle (protocol 5) of the message, then its out-of-band buffers. The tag repeats the request id
+of data-plane messages, so a message that fails to unpickle can still be answered with an error.
+Large numpy arrays and bytearrays travel as those buffers, so neither side copies them into the
+pickle stream.
 
 Messages are plain tuples whose first item is a kind constant below. cloudpickle is used for
 every dump because it ships classes defined in ``__main__`` or in a function by value; the load
@@ -88,7 +89,9 @@ def serialization_error(what: str, value: Any, exc: BaseException) -> Serializat
     )
 
 
-def find_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any, BaseException]:
+def find_unpicklable(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, Any, BaseException]:
     """After a failed dump, find which argument is to blame (slow path only)."""
     for i, arg in enumerate(args):
         try:

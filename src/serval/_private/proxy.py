@@ -84,8 +84,12 @@ class ProxyApp:
         match = self._match(path)
         if match is None:
             if kind == "http":
-                await _text(send, 404, f"Path '{path}' not found. Ping http://.../-/routes for "
-                            "available routes.", request_id)
+                await _text(
+                    send,
+                    404,
+                    f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
+                    request_id,
+                )
             else:
                 await send({"type": "websocket.close", "code": 1008})
             return
@@ -107,8 +111,9 @@ class ProxyApp:
             await _text(send, 200, "success", request_id)
         elif path == "/-/routes":
             body = json.dumps({p: a for p, (a, _) in sorted(self.client.routes.items())})
-            await _send_whole(send, 200, [(b"content-type", b"application/json")], body.encode(),
-                              request_id)
+            await _send_whole(
+                send, 200, [(b"content-type", b"application/json")], body.encode(), request_id
+            )
         else:
             await _text(send, 404, f"Path '{path}' not found.", request_id)
 
@@ -167,7 +172,10 @@ class ProxyApp:
         while message is not None:
             if message["type"] == "http.response.start":
                 message = dict(message)
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
                 started = True
             try:
                 await send(message)

@@ -39,8 +39,12 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
         )
         raise SystemExit(1) from exc
 
+    acks: set[asyncio.Task[None]] = set()
+
     def ack(version: int) -> None:
-        loop.create_task(client.call_controller("proxy_ack", version=version))
+        task = loop.create_task(client.call_controller("proxy_ack", version=version))
+        acks.add(task)
+        task.add_done_callback(acks.discard)
 
     client.on_table = ack
     await client.wait_ready()

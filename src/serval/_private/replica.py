@@ -179,8 +179,8 @@ class Replica:
         task.add_done_callback(_ignore_result)
 
     async def _construct(self, cls: type, args: Any, kwargs: Any) -> Any:
-        if inspect.iscoroutinefunction(cls.__init__):
-            obj = cls.__new__(cls)
+        if inspect.iscoroutinefunction(cls.__init__):  # type: ignore[misc]
+            obj: Any = object.__new__(cls)
             await obj.__init__(*args, **kwargs)
             return obj
         # On the loop thread, as in Ray Serve: __init__ may use asyncio.get_running_loop().

@@ -23,8 +23,8 @@ from serval._private.calls import Call
 from serval.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
-    ReplicaDiedError,
     RemoteTraceback,
+    ReplicaDiedError,
     RequestCancelledError,
     SerializationError,
     UserCodeError,
@@ -119,7 +119,9 @@ class ReplicaSlot:
             if call is not None:
                 self._finished()
                 call.set_exception(
-                    SerializationError(f"could not deserialize the reply of {call.label}: {msg.error!r}")
+                    SerializationError(
+                        f"could not deserialize the reply of {call.label}: {msg.error!r}"
+                    )
                 )
             return
         kind, rid = msg[0], msg[1]
@@ -218,11 +220,11 @@ class Router:
                 if not slot.calls:
                     slot.close()
         for rid, rinfo in wanted.items():
-            slot = self.slots.get(rid)
-            if slot is None:
+            known = self.slots.get(rid)
+            if known is None:
                 self.slots[rid] = ReplicaSlot(self, rinfo)
-            elif slot.info != rinfo:
-                slot.info = rinfo
+            elif known.info != rinfo:
+                known.info = rinfo
         self.dispatch()
 
     def delete(self) -> None:

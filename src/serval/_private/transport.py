@@ -9,6 +9,7 @@ coalesced into a single ``writelines``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -131,7 +132,9 @@ class Connection(asyncio.BufferedProtocol):
             have = end - pos
             if have >= total:
                 # Copy out of the reusable buffer: decoded buffers must own their memory.
-                frame = bytearray(buf[pos : pos + total]) if nbufs else bytes(buf[pos : pos + total])
+                frame = (
+                    bytearray(buf[pos : pos + total]) if nbufs else bytes(buf[pos : pos + total])
+                )
                 pos += total
                 self._deliver(memoryview(frame), hlen, meta_len, blens)
                 if self.closed:
@@ -170,20 +173,20 @@ class Undecodable:
         self.error = error
 
 
-async def connect(path: str, on_message: MessageHandler, on_lost: LostHandler | None = None) -> Connection:
+async def connect(
+    path: str, on_message: MessageHandler, on_lost: LostHandler | None = None
+) -> Connection:
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_unix_connection(lambda: Connection(on_message, on_lost), path)
     return conn
 
 
-async def listen(
-    path: str, factory: Callable[[], Connection]
-) -> asyncio.base_events.Server:
+async def listen(path: str, factory: Callable[[], Connection]) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
-    if os.path.exists(path):
-        os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket of an earlier process with this name
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o600)
     server = await loop.create_unix_server(factory, sock=sock, backlog=1024)
-    return server  # type: ignore[return-value]
+    return server

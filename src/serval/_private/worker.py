@@ -44,8 +44,12 @@ async def _controller_main(args: argparse.Namespace) -> None:
     controller = Controller(LocalBackend(args.address, args.lifeline_fd), http, args.address)
     peers: set[RpcPeer] = set()
 
+    def forget(peer: RpcPeer) -> None:
+        peers.discard(peer)
+        controller.subscribers.discard(peer)
+
     def new_peer() -> transport.Connection:
-        peer = RpcPeer(controller, on_close=lambda p: (peers.discard(p), controller.subscribers.discard(p)))
+        peer = RpcPeer(controller, on_close=forget)
         peers.add(peer)
         return peer.protocol_factory()
 

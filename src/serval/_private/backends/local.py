@@ -37,6 +37,7 @@ class LocalProcess(ReplicaHost):
         self._pid = proc.pid if proc is not None else pid
         assert self._pid is not None
         self._done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._poller: asyncio.Task[None] | None = None
         self._watch()
 
     @classmethod
@@ -80,7 +81,7 @@ class LocalProcess(ReplicaHost):
             self._reap()
             return
         except (AttributeError, OSError):
-            loop.create_task(self._poll())
+            self._poller = loop.create_task(self._poll())
             return
 
         def readable() -> None:
@@ -91,7 +92,8 @@ class LocalProcess(ReplicaHost):
         loop.add_reader(pidfd, readable)
 
     async def _poll(self) -> None:
-        while self._alive():
+        # No pidfd on this platform: look every 100 ms (nothing would wake us on exit).
+        while self._alive():  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         self._reap()
 

@@ -27,8 +27,8 @@ from serval._private.controller.state import (
 )
 from serval._private.router import DeploymentInfo, ReplicaInfo
 from serval._private.rpc import RpcPeer
-from serval.deployment import AppSpec
 from serval.config import HTTPOptions
+from serval.deployment import AppSpec
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError, ServalError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
@@ -207,9 +207,7 @@ class Controller:
         for name, app in self.apps.items():
             status, message = app.status()
             deps = {
-                d.name: DeploymentStatusOverview(
-                    d.status(), d.replica_states(), d.failed_message
-                )
+                d.name: DeploymentStatusOverview(d.status(), d.replica_states(), d.failed_message)
                 for d in app.deployments.values()
             }
             out[name] = ApplicationStatusOverview(
@@ -218,9 +216,7 @@ class Controller:
         return ServeStatus(out)
 
     def rpc_app_configs(self, peer: RpcPeer) -> dict[str, dict[str, Any] | None]:
-        return {
-            name: app.spec.source_config for name, app in self.apps.items() if not app.deleting
-        }
+        return {name: app.spec.source_config for name, app in self.apps.items() if not app.deleting}
 
     def rpc_get_app(self, peer: RpcPeer, name: str) -> str:
         app = self.apps.get(name)
@@ -337,7 +333,7 @@ class Controller:
         code = await rec.host.wait()
         self._on_exit(app, dep, rec, code)
 
-    # -- autoscaling --------------------------------------------------------------------------------
+    # -- autoscaling -------------------------------------------------------------------------------
 
     def setup_autoscaling(self, app: AppState, dep: DeploymentState) -> None:
         config = dep.spec.config.autoscaling_config
@@ -442,7 +438,9 @@ class Controller:
                     return
                 logger.warning(
                     "replica %s of %s failed its health check (%s); replacing it",
-                    rec.replica_id, dep.name, reason,
+                    rec.replica_id,
+                    dep.name,
+                    reason,
                 )
                 self._stop(app, dep, rec, graceful=False)
                 self._after_change(app, dep)
@@ -482,8 +480,12 @@ class Controller:
             self._publish()
         elif rec.state == ReplicaState.STARTING and not dep.failed_message:
             dep.start_failures += 1
-            logger.warning("replica %s of %s died while starting (exit code %s)",
-                           rec.replica_id, dep.name, code)
+            logger.warning(
+                "replica %s of %s died while starting (exit code %s)",
+                rec.replica_id,
+                dep.name,
+                code,
+            )
             if dep.start_failures >= _MAX_START_FAILURES:
                 dep.failed_message = (
                     f"replicas died while starting, {dep.start_failures} times in a row "
@@ -525,7 +527,11 @@ class Controller:
         if spec.route_prefix is None:
             return
         for name, app in self.apps.items():
-            if name != spec.name and not app.deleting and app.spec.route_prefix == spec.route_prefix:
+            if (
+                name != spec.name
+                and not app.deleting
+                and app.spec.route_prefix == spec.route_prefix
+            ):
                 raise ValueError(
                     f"route_prefix {spec.route_prefix!r} is already used by application {name!r}"
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from serval._private.backends.base import ReplicaHost
 from serval._private.controller.autoscaling import AutoscalingPolicy
@@ -13,7 +13,7 @@ from serval._private.rpc import RpcPeer
 from serval.deployment import AppSpec, DeploymentSpec
 
 
-class ReplicaState(str, Enum):
+class ReplicaState(StrEnum):
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
