@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]
+from pydantic import ValidationError
 
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
@@ -30,6 +31,7 @@ from serval.schema import (
     ServeDeploySchema,
     application_config,
     build_application,
+    describe_errors,
     import_attr,
     load_config,
     parse_config,
@@ -43,6 +45,7 @@ logger = logging.getLogger("serval.cli")
 
 _PROG = "serval"
 _SHUTDOWN_WAIT_S = 10.0
+_MAX_ADDRESS_BYTES = 107 - len("/r/0123456789ab.sock")
 
 
 class CLIError(Exception):
@@ -180,6 +183,16 @@ def _connect(address: str) -> None:
     api.start(address=address)
 
 
+def _check_address_length(address: str) -> None:
+    # The longest Unix socket path in a runtime directory is <address>/r/<12 hex>.sock, and a
+    # socket path holds at most 107 bytes.
+    if len(os.fsencode(address)) > _MAX_ADDRESS_BYTES:
+        raise CLIError(
+            f"the address {address} is too long: the Unix socket paths inside it would exceed "
+            f"107 bytes; use a directory of at most {_MAX_ADDRESS_BYTES} bytes"
+        )
+
+
 def _use_app_dir(app_dir: str) -> None:
     """As Ray does: the app directory (cwd by default) comes first on sys.path; ``serve.run``
     hands the same sys.path to the replicas."""
@@ -308,8 +321,8 @@ def _app_from_import_path(
         raise CLIError(f"{args.target}: {exc}") from None
     try:
         app, reason = resolve_application(target, builder_args, args.target)
-    except Exception as exc:  # a typed builder's arguments failed validation
-        raise CLIError(f"{args.target}: invalid app builder arguments: {exc}") from None
+    except ValidationError as exc:  # a typed builder's arguments
+        raise CLIError(f"{args.target}: invalid app builder arguments: {_fields(exc)}") from None
     if app is None:
         raise CLIError(reason)
     route_prefix: Any = args.route_prefix
@@ -319,10 +332,17 @@ def _app_from_import_path(
         cfg = ApplicationSchema(
             name=args.name or "default", route_prefix=route_prefix, import_path=args.target
         )
-    except Exception as exc:
-        raise CLIError(str(exc).splitlines()[-1].strip()) from None
+    except ValidationError as exc:
+        raise CLIError(_fields(exc, flags=True)) from None
     # Like Ray, an app run from an import path has no config entry (`serval config` skips it).
     return cfg, app, None
+
+
+def _fields(exc: ValidationError, flags: bool = False) -> str:
+    return "; ".join(
+        f"{'--' + field.replace('_', '-') if flags else field}: {reason}"
+        for field, reason in describe_errors(exc)
+    )
 
 
 def _build_all(
@@ -400,6 +420,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
     if is_running(address):
         raise CLIError(f"a serval cluster is already running at {address}")
+    _check_address_length(address)
+    if not os.path.isdir(os.path.dirname(address)):
+        raise CLIError(f"cannot create {address}: its parent directory does not exist")
     _check_port_free(http)
     start_detached(address, http)
     print(f"serval cluster started at {address} (HTTP on http://{http.host}:{http.port})")

@@ -125,7 +125,11 @@ def _rebuild(route: Any, endpoint: Any) -> Any:
     """A new route of the same type and settings, with ``endpoint`` (FastAPI analyses the
     endpoint's signature when a route is made, so the route must be made again)."""
     params = inspect.signature(type(route).__init__).parameters
-    kwargs = {name: getattr(route, name) for name in params if name not in ("self", "endpoint")}
+    kwargs = {
+        name: getattr(route, name)
+        for name in params
+        if name not in ("self", "endpoint") and hasattr(route, name)  # else: the default
+    }
     if "path" in kwargs and hasattr(route, "path"):
         kwargs["path"] = route.path
     return type(route)(endpoint=endpoint, **kwargs)

@@ -36,6 +36,7 @@ __all__ = [
     "ServeDeploySchema",
     "application_config",
     "build_application",
+    "describe_errors",
     "import_attr",
     "load_config",
     "parse_config",
@@ -264,10 +265,13 @@ def parse_config(data: Any, file: str = "<config>") -> ServeDeploySchema:
     try:
         return ServeDeploySchema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(file, _problems(exc)) from None
+        raise ConfigError(file, describe_errors(exc)) from None
 
 
-def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+def describe_errors(
+    exc: ValidationError, prefix: tuple[str | int, ...] = ()
+) -> list[tuple[str, str]]:
+    """(field path, reason) for each error of a pydantic validation."""
     out = []
     for err in exc.errors(include_url=False):
         loc = prefix + tuple(err["loc"]) + tuple(err.get("ctx", {}).get("where", ()))
@@ -513,7 +517,7 @@ def build_application(cfg: ApplicationSchema, index: int, file: str) -> Applicat
     try:
         app, reason = resolve_application(target, cfg.args, cfg.import_path)
     except ValidationError as exc:
-        raise ConfigError(file, _problems(exc, (*here, "args"))) from None
+        raise ConfigError(file, describe_errors(exc, (*here, "args"))) from None
     if app is None:
         raise ConfigError(file, [(field_path((*here, "import_path")), reason)])
 

@@ -76,7 +76,8 @@ class ProxyApp:
         if kind == "lifespan":
             await _lifespan(receive, send)
             return
-        request_id = _request_id(scope)
+        given_id, length, model = _scan_headers(scope["headers"])
+        request_id = given_id or _new_request_id()
         path: str = scope["path"]
         if path.startswith("/-/") and kind == "http":
             await self._system(path, send, request_id)
@@ -98,11 +99,10 @@ class ProxyApp:
         if prefix != "/":
             wire["root_path"] = scope.get("root_path", "") + prefix
         meta = {"asgi": True, "request_id": request_id, "route": prefix}
-        model = _header(scope, b"serve_multiplexed_model_id")
         if model:
             meta["multiplexed_model_id"] = model
         if kind == "http":
-            await self._http(wire, receive, send, app, ingress, meta, request_id)
+            await self._http(wire, receive, send, app, ingress, meta, request_id, length)
         elif kind == "websocket":
             await self._websocket(wire, receive, send, app, ingress, meta)
 
@@ -126,8 +126,9 @@ class ProxyApp:
         ingress: str,
         meta: Message,
         request_id: str,
+        length: str | None,
     ) -> None:
-        body = await self._read_body(wire, receive, send, request_id)
+        body = await self._read_body(length, receive, send, request_id)
         if body is None:
             return
         call = Call(app, ingress, "__call__", (wire, body), {}, meta, stream=True)
@@ -136,7 +137,10 @@ class ProxyApp:
         stream = call.stream
         assert stream is not None
         loop = asyncio.get_running_loop()
-        watcher = loop.create_task(self._watch_disconnect(receive, call))
+        # Most requests finish quickly: only one still running after a moment gets a task
+        # that listens for the client going away (a task per request would cost throughput).
+        watcher: list[asyncio.Task[None]] = []
+        watch_later = loop.call_later(_WATCH_AFTER_S, self._watch, receive, call, watcher)
         timer = None
         if self.options.request_timeout_s is not None:
             timer = loop.call_later(self.options.request_timeout_s, self._time_out, call)
@@ -162,7 +166,9 @@ class ProxyApp:
             logger.error("request %s to %s failed: %s", request_id, app, exc, exc_info=exc)
             await _text(send, 500, "Internal Server Error", request_id)
         finally:
-            watcher.cancel()
+            watch_later.cancel()
+            if watcher:
+                watcher[0].cancel()
             if timer is not None:
                 timer.cancel()
 
@@ -192,10 +198,9 @@ class ProxyApp:
                 return
 
     async def _read_body(
-        self, wire: Message, receive: Receive, send: Send, request_id: str
+        self, length: str | None, receive: Receive, send: Send, request_id: str
     ) -> bytes | None:
         limit = self.options.max_request_body_bytes
-        length = _header(wire, b"content-length")
         if length is not None:
             try:
                 declared = int(length)
@@ -220,6 +225,12 @@ class ProxyApp:
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _watch(self, receive: Receive, call: Call, holder: list[asyncio.Task[None]]) -> None:
+        if not call.done.fired:
+            holder.append(
+                asyncio.get_running_loop().create_task(self._watch_disconnect(receive, call))
+            )
 
     async def _watch_disconnect(self, receive: Receive, call: Call) -> None:
         message = await receive()
@@ -271,19 +282,26 @@ class ProxyApp:
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ids = itertools.count(1)
+_WATCH_AFTER_S = 0.05
 
 
-def _request_id(scope: Message) -> str:
+def _new_request_id() -> str:
     # A per-process random prefix and a counter: unique, and far cheaper than uuid4 per request.
-    given = _header(scope, b"x-request-id")
-    return given if given else f"{_ID_PREFIX}{next(_ids):016x}"
+    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
-def _header(scope: Message, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+def _scan_headers(headers: Any) -> tuple[str | None, str | None, str | None]:
+    """x-request-id, content-length and the multiplexed model id, in one pass (ASGI servers
+    give header names in lower case)."""
+    request_id = length = model = None
+    for key, value in headers:
+        if key == b"content-length":
+            length = value.decode("latin-1")
+        elif key == b"x-request-id":
+            request_id = value.decode("latin-1")
+        elif key == b"serve_multiplexed_model_id":
+            model = value.decode("latin-1")
+    return request_id, length, model
 
 
 async def _send_whole(
