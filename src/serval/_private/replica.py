@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import os
@@ -19,7 +18,6 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -30,6 +28,7 @@ from serval._private import protocol, request_context, runtime, transport
 from serval._private.client import controller_path
 from serval._private.http_replica import ResponseCollector, respond
 from serval._private.rpc import RpcPeer
+from serval._private.sync_runner import SyncRunner
 from serval.config import DeploymentConfig
 from serval.exceptions import RequestCancelledError, SerializationError
 
@@ -98,7 +97,7 @@ class Replica:
         self._backlog: deque[tuple[transport.Connection, int, str, Any, Any, Any]] = deque()
         self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
         self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: SyncRunner | None = None
         self._inputs: dict[tuple[transport.Connection, int], asyncio.Queue[Any]] = {}
         self.asgi_app: Any = None
         self._server: asyncio.AbstractServer | None = None
@@ -149,8 +148,8 @@ class Replica:
                 sys.path.insert(0, entry)
         with contextlib.suppress(OSError):
             os.chdir(init["cwd"])
-        self._pool = ThreadPoolExecutor(
-            min(self.config.max_ongoing_requests, _MAX_THREADS), thread_name_prefix="serval-user"
+        self._pool = SyncRunner(
+            self.loop, min(self.config.max_ongoing_requests, _MAX_THREADS), "serval-user"
         )
         try:
             target, args, kwargs = pickle.loads(init["payload"])
@@ -209,8 +208,8 @@ class Replica:
     async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
         if _kind_cached(fn) is _Kind.ASYNC:
             return await fn(*args)
-        ctx = contextvars.copy_context()  # the request context, visible in the worker thread
-        return await self.loop.run_in_executor(self._pool, ctx.run, fn, *args)
+        assert self._pool is not None
+        return await self._pool.run(fn, *args)  # in a copy of the request's context
 
     # -- data plane ------------------------------------------------------------------------------
 
@@ -293,12 +292,12 @@ class Replica:
         if kind is _Kind.ASYNC:
             return self.loop.create_task(_with_context(meta, fn, args, kwargs))
         if kind is _Kind.SYNC:
-            return self.loop.run_in_executor(self._pool, _sync_with_context, meta, fn, args, kwargs)
+            assert self._pool is not None
+            return self._pool.run(_sync_with_context, meta, fn, args, kwargs)
         if kind is _Kind.ASYNC_GEN:
             return self.loop.create_task(self._stream_async(conn, rid, meta, fn, args, kwargs))
-        return self.loop.run_in_executor(
-            self._pool, self._stream_sync, conn, rid, meta, fn, args, kwargs
-        )
+        assert self._pool is not None
+        return self._pool.run(self._stream_sync, conn, rid, meta, fn, args, kwargs)
 
     async def _stream_async(
         self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any

@@ -1,0 +1,95 @@
+"""Worker threads for a replica's sync user code.
+
+Like ``loop.run_in_executor`` with a thread pool, with less work per call: a request goes to an
+idle worker through a ``SimpleQueue``; a worker is added only when none is idle (up to a
+limit); results come back to the loop in batches, one wake-up for all the calls that finished
+since the loop last looked, instead of one per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_Job = tuple[asyncio.Future[Any], contextvars.Context, Callable[..., Any], tuple[Any, ...]]
+
+
+class SyncRunner:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_threads: int, name: str) -> None:
+        self._loop = loop
+        self._max_threads = max_threads
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._finished: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._wake_scheduled = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in a worker thread, in a copy of the caller's context."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        with self._lock:
+            need_thread = self._idle == 0 and len(self._threads) < self._max_threads
+            if not need_thread and self._idle:
+                self._idle -= 1  # this job takes that idle worker
+        if need_thread:
+            self._add_thread()
+        self._jobs.put((fut, contextvars.copy_context(), fn, args))
+        return fut
+
+    def _add_thread(self) -> None:
+        thread = threading.Thread(
+            target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, ctx, fn, args = job
+            value: Any = None
+            error: BaseException | None = None
+            if not fut.cancelled():
+                try:
+                    value = ctx.run(fn, *args)
+                except BaseException as exc:  # delivered to the caller, never lost here
+                    error = exc
+            self._deliver(fut, value, error)
+            del job, fut, ctx, fn, args, value, error
+            with self._lock:
+                self._idle += 1
+
+    def _deliver(self, fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+        with self._lock:
+            self._finished.append((fut, value, error))
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._complete)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
+
+    def _complete(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+            self._wake_scheduled = False
+        for fut, value, error in finished:
+            if fut.cancelled():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
