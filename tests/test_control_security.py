@@ -1,0 +1,198 @@
+"""Security of a local cluster: its runtime directory is private (0700, ours) and holds the
+control channel as Unix sockets; no process of the cluster listens anywhere else, except the
+HTTP proxy on 127.0.0.1 (and not even that when HTTP is disabled)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import serval as serve
+from conftest import free_port, serval_processes
+from serval._private import runtime
+from serval._private.cluster import make_private_dir
+from serval.exceptions import ServalError
+
+TCP_LISTEN = "0A"
+UDP_UNCONNECTED = "07"
+SO_ACCEPTCON = 0x10000
+
+
+@serve.deployment(num_replicas=2)
+class Hello:
+    def __call__(self, request: Any = None) -> str:
+        return "hello"
+
+
+@serve.deployment
+class Caller:
+    def __init__(self, hello: Any) -> None:
+        self.hello = hello
+
+    async def __call__(self, request: Any = None) -> str:
+        return await self.hello.remote()
+
+
+def cluster_pids() -> list[int]:
+    address = runtime.address()
+    assert address is not None
+    pids = [pid for pid, _ in serval_processes(address)]
+    assert pids
+    return pids
+
+
+def socket_inodes(pids: list[int]) -> dict[int, int]:
+    """socket inode -> pid, for every socket the given processes hold open."""
+    out = {}
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                out[int(target[8:-1])] = pid
+    return out
+
+
+def _decode_addr(hex_addr: str) -> tuple[str, int]:
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    if len(raw) == 4:
+        ip = socket.inet_ntop(socket.AF_INET, struct.pack("<I", int(host, 16)))
+    else:  # IPv6: four little-endian 32-bit words
+        words = struct.unpack(">4I", raw)
+        ip = socket.inet_ntop(socket.AF_INET6, struct.pack("<4I", *words))
+    return ip, int(port, 16)
+
+
+def inet_sockets(inodes: dict[int, int]) -> list[tuple[str, str, int, int]]:
+    """(protocol, ip, port, pid) of every TCP socket listening and every UDP socket bound by one
+    of ``inodes``."""
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if inode not in inodes:
+                continue
+            if proto.startswith("tcp") and state != TCP_LISTEN:
+                continue
+            if proto.startswith("udp") and state != UDP_UNCONNECTED:
+                continue
+            ip, port = _decode_addr(local)
+            found.append((proto, ip, port, inodes[inode]))
+    return found
+
+
+def listening_unix_sockets(inodes: dict[int, int]) -> list[tuple[str, int]]:
+    """(path, pid) of every listening Unix socket among ``inodes`` ('@...' = abstract, '' =
+    unnamed)."""
+    found = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        flags, inode = int(fields[3], 16), int(fields[6])
+        if inode in inodes and flags & SO_ACCEPTCON:
+            found.append((fields[7] if len(fields) > 7 else "", inodes[inode]))
+    return found
+
+
+def _deploy_something() -> None:
+    serve.run(Caller.bind(Hello.bind()), route_prefix="/hello")
+    assert serve.get_app_handle("default").remote().result(timeout_s=10) == "hello"
+
+
+def test_runtime_dir_is_private_and_holds_only_unix_sockets(serve_instance: Any) -> None:
+    _deploy_something()
+    address = runtime.address()
+    assert address is not None
+    info = os.lstat(address)
+    assert stat.S_ISDIR(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o700, oct(info.st_mode)
+    assert info.st_uid == os.getuid()
+
+    sockets = []
+    for root, dirs, files in os.walk(address):
+        for d in dirs:
+            sub = os.lstat(os.path.join(root, d))
+            assert sub.st_uid == os.getuid()
+            assert not stat.S_IMODE(sub.st_mode) & 0o022, (d, oct(sub.st_mode))
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            assert st.st_uid == os.getuid(), path
+            assert stat.S_ISSOCK(st.st_mode) or stat.S_ISREG(st.st_mode), path
+            assert not stat.S_IMODE(st.st_mode) & 0o022, (path, oct(st.st_mode))
+            if stat.S_ISSOCK(st.st_mode):
+                sockets.append(path)
+    # The controller's socket and one per replica (3) at least.
+    assert len(sockets) >= 4, sockets
+
+    # Every listening Unix socket of the cluster is a file in that directory: none in the
+    # abstract namespace (which file permissions do not protect) and none elsewhere.
+    listening = listening_unix_sockets(socket_inodes(cluster_pids()))
+    assert listening
+    for path, pid in listening:
+        assert path.startswith(address + os.sep), (path, pid)
+    assert {p for p, _ in listening} <= set(sockets)
+
+
+def test_only_tcp_listener_is_the_http_proxy_on_localhost(http_url: str) -> None:
+    _deploy_something()
+    port = int(http_url.rsplit(":", 1)[1])
+    address = runtime.address()
+    assert address is not None
+    proxies = [pid for pid, cmd in serval_processes(address) if "serval::proxy " in cmd]
+    assert len(proxies) == 1
+
+    found = inet_sockets(socket_inodes(cluster_pids()))
+    assert [(proto, ip, p) for proto, ip, p, _ in found] == [("tcp", "127.0.0.1", port)], found
+    assert found[0][3] == proxies[0]
+    assert httpx.get(f"{http_url}/hello", timeout=10).text == "hello"
+
+
+def test_nothing_listens_on_tcp_when_http_is_disabled() -> None:
+    serve.start(http_options={"enabled": False, "port": free_port()})
+    try:
+        _deploy_something()
+        address = runtime.address()
+        assert address is not None
+        assert not [c for _, c in serval_processes(address) if "serval::proxy " in c]
+        found = inet_sockets(socket_inodes(cluster_pids()))
+        assert found == [], found
+    finally:
+        serve.shutdown()
+
+
+def test_an_existing_runtime_dir_that_is_not_private_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(ServalError, match="not private"):
+        make_private_dir(str(shared))
+    link = tmp_path / "link"
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link.symlink_to(private)
+    with pytest.raises(ServalError):
+        make_private_dir(str(link))
+    assert make_private_dir(str(private)) == str(private)
+    fresh = tmp_path / "fresh"
+    assert make_private_dir(str(fresh)) == str(fresh)
+    assert stat.S_IMODE(os.lstat(fresh).st_mode) == 0o700
