@@ -261,7 +261,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             _check_port_free(http)
             api.start(http_options=http)
-            print(f"started a serval cluster at {_owned_address()} (it stops with this command)")
+            print(
+                f"started a serval cluster at {_owned_address()} (it stops with this command)",
+                flush=True,
+            )
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
             deployed.append(cfg.name)
@@ -274,6 +277,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _teardown(address, deployed)
         return 0
+    except Exception:
+        _teardown(address, deployed)  # a failed deploy leaves nothing of this command behind
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)

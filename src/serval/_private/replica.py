@@ -35,6 +35,7 @@ from serval.exceptions import RequestCancelledError, SerializationError
 logger = logging.getLogger(__name__)
 
 _MAX_THREADS = 512
+_CONTROL_THREADS = 2
 _DRAIN_LINGER_S = 0.05
 _REATTACH_DELAY_S = 0.1
 # Results of these types pickle identically without cloudpickle (HTTP replies are tuples).
@@ -151,6 +152,7 @@ class Replica:
         self._pool = SyncRunner(
             self.loop, min(self.config.max_ongoing_requests, _MAX_THREADS), "serval-user"
         )
+        self._control_pool = SyncRunner(self.loop, _CONTROL_THREADS, "serval-control")
         try:
             target, args, kwargs = pickle.loads(init["payload"])
             if init["is_function"]:
@@ -193,7 +195,7 @@ class Replica:
             raise TypeError(
                 f"deployment {self.deployment!r} has a user_config but no reconfigure() method"
             )
-        await self._call_user(fn, user_config)
+        await self._call_control(fn, user_config)
         self.config = self.config.with_changes(user_config=user_config)
 
     def rpc_metrics(self, peer: RpcPeer) -> int:
@@ -203,7 +205,14 @@ class Replica:
     async def rpc_check_health(self, peer: RpcPeer) -> None:
         fn = getattr(self.user, "check_health", None)
         if fn is not None:
-            await self._call_user(fn)
+            await self._call_control(fn)
+
+    async def _call_control(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """check_health and reconfigure: on threads of their own, so a replica whose request
+        threads are all busy still answers its health checks."""
+        if _kind_cached(fn) is _Kind.ASYNC:
+            return await fn(*args)
+        return await self._control_pool.run(fn, *args)
 
     async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
         if _kind_cached(fn) is _Kind.ASYNC:
