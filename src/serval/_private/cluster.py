@@ -150,9 +150,10 @@ class LocalCluster:
 
 def _wait_for_cluster_processes(address: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    marker = address.encode()
+    marker = b"\0" + os.fsencode(address) + b"\0"  # a whole argument, not a prefix of one
+    me = os.getpid()  # a daemon's own command line names the address too
     while time.monotonic() < deadline:
-        if not any(marker in _cmdline(pid) for pid in _pids()):
+        if not any(marker in _cmdline(pid) for pid in _pids() if pid != me):
             return
         time.sleep(0.01)
 

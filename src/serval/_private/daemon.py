@@ -19,7 +19,9 @@ from serval.exceptions import ServalError
 
 logger = logging.getLogger(__name__)
 
-LOG_NAME = "daemon.log"
+def log_path(address: str) -> str:
+    """Beside the runtime directory, not in it: it must outlive a daemon that failed."""
+    return f"{address.rstrip(os.sep)}.log"
 
 
 def run_daemon(address: str, http_options: HTTPOptions) -> None:
@@ -34,8 +36,9 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
     if is_running(address):
         raise ServalError(f"a serval cluster is already running at {address}")
     make_private_dir(address)
-    log_path = os.path.join(address, LOG_NAME)
-    with open(log_path, "ab") as log:
+    log_file = log_path(address)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(fd, "ab") as log:
         proc = subprocess.Popen(
             worker_argv(
                 "daemon",
@@ -55,10 +58,10 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
         if is_running(address):
             return
         if proc.poll() is not None:
-            raise ServalError(f"the serval daemon exited at start-up; see {log_path}")
+            raise ServalError(f"the serval daemon exited at start-up; see {log_file}")
         time.sleep(0.01)
     proc.kill()
-    raise ServalError(f"the serval daemon did not start within {timeout}s; see {log_path}")
+    raise ServalError(f"the serval daemon did not start within {timeout}s; see {log_file}")
 
 
 if __name__ == "__main__":  # pragma: no cover - started through the worker entry point
