@@ -12,36 +12,43 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from serval.exceptions import GetTimeoutError
 
 
 class Signal:
-    """A thread-safe event that fires once and runs its callbacks in the firing thread."""
+    """A thread-safe event that fires once and runs its callbacks in the firing thread.
 
-    __slots__ = ("_callbacks", "_lock", "fired")
+    Lock-free: it relies on the GIL making ``list.append`` and ``list.pop`` atomic. ``fired`` is
+    set before callbacks are drained, and a callback added late drains the list itself, so every
+    callback runs exactly once, in whichever thread pops it.
+    """
+
+    __slots__ = ("_callbacks", "fired")
 
     def __init__(self) -> None:
         self.fired = False
         self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
 
     def fire(self) -> None:
-        with self._lock:
-            if self.fired:
-                return
-            self.fired = True
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb()
+        self.fired = True
+        self._drain()
 
     def add_callback(self, cb: Callable[[], None]) -> None:
-        with self._lock:
-            if not self.fired:
-                self._callbacks.append(cb)
+        self._callbacks.append(cb)
+        if self.fired:
+            self._drain()
+
+    def _drain(self) -> None:
+        callbacks = self._callbacks
+        while callbacks:
+            try:
+                cb = callbacks.pop()
+            except IndexError:  # another thread took the last one
                 return
-        cb()
+            cb()
 
     def wait_sync(self, timeout: float | None) -> bool:
         if self.fired:
@@ -65,6 +72,15 @@ class Signal:
                 loop.call_soon_threadsafe(_resolve, fut)
 
         self.add_callback(wake)
+        await fut
+
+    async def wait_local(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``wait`` for a signal known to fire on ``loop``'s own thread (the HTTP proxy's
+        calls): no thread checks, no loop lookup."""
+        if self.fired:
+            return
+        fut: asyncio.Future[None] = loop.create_future()
+        self.add_callback(partial(_resolve, fut))
         await fut
 
 
@@ -180,42 +196,48 @@ class Call:
 
 
 class StreamBuffer:
-    """Items of a streaming call, produced on the owner loop, consumed from any thread."""
+    """Items of a streaming call, produced on the owner loop, consumed from any thread.
 
-    __slots__ = ("_lock", "_signal", "ended", "error", "items")
+    Lock-free like ``Signal``: the producer stores first and fires the current signal after
+    swapping in a new one; the consumer takes the signal first and looks second, so a wake-up
+    is never missed.
+    """
+
+    __slots__ = ("_signal", "ended", "error", "items")
 
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
         self.ended = False
         self.error: BaseException | None = None
         self._signal = Signal()
-        self._lock = threading.Lock()
 
     def put(self, item: Any) -> None:
-        with self._lock:
-            self.items.append(item)
-            signal, self._signal = self._signal, Signal()
-        signal.fire()
+        self.items.append(item)
+        self._wake()
 
     def close(self, error: BaseException | None = None) -> None:
-        with self._lock:
-            if self.ended:
-                return
-            self.ended = True
-            self.error = error
-            signal = self._signal
+        if self.ended:
+            return
+        self.error = error
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        signal, self._signal = self._signal, Signal()
         signal.fire()
 
     def _next_or_signal(self) -> tuple[bool, Any]:
         """(True, item) when an item is there; (False, signal) to wait on; raises at the end."""
-        with self._lock:
-            if self.items:
+        signal = self._signal
+        if self.items:
+            return True, self.items.popleft()
+        if self.ended:
+            if self.items:  # stored just before the end was
                 return True, self.items.popleft()
-            if self.ended:
-                if self.error is not None:
-                    raise self.error
-                raise StopIteration
-            return False, self._signal
+            if self.error is not None:
+                raise self.error
+            raise StopIteration
+        return False, signal
 
     def next_sync(self, timeout: float | None) -> Any:
         while True:
@@ -225,7 +247,8 @@ class StreamBuffer:
             if not got.wait_sync(timeout):
                 raise GetTimeoutError(f"no stream item within {timeout}s")
 
-    async def next_async(self) -> Any:
+    async def next_async(self, loop: asyncio.AbstractEventLoop | None = None) -> Any:
+        """The next item; ``loop`` only when the producer runs on this same loop."""
         while True:
             try:
                 ok, got = self._next_or_signal()
@@ -233,4 +256,7 @@ class StreamBuffer:
                 raise StopAsyncIteration from None
             if ok:
                 return got
-            await got.wait()
+            if loop is not None:
+                await got.wait_local(loop)
+            else:
+                await got.wait()

@@ -22,6 +22,38 @@ ASGIApp = Callable[
 ]
 
 
+# The ASGI scope crosses to the replica as a tuple of these, in this order: smaller and faster
+# to pickle than the dict (whose constant parts the replica fills in itself).
+_SCOPE_FIELDS = (
+    "type",
+    "http_version",
+    "method",
+    "scheme",
+    "path",
+    "raw_path",
+    "query_string",
+    "headers",
+    "client",
+    "server",
+    "subprotocols",
+)
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+
+def pack_scope(scope: Message, root_path: str) -> tuple[Any, ...]:
+    return (root_path, *[scope.get(name) for name in _SCOPE_FIELDS])
+
+
+def unpack_scope(wire: tuple[Any, ...]) -> Message:
+    scope: Message = dict(zip(_SCOPE_FIELDS, wire[1:], strict=True))
+    scope["root_path"] = wire[0]
+    scope["asgi"] = dict(_ASGI)
+    if scope["subprotocols"] is None:
+        del scope["subprotocols"]
+    scope["state"] = {}
+    return scope
+
+
 class ResponseCollector:
     """The ``send`` of the ASGI app: holds back a response that completes in one message."""
 

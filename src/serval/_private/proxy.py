@@ -18,6 +18,7 @@ from typing import Any
 
 from serval._private.calls import Call
 from serval._private.client import ClusterClient
+from serval._private.http_replica import pack_scope
 from serval.config import HTTPOptions
 from serval.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
@@ -27,21 +28,6 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_SCOPE_KEYS = (
-    "type",
-    "asgi",
-    "http_version",
-    "method",
-    "scheme",
-    "path",
-    "raw_path",
-    "query_string",
-    "root_path",
-    "headers",
-    "client",
-    "server",
-    "subprotocols",
-)
 
 
 class _TimedOut(Exception):
@@ -95,9 +81,10 @@ class ProxyApp:
                 await send({"type": "websocket.close", "code": 1008})
             return
         prefix, app, ingress = match
-        wire = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
+        root_path = scope.get("root_path", "")
         if prefix != "/":
-            wire["root_path"] = scope.get("root_path", "") + prefix
+            root_path += prefix
+        wire = pack_scope(scope, root_path)
         meta = {"asgi": True, "request_id": request_id, "route": prefix}
         if model:
             meta["multiplexed_model_id"] = model
@@ -119,7 +106,7 @@ class ProxyApp:
 
     async def _http(
         self,
-        wire: Message,
+        wire: tuple[Any, ...],
         receive: Receive,
         send: Send,
         app: str,
@@ -136,7 +123,7 @@ class ProxyApp:
         self.client.submit(call)
         stream = call.stream
         assert stream is not None
-        loop = asyncio.get_running_loop()
+        loop = self.client.loop
         # Most requests finish quickly: only one still running after a moment gets a task
         # that listens for the client going away (a task per request would cost throughput).
         watcher: list[asyncio.Task[None]] = []
@@ -146,7 +133,7 @@ class ProxyApp:
             timer = loop.call_later(self.options.request_timeout_s, self._time_out, call)
         try:
             try:
-                first = await stream.next_async()
+                first = await stream.next_async(loop)
             except StopAsyncIteration:
                 first = None
             if first is None:
@@ -173,6 +160,7 @@ class ProxyApp:
                 timer.cancel()
 
     async def _stream(self, first: Message, stream: Any, send: Send, request_id: str) -> None:
+        loop = self.client.loop
         message: Message | None = first
         started = False
         while message is not None:
@@ -188,7 +176,7 @@ class ProxyApp:
             except OSError:
                 return
             try:
-                message = await stream.next_async()
+                message = await stream.next_async(loop)
             except StopAsyncIteration:
                 message = None
             except Exception:
@@ -229,7 +217,7 @@ class ProxyApp:
     def _watch(self, receive: Receive, call: Call, holder: list[asyncio.Task[None]]) -> None:
         if not call.done.fired:
             holder.append(
-                asyncio.get_running_loop().create_task(self._watch_disconnect(receive, call))
+                self.client.loop.create_task(self._watch_disconnect(receive, call))
             )
 
     async def _watch_disconnect(self, receive: Receive, call: Call) -> None:
@@ -243,7 +231,13 @@ class ProxyApp:
             self.client.cancel(call)  # then the replica stops working on it
 
     async def _websocket(
-        self, wire: Message, receive: Receive, send: Send, app: str, ingress: str, meta: Message
+        self,
+        wire: tuple[Any, ...],
+        receive: Receive,
+        send: Send,
+        app: str,
+        ingress: str,
+        meta: Message,
     ) -> None:
         connect = await receive()  # websocket.connect
         call = Call(app, ingress, "__call__", (wire, connect), {}, meta, stream=True)
@@ -251,7 +245,7 @@ class ProxyApp:
         self.client.submit(call)
         stream = call.stream
         assert stream is not None
-        pump = asyncio.get_running_loop().create_task(self._pump_input(receive, call))
+        pump = self.client.loop.create_task(self._pump_input(receive, call))
         try:
             while True:
                 try:

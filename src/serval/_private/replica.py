@@ -26,7 +26,7 @@ import cloudpickle
 
 from serval._private import protocol, request_context, runtime, transport
 from serval._private.client import controller_path
-from serval._private.http_replica import ResponseCollector, respond
+from serval._private.http_replica import ResponseCollector, respond, unpack_scope
 from serval._private.rpc import RpcPeer
 from serval._private.sync_runner import SyncRunner
 from serval.config import DeploymentConfig
@@ -328,9 +328,10 @@ class Replica:
             conn.send((protocol.STREAM_ITEM, rid, item), rid)
 
     async def _serve_http(
-        self, conn: transport.Connection, rid: int, scope: Any, body: Any, meta: Any
+        self, conn: transport.Connection, rid: int, wire: Any, body: Any, meta: Any
     ) -> Any:
         request_context.set_request(meta)
+        scope = unpack_scope(wire)
         collector = ResponseCollector(partial(self._send_item, conn, rid))
         inputs: asyncio.Queue[Any] | None = None
         if scope["type"] == "websocket":

@@ -280,6 +280,10 @@ class Router:
     def _choose(self, call: Call) -> ReplicaSlot | None:
         limit = self.info.max_ongoing_requests
         model = call.meta.get("multiplexed_model_id") if call.meta else None
+        if len(self.slots) == 1 and not model:  # the common single-replica case, no lists
+            (only,) = self.slots.values()
+            ok = only.in_flight < limit and not only.dead and not only.draining
+            return only if ok else None
         free = [
             s for s in self.slots.values() if s.in_flight < limit and not s.dead and not s.draining
         ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from serval._private.rpc import RpcPeer
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval")
+
+_GC_GEN0_THRESHOLD = 20_000  # default 700
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -97,6 +100,14 @@ _MAINS = {
 }
 
 
+def _tune_gc() -> None:
+    """Serving allocates many short-lived objects and few cycles: collect the young
+    generation less often, and keep what start-up imported out of every collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_GEN0_THRESHOLD, 20, 20)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         run_daemon(args.address, HTTPOptions.from_json(args.http_options))
         return
     body = _MAINS[args.role]
+    _tune_gc()
     loop = runtime.new_event_loop()
     asyncio.set_event_loop(loop)
     code = 0
