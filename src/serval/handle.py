@@ -164,6 +164,16 @@ class _PendingRef:
 # -- submission ---------------------------------------------------------------------------------
 
 
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _plain(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Only builtin scalars: the C pickler can send them (cloudpickle costs several times more)."""
+    return all(type(a) in _SCALARS for a in args) and all(
+        type(v) in _SCALARS for v in kwargs.values()
+    )
+
+
 def _calls_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     for a in args:
         if isinstance(a, (_Submitted, _PendingRef)):
@@ -270,9 +280,11 @@ class _HandleBase:
             meta = {"multiplexed_model_id": opts.multiplexed_model_id}
         if opts.stream:
             meta = {**(meta or {}), "stream": True}
-        return Call(
+        call = Call(
             self.app_name, self.deployment_name, opts.method_name, args, kwargs, meta, opts.stream
         )
+        call.plain = _plain(args, kwargs)
+        return call
 
 
 class DeploymentHandle(_HandleBase):
