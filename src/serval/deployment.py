@@ -230,65 +230,68 @@ class AppSpec:
     source_config: dict[str, Any] | None = None
 
 
+def map_applications(value: Any, fn: Callable[[Application], Any]) -> Any:
+    """``value`` with every ``Application`` in it (in nested lists, tuples and dicts, as
+    constructor arguments may hold them) replaced by ``fn(node)``."""
+    if isinstance(value, Application):
+        return fn(value)
+    if isinstance(value, list):
+        return [map_applications(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_applications(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_applications(v, fn) for k, v in value.items()}
+    return value
+
+
+def graph_nodes(app: Application) -> list[tuple[str, Application]]:
+    """Each node of a bound graph once, with its deployment's name in the app: a deployment
+    bound twice gets ``_1``, ``_2``... suffixes; the same bound node used twice is one."""
+    nodes: list[tuple[str, Application]] = []
+    seen: set[int] = set()
+    taken: set[str] = set()
+
+    def visit(node: Application) -> Application:
+        if id(node) not in seen:
+            seen.add(id(node))
+            name, n = node.deployment.name, 0
+            while name in taken:
+                n += 1
+                name = f"{node.deployment.name}_{n}"
+            taken.add(name)
+            nodes.append((name, node))
+            map_applications((node.args, node.kwargs), visit)
+        return node
+
+    visit(app)
+    return nodes
+
+
 def build(
     app: Application,
     name: str,
     route_prefix: Any,
     source_config: dict[str, Any] | None = None,
 ) -> AppSpec:
-    """Walk the bound graph, name each deployment once, serialize code and arguments."""
+    """Name each deployment of the bound graph once; serialize its code and arguments, with
+    bound deployments among them replaced by handles."""
     from serval.handle import DeploymentHandle
-
-    names: dict[int, str] = {}
-    specs: list[DeploymentSpec] = []
-    taken: set[str] = set()
-
-    def visit(node: Application) -> str:
-        if id(node) in names:
-            return names[id(node)]
-        base = node.deployment.name
-        dep_name, n = base, 0
-        while dep_name in taken:
-            n += 1
-            dep_name = f"{base}_{n}"
-        taken.add(dep_name)
-        names[id(node)] = dep_name
-
-        def swap(value: Any) -> Any:
-            if isinstance(value, Application):
-                return DeploymentHandle(visit(value), name)
-            if isinstance(value, list):
-                return [swap(v) for v in value]
-            if isinstance(value, tuple):
-                return tuple(swap(v) for v in value)
-            if isinstance(value, dict):
-                return {k: swap(v) for k, v in value.items()}
-            return value
-
-        args = swap(node.args)
-        kwargs = swap(node.kwargs)
-        target = node.deployment.func_or_class
-        try:
-            payload = cloudpickle.dumps((target, args, kwargs))
-        except Exception as exc:
-            raise TypeError(
-                f"could not serialize deployment {dep_name!r} (its class or constructor "
-                f"arguments): {type(exc).__name__}: {exc}"
-            ) from exc
-        config = node.deployment.config
-        version = hashlib.sha256(
-            payload + json.dumps(config.restart_fields(), sort_keys=True, default=repr).encode()
-        ).hexdigest()[:16]
-        specs.append(
-            DeploymentSpec(dep_name, payload, config, version, not inspect.isclass(target))
-        )
-        return dep_name
 
     if not isinstance(app, Application):
         raise TypeError(
             f"serve.run expects a bound deployment (Deployment.bind(...)), got {type(app).__name__}"
         )
-    ingress = visit(app)
+    nodes = graph_nodes(app)
+    names = {id(node): dep_name for dep_name, node in nodes}
+
+    def to_handle(node: Application) -> DeploymentHandle:
+        return DeploymentHandle(names[id(node)], name)
+
+    specs = [
+        _spec(dep_name, node, map_applications((node.args, node.kwargs), to_handle))
+        for dep_name, node in nodes
+    ]
+    ingress = nodes[0][0]
     if route_prefix is _UNSET:
         route_prefix = app.deployment._route_prefix
         if route_prefix is _UNSET:
@@ -301,3 +304,19 @@ def build(
     return AppSpec(
         name, route_prefix, ingress, tuple(specs), tuple(sys.path), os.getcwd(), source_config
     )
+
+
+def _spec(dep_name: str, node: Application, init: tuple[Any, Any]) -> DeploymentSpec:
+    target = node.deployment.func_or_class
+    try:
+        payload = cloudpickle.dumps((target, *init))
+    except Exception as exc:
+        raise TypeError(
+            f"could not serialize deployment {dep_name!r} (its class or constructor "
+            f"arguments): {type(exc).__name__}: {exc}"
+        ) from exc
+    config = node.deployment.config
+    version = hashlib.sha256(
+        payload + json.dumps(config.restart_fields(), sort_keys=True, default=repr).encode()
+    ).hexdigest()[:16]
+    return DeploymentSpec(dep_name, payload, config, version, not inspect.isclass(target))

@@ -16,7 +16,7 @@ import inspect
 import traceback
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml  # type: ignore[import-untyped]
@@ -25,7 +25,13 @@ from pydantic import model_validator as _model_validator
 from pydantic_core import PydanticCustomError
 
 from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
-from serval.deployment import _UNSUPPORTED_OPTIONS, Application, Deployment
+from serval.deployment import (
+    _UNSUPPORTED_OPTIONS,
+    Application,
+    Deployment,
+    graph_nodes,
+    map_applications,
+)
 from serval.exceptions import ServalError
 
 __all__ = [
@@ -448,62 +454,25 @@ def _builder_model(builder: Callable[..., Any]) -> type[BaseModel] | None:
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
-def walk(app: Application) -> Iterator[tuple[str, Application]]:
-    """Each node of the bound graph once, with the name ``serve.run`` gives its deployment
-    (same order and same ``_1`` suffixes for a deployment bound twice)."""
-    seen: set[int] = set()
-    taken: set[str] = set()
-
-    def visit(node: Application) -> Iterator[tuple[str, Application]]:
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        name, n = node.deployment.name, 0
-        while name in taken:
-            n += 1
-            name = f"{node.deployment.name}_{n}"
-        taken.add(name)
-        yield name, node
-        for child in _children((node.args, node.kwargs)):
-            yield from visit(child)
-
-    yield from visit(app)
-
-
-def _children(value: Any) -> Iterator[Application]:
-    if isinstance(value, Application):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _children(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _children(v)
+def walk(app: Application) -> list[tuple[str, Application]]:
+    """Each node of the bound graph once, with the name ``serve.run`` gives its deployment."""
+    return graph_nodes(app)
 
 
 def rebuild(app: Application, change: Callable[[str, Deployment], Deployment]) -> Application:
     """A copy of the graph with each node's deployment replaced by ``change(name, dep)``."""
-    names = {id(node): name for name, node in walk(app)}
+    names = {id(node): name for name, node in graph_nodes(app)}
     memo: dict[int, Application] = {}
 
-    def copy(value: Any) -> Any:
-        if isinstance(value, Application):
-            if id(value) not in memo:
-                new = Application(change(names[id(value)], value.deployment), (), {})
-                memo[id(value)] = new
-                new.args = copy(value.args)
-                new.kwargs = copy(value.kwargs)
-            return memo[id(value)]
-        if isinstance(value, list):
-            return [copy(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(copy(v) for v in value)
-        if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
-        return value
+    def copy(node: Application) -> Application:
+        if id(node) not in memo:
+            new = Application(change(names[id(node)], node.deployment), (), {})
+            memo[id(node)] = new
+            new.args = map_applications(node.args, copy)
+            new.kwargs = map_applications(node.kwargs, copy)
+        return memo[id(node)]
 
-    result: Application = copy(app)
-    return result
+    return copy(app)
 
 
 def build_application(cfg: ApplicationSchema, index: int, file: str) -> Application:
