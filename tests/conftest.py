@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Self, TypeVar
 
 import pytest
 
 import serval as serve
+from serval._private import runtime
+
+T = TypeVar("T")
 
 # Every cluster this test session starts lives under one directory of its own (runtime dirs are
 # made in the temp dir; subprocesses inherit TMPDIR), so the leak check below counts this
@@ -38,6 +45,98 @@ def serval_processes(marker: str = SESSION_TMP) -> list[tuple[int, str]]:
     return found
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def serval_descendants(root: int) -> dict[int, str]:
+    """serval processes of this session below process ``root`` (pid -> command line)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    below: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in below:
+                below.add(child)
+                todo.append(child)
+    return {pid: cmd for pid, cmd in serval_processes() if pid in below}
+
+
+def replica_pids(app: str, deployment: str) -> dict[str, int]:
+    """replica id -> pid of the live replica processes of ``app.deployment`` in the running
+    cluster."""
+    address = runtime.address()
+    assert address is not None
+    out = {}
+    for pid, cmd in serval_processes(address):
+        if f"serval::replica {app}.{deployment}#" in cmd:
+            m = re.search(r"--replica-id (\S+)", cmd)
+            assert m, cmd
+            out[m.group(1)] = pid
+    return out
+
+
+def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and
+    return that; raise AssertionError naming ``what`` once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class BackgroundThreads:
+    """A context for work in background threads: entering it starts ``self.threads`` (as
+    daemons); leaving it sets ``self.stop`` and asserts that every thread finished within 15 s."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.daemon = True
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=15)
+            assert not t.is_alive(), f"a {type(self).__name__} thread did not finish"
+
+
+# Autoscaling that starts at zero replicas, scales up to two on demand and back to zero when idle.
+SCALE_TO_ZERO: dict[str, Any] = {
+    "min_replicas": 0,
+    "initial_replicas": 0,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.5,
+    "downscale_delay_s": 1,
+    "metrics_interval_s": 0.2,
+    "look_back_period_s": 1,
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +161,22 @@ def serve_instance() -> Iterator[object]:
 def http_url(serve_instance: object) -> str:
     """Base URL of the HTTP proxy of the ``serve_instance`` cluster."""
     return f"http://127.0.0.1:{_current_port[0]}"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """One local cluster for all the tests of a module that ask for it; shut down after them."""
+    serve.start(http_options={"port": free_port()})
+    yield
+    serve.shutdown()
+
+
+@pytest.fixture
+def apps(cluster: None) -> Iterator[None]:
+    """The module's cluster; every app a test deploys is deleted after it."""
+    yield
+    for name in list(serve.status().applications):
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

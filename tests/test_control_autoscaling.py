@@ -7,25 +7,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 import serval as serve
+from conftest import SCALE_TO_ZERO, BackgroundThreads, poll
 
 DEPLOYMENT = "Slow"
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def replica_states(app: str = "default", deployment: str = DEPLOYMENT) -> dict[str, int]:
@@ -58,17 +47,17 @@ class Slow:
         return serve.get_replica_context().replica_id
 
 
-class Load:
+class Load(BackgroundThreads):
     """Waves of concurrent async handle calls from a background thread until stopped."""
 
     def __init__(self, handle: Any, concurrency: int = 8) -> None:
+        super().__init__()
         self.handle = handle
         self.concurrency = concurrency
-        self.stop = threading.Event()
         self.ok = 0
         self.errors: list[BaseException] = []
         self.replicas: set[str] = set()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.threads.append(threading.Thread(target=lambda: asyncio.run(self._run())))
 
     async def _run(self) -> None:
         while not self.stop.is_set():
@@ -82,15 +71,6 @@ class Load:
                 else:
                     self.ok += 1
                     self.replicas.add(r)
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "the load thread did not finish"
 
 
 def test_load_scales_up_within_bounds_and_back_down(serve_instance: Any) -> None:
@@ -127,19 +107,7 @@ def test_load_scales_up_within_bounds_and_back_down(serve_instance: Any) -> None
     assert handle.remote(0.0).result(timeout_s=10)
 
 
-@serve.deployment(
-    name=DEPLOYMENT,
-    autoscaling_config={
-        "min_replicas": 0,
-        "initial_replicas": 0,
-        "max_replicas": 2,
-        "target_ongoing_requests": 1,
-        "upscale_delay_s": 0.5,
-        "downscale_delay_s": 1,
-        "metrics_interval_s": 0.2,
-        "look_back_period_s": 1,
-    },
-)
+@serve.deployment(name=DEPLOYMENT, autoscaling_config=SCALE_TO_ZERO)
 class ToZero:
     async def __call__(self, request: Any = None) -> str:
         await asyncio.sleep(0.05)

@@ -5,31 +5,18 @@ processes), and status and deploys work again within seconds."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 import serval as serve
-from conftest import serval_processes
+from conftest import SCALE_TO_ZERO, BackgroundThreads, poll, replica_pids, serval_processes
 from serval._private import runtime
 
 RECOVERY_DEADLINE_S = 10.0
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def cluster_processes(role: str) -> dict[int, str]:
@@ -44,28 +31,18 @@ def controller_pid() -> int | None:
     return next(iter(found), None)
 
 
-def replica_pids(app: str, deployment: str) -> dict[str, int]:
-    out = {}
-    for pid, cmd in cluster_processes("replica").items():
-        if f"serval::replica {app}.{deployment}#" in cmd:
-            m = re.search(r"--replica-id (\S+)", cmd)
-            assert m, cmd
-            out[m.group(1)] = pid
-    return out
-
-
-class Traffic:
+class Traffic(BackgroundThreads):
     """Sync handle calls and HTTP GETs in a loop from background threads; every outcome is
     recorded with the time it completed."""
 
     def __init__(self, handle: Any, url: str) -> None:
-        self.stop = threading.Event()
+        super().__init__()
         self.lock = threading.Lock()
         self.ok: list[tuple[float, str]] = []
         self.errors: list[tuple[float, str]] = []
-        self.threads = [
-            threading.Thread(target=self._handle_loop, args=(handle,), daemon=True),
-            threading.Thread(target=self._http_loop, args=(url,), daemon=True),
+        self.threads += [
+            threading.Thread(target=self._handle_loop, args=(handle,)),
+            threading.Thread(target=self._http_loop, args=(url,)),
         ]
 
     def _record(self, kind: str, error: str | None) -> None:
@@ -96,16 +73,9 @@ class Traffic:
         with self.lock:
             return sum(1 for at, k in self.ok if at > t and k == kind)
 
-    def __enter__(self) -> Traffic:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=15)
-            assert not t.is_alive(), "a traffic thread did not finish"
+    def flowing_since(self, t: float) -> bool:
+        """More than 10 handle calls and more than 10 HTTP GETs succeeded after ``t``."""
+        return self.successes_after(t, "handle") > 10 and self.successes_after(t, "http") > 10
 
 
 @serve.deployment(num_replicas=2)
@@ -134,10 +104,7 @@ def test_kill_9_controller_under_traffic(http_url: str) -> None:
 
     with Traffic(handle, f"{http_url}/pid") as traffic:
         poll(
-            lambda: (
-                traffic.successes_after(0, "handle") > 10
-                and traffic.successes_after(0, "http") > 10
-            ),
+            lambda: traffic.flowing_since(0),
             timeout=10,
             what="traffic to flow",
         )
@@ -146,10 +113,7 @@ def test_kill_9_controller_under_traffic(http_url: str) -> None:
 
         # Traffic keeps flowing while there is no controller.
         poll(
-            lambda: (
-                traffic.successes_after(killed_at, "handle") > 10
-                and traffic.successes_after(killed_at, "http") > 10
-            ),
+            lambda: traffic.flowing_since(killed_at),
             timeout=5,
             what="traffic to keep flowing after the controller was killed",
         )
@@ -181,10 +145,7 @@ def test_kill_9_controller_under_traffic(http_url: str) -> None:
         # Traffic after the deploy reaches the new replica as well.
         deployed_at = time.monotonic()
         poll(
-            lambda: (
-                traffic.successes_after(deployed_at, "handle") > 10
-                and traffic.successes_after(deployed_at, "http") > 10
-            ),
+            lambda: traffic.flowing_since(deployed_at),
             timeout=5,
             what="traffic after the redeploy",
         )
@@ -263,18 +224,7 @@ def test_controller_killed_twice(serve_instance: Any) -> None:
         assert handle.remote().result(timeout_s=10) in {str(p) for p in replicas.values()}
 
 
-@serve.deployment(
-    autoscaling_config={
-        "min_replicas": 0,
-        "initial_replicas": 0,
-        "max_replicas": 2,
-        "target_ongoing_requests": 1,
-        "upscale_delay_s": 0.5,
-        "downscale_delay_s": 1,
-        "metrics_interval_s": 0.2,
-        "look_back_period_s": 1,
-    },
-)
+@serve.deployment(autoscaling_config=SCALE_TO_ZERO)
 class ToZero:
     def __call__(self) -> str:
         return "served"

@@ -6,66 +6,30 @@ others serving."""
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
 import serval as serve
-from conftest import serval_processes
-from serval._private import runtime
+from conftest import BackgroundThreads, pid_alive, poll, replica_pids
 from serval.exceptions import ApplicationNotFoundError
-
-
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def replica_pids(app: str, deployment: str) -> dict[str, int]:
-    """replica id -> pid of the live replica processes of ``app.deployment`` in this cluster."""
-    address = runtime.address()
-    assert address is not None
-    out = {}
-    for pid, cmd in serval_processes(address):
-        if f"serval::replica {app}.{deployment}#" in cmd:
-            m = re.search(r"--replica-id (\S+)", cmd)
-            assert m, cmd
-            out[m.group(1)] = pid
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def replica_states(app: str, deployment: str) -> dict[str, int]:
     return dict(serve.status().applications[app].deployments[deployment].replica_states)
 
 
-class Traffic:
+class Traffic(BackgroundThreads):
     """Continuous traffic from background threads: sync handle calls and/or HTTP GETs."""
 
     def __init__(self, handle: Any = None, url: str | None = None) -> None:
-        self.stop = threading.Event()
+        super().__init__()
         self.lock = threading.Lock()
         self.results: list[str] = []  # in completion order, both sources
         self.errors: list[str] = []
-        self.threads = []
         if handle is not None:
             self.threads.append(threading.Thread(target=self._handle_loop, args=(handle,)))
         if url is not None:
@@ -106,18 +70,6 @@ class Traffic:
         with self.lock:
             return list(self.results)
 
-    def __enter__(self) -> Traffic:
-        for t in self.threads:
-            t.daemon = True
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=15)
-            assert not t.is_alive(), "a traffic thread did not finish"
-
 
 @serve.deployment(num_replicas=2, graceful_shutdown_timeout_s=2)
 class Echo:
@@ -152,7 +104,7 @@ def _roll_over(
         assert mark > before, "no request completed while the update rolled out"
         # Once serve.run returns, the new code answers; the old replicas drain and exit.
         poll(
-            lambda: not any(alive(pid) for pid in old.values()),
+            lambda: not any(pid_alive(pid) for pid in old.values()),
             timeout=15,
             what=f"the old replica processes {sorted(old.values())} to exit",
         )
@@ -268,7 +220,7 @@ def test_several_apps_side_by_side_and_deleting_one(http_url: str) -> None:
     serve.delete("beta")
     assert "beta" not in serve.status().applications
     poll(
-        lambda: not any(alive(p) for p in beta_pids.values()),
+        lambda: not any(pid_alive(p) for p in beta_pids.values()),
         timeout=10,
         what="beta's replica to exit",
     )

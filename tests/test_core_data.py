@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 import serval as serve
-from conftest import free_port
 
 MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def echo() -> Iterator[serve.DeploymentHandle]:
-    serve.start(http_options={"port": free_port()})
-    handle = serve.run(Echo.bind(), name="data", route_prefix="/data")
-    yield handle
-    serve.shutdown()
+def echo(cluster: None) -> serve.DeploymentHandle:
+    """The module's cluster, with an Echo app deployed."""
+    return serve.run(Echo.bind(), name="data", route_prefix="/data")
 
 
 @serve.deployment

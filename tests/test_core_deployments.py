@@ -5,36 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Iterator
 
 import pytest
 
 import serval as serve
-from conftest import free_port, serval_processes
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    serve.start(http_options={"port": free_port()})
-    yield
-    serve.shutdown()
-
-
-@pytest.fixture
-def apps(cluster: None) -> Iterator[None]:
-    """The module's cluster; every app a test deploys is deleted after it."""
-    yield
-    for name in list(serve.status().applications):
-        serve.delete(name)
-
-
-def _poll(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+from conftest import poll, serval_processes
 
 
 @serve.deployment
@@ -207,9 +182,11 @@ def test_delete_removes_app_and_its_processes(apps: None) -> None:
 
     serve.delete("doomed")
     assert "doomed" not in serve.status().applications
-    _poll(
+    poll(
         lambda: not [p for p in serval_processes() if marker in p[1]],
+        timeout=5.0,
         what="the deleted app's replicas to exit",
+        interval=0.02,
     )
     with pytest.raises(serve.exceptions.ApplicationNotFoundError):
         serve.get_app_handle("doomed")
@@ -232,12 +209,14 @@ def test_redeploy_same_app_name_updates_code(apps: None) -> None:
     assert second.remote(1).result(timeout_s=10) == 3
     # the old handle now reaches the new version too, and the old replica goes away
     assert first.remote(1).result(timeout_s=10) == 3
-    _poll(
+    poll(
         lambda: (
             serve.status().applications["default"].deployments["Adder"].replica_states
             == {"RUNNING": 1}
         ),
+        timeout=5.0,
         what="the old replica to stop",
+        interval=0.02,
     )
 
 

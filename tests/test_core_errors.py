@@ -6,32 +6,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 import serval as serve
-from conftest import free_port
 from serval.exceptions import (
     ApplicationNotFoundError,
     DeploymentFailedError,
     RemoteTraceback,
     SerializationError,
 )
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    serve.start(http_options={"port": free_port()})
-    yield
-    serve.shutdown()
-
-
-@pytest.fixture
-def apps(cluster: None) -> Iterator[None]:
-    yield
-    for name in list(serve.status().applications):
-        serve.delete(name)
 
 
 class MyCustomError(Exception):

@@ -14,36 +14,9 @@ from pathlib import Path
 import pytest
 
 import serval as serve
-from conftest import free_port, serval_processes
+from conftest import free_port, serval_descendants, serval_processes
 
 KILL_DEADLINE_S = 5.0
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _serval_descendants(root: int) -> dict[int, str]:
-    """serval processes below ``root`` (pid -> command line)."""
-    tree = _children()
-    below: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in below:
-                below.add(child)
-                todo.append(child)
-    return {pid: cmd for pid, cmd in serval_processes() if pid in below}
 
 
 def _alive(pids) -> list[int]:
@@ -91,7 +64,7 @@ def test_process_roles_in_command_lines() -> None:
     serve.start(http_options={"port": free_port()})
     try:
         serve.run(Front.bind(Model.bind()))
-        cmds = sorted(_serval_descendants(os.getpid()).values())
+        cmds = sorted(serval_descendants(os.getpid()).values())
         _check_roles(cmds, ["default.Model#0", "default.Model#1", "default.Front#0"])
     finally:
         serve.shutdown()
@@ -102,14 +75,14 @@ def test_shutdown_leaves_no_process() -> None:
     try:
         handle = serve.run(Front.bind(Model.bind()))
         replica_pid = handle.remote().result(timeout_s=10)
-        ours = _serval_descendants(os.getpid())
+        ours = serval_descendants(os.getpid())
         assert replica_pid in ours
         _check_roles(list(ours.values()), ["default.Model#0", "default.Model#1", "default.Front#0"])
     finally:
         serve.shutdown()
     # shutdown() is blocking: nothing of the cluster remains when it returns
     assert _alive(ours) == []
-    assert _serval_descendants(os.getpid()) == {}
+    assert serval_descendants(os.getpid()) == {}
     assert serve.status().applications == {}
 
 
@@ -117,7 +90,7 @@ def test_shutdown_twice_and_restart() -> None:
     serve.shutdown()  # no cluster: a no-op
     serve.start(http_options={"port": free_port()})
     try:
-        first = _serval_descendants(os.getpid())
+        first = serval_descendants(os.getpid())
         serve.shutdown()
         serve.shutdown()
         assert _alive(first) == []
@@ -126,7 +99,7 @@ def test_shutdown_twice_and_restart() -> None:
         assert isinstance(handle.remote().result(timeout_s=10), int)
     finally:
         serve.shutdown()
-    assert _serval_descendants(os.getpid()) == {}
+    assert serval_descendants(os.getpid()) == {}
 
 
 DRIVER = textwrap.dedent(
@@ -180,7 +153,7 @@ def _start_driver(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], dic
         proc.kill()
         _, err = proc.communicate(timeout=10)
         pytest.fail(f"driver did not start: {line!r}\n{err}")
-    procs = _serval_descendants(proc.pid)
+    procs = serval_descendants(proc.pid)
     _check_roles(list(procs.values()), ["default.Model#0", "default.Model#1", "fn.greet#0"])
     return proc, procs
 

@@ -7,35 +7,12 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import serval as serve
-from conftest import free_port
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    serve.start(http_options={"port": free_port()})
-    yield
-    serve.shutdown()
-
-
-@pytest.fixture
-def apps(cluster: None) -> Iterator[None]:
-    yield
-    for name in list(serve.status().applications):
-        serve.delete(name)
-
-
-def _poll(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+from conftest import poll
 
 
 @serve.deployment
@@ -204,7 +181,7 @@ def test_slow_sync_method_does_not_block_async_method(apps: None, tmp_path: Path
     h = serve.run(Mixed.bind())
     flag = tmp_path / "started"
     slow = h.slow_sync.remote(2.0, str(flag))
-    _poll(flag.exists, what="the slow sync method to start")
+    poll(flag.exists, timeout=5.0, what="the slow sync method to start", interval=0.01)
     start = time.monotonic()
     assert h.fast_async.remote().result(timeout_s=5) == "fast"
     assert h.fast_sync.remote().result(timeout_s=5) == "fast-sync"

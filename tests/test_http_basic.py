@@ -4,27 +4,13 @@ composition over handles while serving HTTP, and route prefixes with the system 
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 import serval as serve
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
+from conftest import poll
 
 # -- the request -------------------------------------------------------------------------------
 
@@ -297,7 +283,12 @@ def test_healthz_and_routes_with_no_application(http_url: str) -> None:
     serve.run(_named("x").bind(), name="x", route_prefix="/x")  # the proxy is surely up
     serve.delete("x")
     with httpx.Client(base_url=http_url, timeout=10) as client:
-        wait_for(lambda: client.get("/-/routes").json() == {})
+        poll(
+            lambda: client.get("/-/routes").json() == {},
+            timeout=5.0,
+            what="the route table to be empty",
+            interval=0.02,
+        )
         r = client.get("/-/healthz")
         assert r.status_code == 200
         assert r.text == "success"
@@ -319,8 +310,18 @@ def test_deleting_an_app_removes_its_route(http_url: str) -> None:
     with httpx.Client(base_url=http_url, timeout=10) as client:
         assert client.get("/gone/x").status_code == 200
         serve.delete("gone")
-        wait_for(lambda: client.get("/-/routes").json() == {"/keep": "keep"})
-        wait_for(lambda: client.get("/gone/x").status_code == 404)
+        poll(
+            lambda: client.get("/-/routes").json() == {"/keep": "keep"},
+            timeout=5.0,
+            what="the route table to hold /keep only",
+            interval=0.02,
+        )
+        poll(
+            lambda: client.get("/gone/x").status_code == 404,
+            timeout=5.0,
+            what="/gone to answer 404",
+            interval=0.02,
+        )
         assert client.get("/keep").status_code == 200
 
 
@@ -329,7 +330,12 @@ def test_redeploying_an_app_under_a_new_prefix_moves_it(http_url: str) -> None:
     with httpx.Client(base_url=http_url, timeout=10) as client:
         assert client.get("/old").json()["app"] == "v1"
         serve.run(_named("v1").bind(), name="moving", route_prefix="/new")
-        wait_for(lambda: client.get("/-/routes").json() == {"/new": "moving"})
+        poll(
+            lambda: client.get("/-/routes").json() == {"/new": "moving"},
+            timeout=5.0,
+            what="the route table to hold /new only",
+            interval=0.02,
+        )
         assert client.get("/new").json()["app"] == "v1"
         assert client.get("/old").status_code == 404
 

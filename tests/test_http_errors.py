@@ -23,18 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 import serval as serve
-from conftest import free_port
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(interval)
+from conftest import free_port, poll
 
 
 @contextlib.contextmanager
@@ -58,7 +47,7 @@ def own_cluster(log_file: Path | None = None, **http_options) -> Iterator[str]:
     try:
         url = f"http://127.0.0.1:{port}"
         # (whether serve.start waits for the proxy is test_http_basic's concern)
-        wait_for(lambda: _healthy(url), timeout=10, what="proxy up")
+        poll(lambda: _healthy(url), timeout=10, what="proxy up", interval=0.02)
         yield url
     finally:
         serve.shutdown()
@@ -156,7 +145,7 @@ def test_the_traceback_goes_to_the_log_with_the_request_id(tmp_path: Path) -> No
             text = log.read_text(errors="replace")
             return "trace-me-123" in text and SECRET in text and "Traceback" in text
 
-        wait_for(logged, timeout=5, what="traceback with the request id in the log")
+        poll(logged, timeout=5, what="traceback with the request id in the log", interval=0.02)
 
 
 # -- x-request-id ------------------------------------------------------------------------------
@@ -309,14 +298,14 @@ def _go_away(url: str, params: dict, started: Path) -> None:
     """Send a request, and leave once the replica has started on it."""
     with httpx.Client(timeout=10) as client, contextlib.suppress(httpx.ReadTimeout):
         client.get(url, params=params, timeout=httpx.Timeout(10, read=1.0))
-    wait_for(started.exists, timeout=5, what=f"{started.name}")
+    poll(started.exists, timeout=5, what=f"{started.name}", interval=0.02)
 
 
 def test_client_disconnect_cancels_the_replica_work(http_url: str, tmp_path: Path) -> None:
     serve.run(Recorder.bind(str(tmp_path)), route_prefix="/rec")
     start = time.monotonic()
     _go_away(f"{http_url}/rec", {"tag": "t1"}, tmp_path / "t1.started")
-    wait_for((tmp_path / "t1.cancelled").exists, timeout=4, what="cancellation recorded")
+    poll((tmp_path / "t1.cancelled").exists, timeout=4, what="cancellation recorded", interval=0.02)
     assert time.monotonic() - start < 6
     assert not (tmp_path / "t1.finished").exists()
     # the replica serves on
@@ -326,8 +315,13 @@ def test_client_disconnect_cancels_the_replica_work(http_url: str, tmp_path: Pat
 def test_client_disconnect_cancels_the_handle_calls_it_made(http_url: str, tmp_path: Path) -> None:
     serve.run(Parent.bind(Recorder.bind(str(tmp_path)), str(tmp_path)), route_prefix="/parent")
     _go_away(f"{http_url}/parent", {"tag": "t2"}, tmp_path / "t2.child-started")
-    wait_for((tmp_path / "t2.cancelled").exists, timeout=4, what="parent cancellation")
-    wait_for((tmp_path / "t2.child-cancelled").exists, timeout=4, what="child cancellation")
+    poll((tmp_path / "t2.cancelled").exists, timeout=4, what="parent cancellation", interval=0.02)
+    poll(
+        (tmp_path / "t2.child-cancelled").exists,
+        timeout=4,
+        what="child cancellation",
+        interval=0.02,
+    )
     assert not (tmp_path / "t2.child-finished").exists()
 
 
@@ -361,7 +355,7 @@ def test_client_leaving_a_stream_stops_the_generator(http_url: str, tmp_path: Pa
             assert next(lines) == "0"
             assert next(lines) == "1"
         # leaving the block closes the connection mid-stream
-    wait_for((tmp_path / "stream.closed").exists, timeout=4, what="generator closed")
+    poll((tmp_path / "stream.closed").exists, timeout=4, what="generator closed", interval=0.02)
     assert httpx.get(f"{http_url}/-/healthz", timeout=10).status_code == 200
 
 

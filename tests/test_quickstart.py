@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import serval_processes
+from conftest import serval_descendants, serval_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart.py"
@@ -32,32 +32,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _serval_below(root: int) -> dict[int, str]:
-    below = _descendants(root)
-    return {pid: cmd for pid, cmd in serval_processes() if pid in below}
 
 
 def test_quickstart_serves_http_and_stops_on_ctrl_c() -> None:
@@ -103,7 +77,7 @@ def test_quickstart_serves_http_and_stops_on_ctrl_c() -> None:
         assert "HELLO ALICE!" in text  # the modern handle call
         assert "HELLO BOB!" in text and "HELLO CAROL!" in text  # the legacy handle calls
 
-        cluster = _serval_below(proc.pid)
+        cluster = serval_descendants(proc.pid)
         roles = sorted(cmd.split("serval::", 1)[1].split()[0] for cmd in cluster.values())
         assert roles.count("controller") == 1, roles
         assert roles.count("proxy") == 1, roles

@@ -7,26 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import serval as serve
+from conftest import poll
 from serval.exceptions import DeploymentFailedError
 
 DEADLINE_S = 10.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
 @serve.deployment(user_config={"threshold": 1})
@@ -116,14 +105,16 @@ def test_same_user_config_redeploy_does_not_reconfigure(serve_instance: Any) -> 
 def test_every_replica_is_reconfigured_in_place(serve_instance: Any) -> None:
     handle = serve.run(SyncConfigured.options(num_replicas=2).bind())
     seen: dict[str, dict[str, Any]] = {}
-    wait_for(
+    poll(
         lambda: seen.update({(o := _get(handle))["replica_id"]: o}) or len(seen) == 2,
+        timeout=DEADLINE_S,
         what="both replicas to answer",
     )
     handle = serve.run(SyncConfigured.options(num_replicas=2, user_config={"v": 3}).bind())
     after: dict[str, dict[str, Any]] = {}
-    wait_for(
+    poll(
         lambda: after.update({(o := _get(handle))["replica_id"]: o}) or len(after) == 2,
+        timeout=DEADLINE_S,
         what="both replicas to answer after the redeploy",
     )
     assert set(after) == set(seen), "the same replicas must serve after a config change"

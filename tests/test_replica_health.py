@@ -8,13 +8,13 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import serval as serve
+from conftest import pid_alive, poll
 from serval.exceptions import ReplicaDiedError
 
 PERIOD_S = 0.5
@@ -22,25 +22,6 @@ TIMEOUT_S = 1.0
 # A failing replica is replaced within one period + the timeout + this much (process start).
 REPLACE_SLACK_S = 5.0
 DEADLINE_S = 10.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def deployment_status(name: str, app: str = "default") -> tuple[str, dict[str, int]]:
@@ -100,13 +81,14 @@ def _replaced_within(handle: Any, old: tuple[str, int], limit: float) -> tuple[s
             return None  # raced with the kill: fine, ask again
         return ident if ident[0] != old[0] else None
 
-    new = wait_for(new_identity, timeout=limit, what="a replacement replica")
+    new = poll(new_identity, timeout=limit, what="a replacement replica")
     assert new[1] != old[1], "the replacement must be a new process"
     elapsed = time.monotonic() - start
     assert elapsed < limit, elapsed
-    wait_for(lambda: not pid_alive(old[1]), timeout=DEADLINE_S, what="the old replica to exit")
-    wait_for(
+    poll(lambda: not pid_alive(old[1]), timeout=DEADLINE_S, what="the old replica to exit")
+    poll(
         lambda: deployment_status(handle.deployment_name) == ("HEALTHY", {"RUNNING": 1}),
+        timeout=DEADLINE_S,
         what="the deployment to be HEALTHY again",
     )
     return new
@@ -126,7 +108,11 @@ def test_unhealthy_replica_is_replaced(serve_instance: Any, dep: Any, mode: str)
     handle = serve.run(dep.bind())
     old = handle.identity.remote().result(timeout_s=DEADLINE_S)
     # Healthy for a few periods: not replaced.
-    wait_for(lambda: serve.status().applications["default"].status == "RUNNING")
+    poll(
+        lambda: serve.status().applications["default"].status == "RUNNING",
+        timeout=DEADLINE_S,
+        what="the app to be RUNNING",
+    )
     assert handle.identity.remote().result(timeout_s=DEADLINE_S) == old
 
     handle.set_mode.remote(mode).result(timeout_s=DEADLINE_S)
@@ -177,7 +163,7 @@ def test_sigkilled_replica_fails_in_flight_request_fast_and_is_replaced(
     old = handle.identity.remote().result(timeout_s=DEADLINE_S)
     marker = tmp_path / "started"
     in_flight = handle.block.remote(30, str(marker))
-    wait_for(marker.exists, what="the slow request to start")
+    poll(marker.exists, timeout=DEADLINE_S, what="the slow request to start")
 
     os.kill(old[1], signal.SIGKILL)
     start = time.monotonic()
@@ -215,9 +201,9 @@ def test_requests_queued_at_the_caller_go_to_another_replica(
     victim_marker = tmp_path / "victim"
     other_marker = tmp_path / "other"
     victim_call = handle.block.remote(30, str(victim_marker))
-    wait_for(victim_marker.exists, what="the first request to start")
+    poll(victim_marker.exists, timeout=DEADLINE_S, what="the first request to start")
     other_call = handle.block.remote(1.0, str(other_marker))
-    wait_for(other_marker.exists, what="the second request to start")
+    poll(other_marker.exists, timeout=DEADLINE_S, what="the second request to start")
     victim_pid = int(victim_marker.read_text())
     other_pid = int(other_marker.read_text())
     assert victim_pid != other_pid
@@ -233,8 +219,9 @@ def test_requests_queued_at_the_caller_go_to_another_replica(
     assert other_call.result(timeout_s=DEADLINE_S)[1] == other_pid
     served_by = [r.result(timeout_s=DEADLINE_S)[1] for r in queued]
     assert victim_pid not in served_by, "no queued request may be sent to the dead replica"
-    wait_for(
+    poll(
         lambda: deployment_status("Patient") == ("HEALTHY", {"RUNNING": 2}),
+        timeout=DEADLINE_S,
         what="the deployment to be HEALTHY again",
     )
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,20 +15,9 @@ import pytest
 from starlette.requests import Request
 
 import serval as serve
+from conftest import poll
 
 DEADLINE_S = 10.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
 class Model:
@@ -171,7 +158,7 @@ def test_http_requests_for_a_model_go_to_the_replica_holding_it(
         streak[0] = streak[0] + 1 if get(load=False)["pid"] == holder else 0
         return streak[0] >= 10
 
-    wait_for(holder_preferred, what="the proxy to prefer the replica holding 'hx'")
+    poll(holder_preferred, timeout=DEADLINE_S, what="the proxy to prefer the replica holding 'hx'")
     hits = sum(get(load=True)["pid"] == holder for _ in range(20))
     assert hits >= 18, f"only {hits} of 20 HTTP requests for 'hx' went to its replica"
 
@@ -207,8 +194,9 @@ def test_failed_load_reaches_every_waiter_and_is_retried(serve_instance: Any) ->
 def test_requests_for_a_model_go_to_the_replica_holding_it(serve_instance: Any) -> None:
     handle = serve.run(Multi.options(num_replicas=2).bind())
     pids = set()
-    wait_for(
+    poll(
         lambda: pids.add(handle.where.remote().result(timeout_s=DEADLINE_S)[0]) or len(pids) == 2,
+        timeout=DEADLINE_S,
         what="both replicas to answer",
     )
     holder = _ask(handle, "x")["pid"]
@@ -225,7 +213,7 @@ def test_requests_for_a_model_go_to_the_replica_holding_it(serve_instance: Any) 
         streak[0] = streak[0] + 1 if pid == holder else 0
         return streak[0] >= 10
 
-    wait_for(holder_preferred, what="the router to prefer the replica holding 'x'")
+    poll(holder_preferred, timeout=DEADLINE_S, what="the router to prefer the replica holding 'x'")
 
     hits = sum(_ask(handle, "x")["pid"] == holder for _ in range(20))
     assert hits >= 18, f"only {hits} of 20 requests for 'x' went to the replica holding it"

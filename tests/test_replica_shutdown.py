@@ -8,36 +8,17 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import serval as serve
+from conftest import pid_alive, poll
 from serval.exceptions import ServalError
 
 DEADLINE_S = 10.0
 SLOW_S = 1.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @serve.deployment(max_ongoing_requests=10)
@@ -65,8 +46,13 @@ METHODS = ["slow_sync", "slow_async"]
 def _start_slow(handle: Any, method: str, seconds: float, marker: Path) -> tuple[Any, int]:
     """Send a slow request; return its response and the pid of the replica running it."""
     response = getattr(handle, method).remote(seconds, str(marker))
-    wait_for(marker.exists, what="the slow request to start")
-    wait_for(marker.read_text)
+    poll(marker.exists, timeout=DEADLINE_S, what="the slow request to start", interval=0.02)
+    poll(
+        marker.read_text,
+        timeout=DEADLINE_S,
+        what="the marker file to hold the replica's pid",
+        interval=0.02,
+    )
     return response, int(marker.read_text())
 
 
@@ -86,7 +72,7 @@ def test_delete_lets_in_flight_requests_finish(
     for r in responses:
         assert r.result(timeout_s=DEADLINE_S) == {"version": 1, "pid": pid}
     assert "default" not in serve.status().applications
-    wait_for(lambda: not pid_alive(pid), what="the replica to exit")
+    poll(lambda: not pid_alive(pid), timeout=DEADLINE_S, what="the replica to exit", interval=0.02)
 
 
 def test_no_new_requests_while_deleting(serve_instance: Any, tmp_path: Path) -> None:
@@ -97,12 +83,14 @@ def test_no_new_requests_while_deleting(serve_instance: Any, tmp_path: Path) -> 
     deleter = threading.Thread(target=serve.delete, args=("default",))
     deleter.start()
     try:
-        wait_for(
+        poll(
             lambda: (
                 serve.status().applications.get("default") is None
                 or serve.status().applications["default"].status == "DELETING"
             ),
+            timeout=DEADLINE_S,
             what="the app to be deleting",
+            interval=0.02,
         )
         start = time.monotonic()
         with pytest.raises(ServalError):
@@ -127,7 +115,12 @@ def test_redeploy_lets_in_flight_requests_finish(
     assert fresh["version"] == 2 and fresh["pid"] != old_pid
 
     assert in_flight.result(timeout_s=DEADLINE_S) == {"version": 1, "pid": old_pid}
-    wait_for(lambda: not pid_alive(old_pid), what="the old replica to exit")
+    poll(
+        lambda: not pid_alive(old_pid),
+        timeout=DEADLINE_S,
+        what="the old replica to exit",
+        interval=0.02,
+    )
     for _ in range(5):
         assert handle.quick.remote().result(timeout_s=DEADLINE_S)["version"] == 2
 
@@ -142,7 +135,9 @@ def test_graceful_shutdown_timeout_stops_the_replica_and_fails_the_request(
     serve.delete("default")
     deleted_after = time.monotonic() - start
     assert deleted_after < 3.0, f"delete waited {deleted_after:.1f}s for a 0.5s grace period"
-    assert not pid_alive(pid) or wait_for(lambda: not pid_alive(pid), timeout=2.0)
+    assert not pid_alive(pid) or poll(
+        lambda: not pid_alive(pid), timeout=2.0, what="the replica to exit", interval=0.02
+    )
 
     with pytest.raises(ServalError) as info:
         in_flight.result(timeout_s=3.0)  # a clear error, not a hang (nor a GetTimeoutError)
@@ -159,7 +154,7 @@ def test_graceful_shutdown_timeout_on_redeploy(serve_instance: Any, tmp_path: Pa
         in_flight.result(timeout_s=4.0)
     assert not isinstance(info.value, TimeoutError), info.value
     assert time.monotonic() - start < 4.0
-    wait_for(lambda: not pid_alive(old_pid), timeout=3.0, what="the old replica to exit")
+    poll(lambda: not pid_alive(old_pid), timeout=3.0, what="the old replica to exit", interval=0.02)
     assert handle.quick.remote().result(timeout_s=DEADLINE_S)["version"] == 2
 
 
