@@ -73,7 +73,7 @@ def start(
     *,
     address: str | None = None,
     detached: bool = False,
-    **_ignored: Any,
+    proxy_location: str | None = None,
 ) -> None:
     """Start a local cluster owned by this process (``serve.run`` does it when needed);
     returns once its HTTP proxy listens.
@@ -81,6 +81,8 @@ def start(
     Every process of the cluster exits when this one does. With ``address`` (or the
     ``SERVAL_ADDRESS`` environment variable) connect to the cluster running there instead,
     e.g. one started by ``serval start``; its applications outlive this process.
+    ``detached`` and ``proxy_location`` are accepted for Ray Serve compatibility: one machine
+    has one proxy, and apps on a ``serval start`` cluster outlive their deployer anyway.
     """
     _start(http_options, address)
     _control("wait_proxy")
@@ -89,10 +91,15 @@ def start(
 def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | None) -> None:
     # serve.run starts the cluster this way: it waits for the proxy with the app, in parallel.
     with _owner.lock:
-        if runtime.address() is not None:
-            return
         if isinstance(http_options, dict):
             http_options = HTTPOptions(**http_options)
+        if runtime.address() is not None:
+            if http_options is not None and http_options != _owner.http_options:
+                logger.warning(
+                    "serval is already running in this process; new http_options are ignored "
+                    "(call serve.shutdown() first to change them)"
+                )
+            return
         _owner.http_options = http_options or HTTPOptions()
         address = address or settings().address
         if not _owner.atexit_registered:

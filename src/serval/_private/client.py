@@ -16,7 +16,7 @@ from typing import Any
 from serval._private.calls import Call
 from serval._private.router import DeploymentInfo, Router
 from serval._private.rpc import RpcPeer
-from serval.exceptions import DeploymentNotFoundError, ServalError
+from serval.exceptions import DeploymentNotFoundError, RequestCancelledError, ServalError
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ClusterClient:
             router.cancel(call)
         elif call in self._waiting:
             self._waiting.remove(call)
-            call.set_exception(asyncio.CancelledError())
+            call.set_exception(RequestCancelledError(f"request to {call.label} was cancelled"))
 
     # -- control plane ---------------------------------------------------------------------------
 

@@ -41,7 +41,21 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
 def pack_scope(scope: Message, root_path: str) -> tuple[Any, ...]:
-    return (root_path, *[scope.get(name) for name in _SCOPE_FIELDS])
+    get = scope.get
+    return (
+        root_path,
+        scope["type"],
+        get("http_version"),
+        get("method"),
+        get("scheme"),
+        scope["path"],
+        get("raw_path"),
+        get("query_string"),
+        scope["headers"],
+        get("client"),
+        get("server"),
+        get("subprotocols"),
+    )
 
 
 def unpack_scope(wire: tuple[Any, ...]) -> Message:

@@ -9,6 +9,7 @@ Every response carries ``x-request-id``; errors never show a traceback to the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -40,6 +41,11 @@ class ProxyApp:
         self.options = options
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
         self._routes_of: dict[str, tuple[str, str]] | None = None
+        # HTTP requests in flight, by age (see _sweep), and the disconnect watchers of old ones.
+        self._young: dict[Call, Receive] = {}
+        self._old: dict[Call, Receive] = {}
+        self._watchers: dict[Call, asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -124,10 +130,7 @@ class ProxyApp:
         stream = call.stream
         assert stream is not None
         loop = self.client.loop
-        # Most requests finish quickly: only one still running after a moment gets a task
-        # that listens for the client going away (a task per request would cost throughput).
-        watcher: list[asyncio.Task[None]] = []
-        watch_later = loop.call_later(_WATCH_AFTER_S, self._watch, receive, call, watcher)
+        self._young[call] = receive  # watched for disconnects if it runs long: see _sweep
         timer = None
         if self.options.request_timeout_s is not None:
             timer = loop.call_later(self.options.request_timeout_s, self._time_out, call)
@@ -153,9 +156,10 @@ class ProxyApp:
             logger.error("request %s to %s failed: %s", request_id, app, exc, exc_info=exc)
             await _text(send, 500, "Internal Server Error", request_id)
         finally:
-            watch_later.cancel()
-            if watcher:
-                watcher[0].cancel()
+            if self._young.pop(call, None) is None and self._old.pop(call, None) is None:
+                watcher = self._watchers.pop(call, None)
+                if watcher is not None:
+                    watcher.cancel()
             if timer is not None:
                 timer.cancel()
 
@@ -214,11 +218,30 @@ class ProxyApp:
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _watch(self, receive: Receive, call: Call, holder: list[asyncio.Task[None]]) -> None:
-        if not call.done.fired:
-            holder.append(
-                self.client.loop.create_task(self._watch_disconnect(receive, call))
-            )
+    # -- client disconnects --------------------------------------------------------------------
+    # Most requests finish within milliseconds. Rather than a task per request listening for the
+    # client going away, a sweep every _SWEEP_S gives one to each request that has been running
+    # for a whole sweep period; a request that finishes first costs two dict operations.
+
+    def start(self) -> None:
+        self._sweeper = self.client.loop.create_task(self._sweep())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for watcher in self._watchers.values():
+            watcher.cancel()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            for call, receive in self._old.items():
+                self._watchers[call] = self.client.loop.create_task(
+                    self._watch_disconnect(receive, call)
+                )
+            self._old, self._young = self._young, {}
 
     async def _watch_disconnect(self, receive: Receive, call: Call) -> None:
         message = await receive()
@@ -276,7 +299,7 @@ class ProxyApp:
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ids = itertools.count(1)
-_WATCH_AFTER_S = 0.05
+_SWEEP_S = 0.05
 
 
 def _new_request_id() -> str:

@@ -96,8 +96,10 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     client.on_table = ack
     await client.wait_ready()
     ack(client.table_version)
+    app = ProxyApp(client, options)
+    app.start()
     config = uvicorn.Config(
-        ProxyApp(client, options),
+        app,
         http=_http_protocol(),
         ws="websockets-sansio",
         lifespan="off",
@@ -110,4 +112,7 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     server = uvicorn.Server(config)
     await client.call_controller("proxy_ready", error=None)
     logger.info("HTTP proxy listening on http://%s:%s", options.host, options.port)
-    await server.serve(sockets=[sock])
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await app.close()

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from serval._private import protocol
-
-logger = logging.getLogger(__name__)
 
 _SMALL = 64 * 1024  # frames above this are read into a buffer of their own
 _MIN_FREE = 16 * 1024
