@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Generic, TypeVar, overload
 
 from serval._private import runtime
@@ -82,7 +83,21 @@ class DeploymentResponse(_Submitted, Generic[T]):
     """
 
     def __await__(self) -> Generator[Any, None, T]:
-        return self._call.result_async_or_cancel(self.cancel).__await__()
+        # A plain generator over one future (no coroutine frames): the hot path of async callers.
+        call = self._call
+        if not call.done.fired:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            if loop is self._owner:  # completed on this very thread
+                call.done.add_callback(partial(_resolve_future, fut))
+            else:
+                call.done.add_callback(partial(_resolve_from_afar, loop, fut))
+            try:
+                yield from fut
+            except asyncio.CancelledError:
+                self.cancel()  # a cancelled awaiter cancels the request it waits for
+                raise
+        return call.outcome()  # type: ignore[no-any-return]
 
     def result(self, timeout_s: float | None = None, *, _skip_asyncio_check: bool = False) -> T:
         """Block until the result is ready; ``TimeoutError`` after ``timeout_s`` seconds."""
@@ -159,6 +174,15 @@ class _PendingRef:
         if self._call.done.fired and self._call.replica is None:
             self._call.outcome()  # failed before assignment: raise now (e.g. back pressure)
         return ObjectRef(self._call, self._owner)
+
+
+def _resolve_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _resolve_from_afar(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    loop.call_soon_threadsafe(_resolve_future, fut)
 
 
 # -- submission ---------------------------------------------------------------------------------

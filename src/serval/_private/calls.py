@@ -180,16 +180,6 @@ class Call:
         await self.done.wait()
         return self.outcome()
 
-    async def result_async_or_cancel(self, cancel: Callable[[], None]) -> Any:
-        """Like ``result_async``; if the awaiting task is cancelled, cancel the request too
-        (so a cancelled HTTP request cancels the handle calls it made)."""
-        try:
-            await self.done.wait()
-        except asyncio.CancelledError:
-            cancel()
-            raise
-        return self.outcome()
-
     @property
     def label(self) -> str:
         return f"{self.deployment}.{self.method}"

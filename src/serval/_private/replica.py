@@ -299,6 +299,8 @@ class Replica:
                 "so it cannot be called with stream=True"
             )
         if kind is _Kind.ASYNC:
+            if meta is None:  # no request context to set: no wrapper coroutine either
+                return self.loop.create_task(fn(*args, **kwargs))
             return self.loop.create_task(_with_context(meta, fn, args, kwargs))
         if kind is _Kind.SYNC:
             assert self._pool is not None
