@@ -93,7 +93,7 @@ class ReplicaSlot:
         self.calls[rid] = call
         self.in_flight += 1
         call.replica = self.info.replica_id
-        if self.conn._transport is None:
+        if not self.conn.connected:
             self.unsent.append(call)
         self.conn.send_pieces(pieces)
         call.assigned.fire()

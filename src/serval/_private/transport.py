@@ -40,6 +40,10 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.closed_future: asyncio.Future[None] = self._loop.create_future()
 
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, message: Any, tag: int = 0, plain: bool = False) -> None:
