@@ -14,8 +14,9 @@ Measures:
    ``import serval`` to the first ``.result()`` of a no-op deployment;
 3. serval on a no-op deployment (``max_ongoing_requests=1000``): sequential p50/p99 with the
    sync API (``h.echo.remote(1).result()`` from the main thread) and the async API
-   (``await h.echo.remote(1)`` inside ``asyncio.run``), and async throughput with 64 in flight
-   (a semaphore over 20,000 calls) for a sync method (``echo``) and an async one (``aecho``).
+   (``await h.echo.remote(1)`` inside ``uvloop.run``, the floor client's loop), and async
+   throughput with 64 in flight (a semaphore over 20,000 calls) for a sync method (``echo``)
+   and an async one (``aecho``).
 
 The floor and serval are measured in alternating rounds, so that both see the same machine;
 latency percentiles pool every round's samples, throughput is the median of the rounds.
@@ -40,6 +41,8 @@ import tempfile
 import textwrap
 import time
 from typing import Any
+
+import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _floor_ipc import FloorServer, placements
@@ -469,7 +472,9 @@ def main() -> int:
                 print(" serval sync ...", end="", flush=True)
                 raw["seq_sync"].append(seq_sync(h, warmup, seq_n))
                 print(" serval async ...", flush=True)
-                out = asyncio.run(async_suite(h, warmup, seq_n, tput_n))
+                # The same event loop as the floor's client (uvloop): compare the stacks, not
+                # the loop implementations.
+                out = uvloop.run(async_suite(h, warmup, seq_n, tput_n))
                 for key in ("seq_async", "rps_echo", "rps_aecho"):
                     raw[key].append(out[key])
         finally:
