@@ -193,9 +193,13 @@ _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 
 def _plain(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Only builtin scalars: the C pickler can send them (cloudpickle costs several times more)."""
-    return all(type(a) in _SCALARS for a in args) and all(
-        type(v) in _SCALARS for v in kwargs.values()
-    )
+    for a in args:
+        if type(a) not in _SCALARS:
+            return False
+    for a in kwargs.values():
+        if type(a) not in _SCALARS:
+            return False
+    return True
 
 
 def _calls_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -90,20 +90,22 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 _PENDING = object()
+_CREATE_LOCK = threading.Lock()
 
 
 class Call:
     """A request: where it goes, what it carries, and (later) how it ended."""
 
     __slots__ = (
+        "_assigned",
         "_error",
         "_value",
         "app",
         "args",
-        "assigned",
         "cancel_requested",
         "deployment",
         "done",
+        "is_assigned",
         "kwargs",
         "meta",
         "method",
@@ -131,13 +133,37 @@ class Call:
         self.meta = meta
         self.rid = 0
         self.replica: str | None = None
-        self.assigned = Signal()
+        # Most callers never wait for assignment: its signal is made only for those who do.
+        self.is_assigned = False
+        self._assigned: Signal | None = None
         self.done = Signal()
         self._value: Any = _PENDING
         self._error: BaseException | None = None
         self.stream: StreamBuffer | None = StreamBuffer() if stream else None
         self.cancel_requested = False
         self.plain = False  # arguments are builtins only: pickle without cloudpickle
+
+    # -- assignment --------------------------------------------------------------------------
+
+    def mark_assigned(self) -> None:
+        """Sent to a replica (or finished without one). Owner loop thread only."""
+        self.is_assigned = True
+        signal = self._assigned
+        if signal is not None:
+            signal.fire()
+
+    @property
+    def assigned(self) -> Signal:
+        """Fires once the request is assigned; any thread may wait on it."""
+        signal = self._assigned
+        if signal is None:
+            with _CREATE_LOCK:  # two waiters must not make two signals
+                if self._assigned is None:
+                    self._assigned = Signal()
+            signal = self._assigned
+            if self.is_assigned:  # marked before the signal existed: fire it here
+                signal.fire()
+        return signal
 
     # -- completion (owner loop thread only) ------------------------------------------------
 
@@ -148,7 +174,7 @@ class Call:
         self.args = self.kwargs = None  # type: ignore[assignment]  # drop references early
         if self.stream is not None:
             self.stream.close()
-        self.assigned.fire()
+        self.mark_assigned()
         self.done.fire()
 
     def set_exception(self, error: BaseException) -> None:
@@ -158,7 +184,7 @@ class Call:
         self.args = self.kwargs = None  # type: ignore[assignment]
         if self.stream is not None:
             self.stream.close(error)
-        self.assigned.fire()
+        self.mark_assigned()
         self.done.fire()
 
     # -- outcome (any thread) ----------------------------------------------------------------

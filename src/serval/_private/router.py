@@ -96,7 +96,7 @@ class ReplicaSlot:
         if not self.conn.connected:
             self.unsent.append(call)
         self.conn.send_pieces(pieces)
-        call.assigned.fire()
+        call.mark_assigned()
 
     def cancel(self, call: Call) -> None:
         if call.rid in self.calls and not self.conn.closed:
