@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -121,7 +122,7 @@ class Connection(asyncio.BufferedProtocol):
     def _parse(self) -> None:
         buf, end, pos = self._buf, self._filled, 0
         while end - pos >= protocol.HEADER.size:
-            meta_len, nbufs, _tag = protocol.HEADER.unpack_from(buf, pos)
+            meta_len, nbufs, tag = protocol.HEADER.unpack_from(buf, pos)
             hlen = protocol.HEADER.size + protocol.BUFLEN.size * nbufs
             if end - pos < hlen:
                 break
@@ -132,12 +133,13 @@ class Connection(asyncio.BufferedProtocol):
             total = hlen + meta_len + sum(blens)
             have = end - pos
             if have >= total:
-                # Copy out of the reusable buffer: decoded buffers must own their memory.
-                frame = (
-                    bytearray(buf[pos : pos + total]) if nbufs else bytes(buf[pos : pos + total])
-                )
+                if nbufs:
+                    # Copy out of the reusable buffer: decoded buffers must own their memory.
+                    frame = bytearray(buf[pos : pos + total])
+                    self._deliver(memoryview(frame), hlen, meta_len, blens)
+                else:  # the common small message: unpickle straight from the buffer
+                    self._deliver_plain(buf[pos + hlen : pos + total], tag)
                 pos += total
-                self._deliver(memoryview(frame), hlen, meta_len, blens)
                 if self.closed:
                     return
                 continue
@@ -159,6 +161,13 @@ class Connection(asyncio.BufferedProtocol):
             # Framing is separate from pickling, so the stream stays usable; the handler learns
             # of it as an undecodable message carrying the frame's tag (the request id).
             tag = protocol.HEADER.unpack_from(frame, 0)[2]
+            message = Undecodable(tag, exc)
+        self._on_message(self, message)
+
+    def _deliver_plain(self, pickled: bytearray, tag: int) -> None:
+        try:
+            message = pickle.loads(pickled)
+        except Exception as exc:
             message = Undecodable(tag, exc)
         self._on_message(self, message)
 
