@@ -265,6 +265,8 @@ class _HandleBase:
         self.deployment_name = deployment_name
         self.app_name = app_name
         self._options = options or _HandleOptions()
+        # ``handle.method`` is written inside loops; make each method's handle once.
+        self._methods: dict[str, Any] = {}
 
     def _copy(self, **changes: Any) -> Any:
         return type(self)(self.deployment_name, self.app_name, replace(self._options, **changes))
@@ -290,7 +292,10 @@ class _HandleBase:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        return self._copy(method_name=name)
+        handle = self._methods.get(name)
+        if handle is None:
+            handle = self._methods[name] = self._copy(method_name=name)
+        return handle
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.deployment_name, self.app_name, self._options))
