@@ -114,6 +114,13 @@ class ReplicaSlot:
     # -- replies -------------------------------------------------------------------------------
 
     def _on_message(self, conn: transport.Connection, msg: Any) -> None:
+        if type(msg) is tuple and msg[0] == protocol.RESULT:  # the common case, first
+            _, rid, value, self.reported = msg
+            call = self.calls.pop(rid, None)
+            self._finished()
+            if call is not None:
+                call.set_result(value)
+            return
         if isinstance(msg, transport.Undecodable):
             call = self.calls.pop(msg.tag, None)
             if call is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from serval._private import protocol
 
+_NO_BUFFERS: list[int] = []
 _SMALL = 64 * 1024  # frames above this are read into a buffer of their own
 _MIN_FREE = 16 * 1024
 
@@ -126,11 +127,15 @@ class Connection(asyncio.BufferedProtocol):
             hlen = protocol.HEADER.size + protocol.BUFLEN.size * nbufs
             if end - pos < hlen:
                 break
-            blens = [
-                protocol.BUFLEN.unpack_from(buf, pos + protocol.HEADER.size + 8 * i)[0]
-                for i in range(nbufs)
-            ]
-            total = hlen + meta_len + sum(blens)
+            if nbufs:
+                blens = [
+                    protocol.BUFLEN.unpack_from(buf, pos + protocol.HEADER.size + 8 * i)[0]
+                    for i in range(nbufs)
+                ]
+                total = hlen + meta_len + sum(blens)
+            else:
+                blens = _NO_BUFFERS
+                total = hlen + meta_len
             have = end - pos
             if have >= total:
                 if nbufs:
