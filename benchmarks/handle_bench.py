@@ -32,8 +32,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,7 @@ from typing import Any
 import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import exit_cleanly_on_sigterm, free_port
 from _floor_ipc import FloorServer, placements
 
 import serval as serve
@@ -132,13 +131,6 @@ async def async_suite(h: Any, warmup: int, seq_n: int, tput_n: int) -> dict[str,
         out[f"rps_{method}"] = await burst(h, method, tput_n)
     return out
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for the HTTP proxy (8000 may be taken by another
-    serval cluster on this machine; the proxy is idle in this benchmark)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cluster_address() -> str | None:
@@ -428,10 +420,6 @@ def report(
 # -- main ---------------------------------------------------------------------------------------
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwind through the finally blocks that clean up
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one short round (a smoke test)")
@@ -441,7 +429,7 @@ def main() -> int:
     mode = "quick" if opts.quick else "full"
     rounds, warmup, seq_n, tput_n, cold_n = SIZES[mode]
     rounds = opts.rounds or rounds
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_cleanly_on_sigterm()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     started = time.perf_counter()
 

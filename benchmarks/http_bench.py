@@ -36,8 +36,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +43,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _common import exit_cleanly_on_sigterm, free_port  # noqa: E402
 from _floor_asgi import uvicorn_args  # noqa: E402
 
 import serval as serve  # noqa: E402
@@ -218,11 +217,6 @@ def source_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(
@@ -636,10 +630,6 @@ def report(
 # -- main ---------------------------------------------------------------------------------------
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwind through the finally blocks that clean up
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -665,7 +655,7 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk not found on PATH (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_cleanly_on_sigterm()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     started = time.perf_counter()
     opts.source = source_version()
