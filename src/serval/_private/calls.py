@@ -102,7 +102,6 @@ class Call:
         "_value",
         "app",
         "args",
-        "cancel_requested",
         "deployment",
         "done",
         "is_assigned",
@@ -140,7 +139,6 @@ class Call:
         self._value: Any = _PENDING
         self._error: BaseException | None = None
         self.stream: StreamBuffer | None = StreamBuffer() if stream else None
-        self.cancel_requested = False
         self.plain = False  # arguments are builtins only: pickle without cloudpickle
 
     # -- assignment --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from serval.exceptions import ServalError
 
 logger = logging.getLogger(__name__)
 
+
 def log_path(address: str) -> str:
     """Beside the runtime directory, not in it: it must outlive a daemon that failed."""
     return f"{address.rstrip(os.sep)}.log"

@@ -260,7 +260,6 @@ class Router:
             self._on_queued()
 
     def cancel(self, call: Call) -> None:
-        call.cancel_requested = True
         if call.replica is None:
             try:
                 self.queue.remove(call)

@@ -69,10 +69,6 @@ class RpcPeer:
         finally:
             self._pending.pop(cid, None)
 
-    def push(self, topic: str, value: Any) -> None:
-        if self.conn is not None and not self.conn.closed:
-            self.conn.send((protocol.PUSH, topic, value))
-
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()

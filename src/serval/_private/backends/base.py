@@ -30,11 +30,6 @@ class ReplicaHost(ABC):
     async def wait(self) -> int | None:
         """Return when the replica has exited (its exit code, where known)."""
 
-    @property
-    @abstractmethod
-    def exited(self) -> bool:
-        """True once the replica is known to be gone."""
-
 
 class Backend(ABC):
     @abstractmethod

@@ -55,10 +55,6 @@ class LocalProcess(ReplicaHost):
     def pid(self) -> int | None:
         return self._pid
 
-    @property
-    def exited(self) -> bool:
-        return self._done.done()
-
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)
 

@@ -28,7 +28,6 @@ class ReplicaRecord:
     path: str
     state: ReplicaState = ReplicaState.STARTING
     peer: RpcPeer | None = None
-    started_at: float = field(default_factory=time.monotonic)
     model_ids: frozenset[str] = frozenset()
 
 
