@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, Generic, TypeVar, overload
 
 from serval._private import runtime
@@ -87,11 +86,7 @@ class DeploymentResponse(_Submitted, Generic[T]):
         call = self._call
         if not call.done.fired:
             loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-            if loop is self._owner:  # completed on this very thread
-                call.done.add_callback(partial(_resolve_future, fut))
-            else:
-                call.done.add_callback(partial(_resolve_from_afar, loop, fut))
+            fut = call.done.future(loop, fires_here=loop is self._owner)
             try:
                 yield from fut
             except asyncio.CancelledError:
@@ -174,15 +169,6 @@ class _PendingRef:
         if self._call.done.fired and self._call.replica is None:
             self._call.outcome()  # failed before assignment: raise now (e.g. back pressure)
         return ObjectRef(self._call, self._owner)
-
-
-def _resolve_future(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _resolve_from_afar(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
-    loop.call_soon_threadsafe(_resolve_future, fut)
 
 
 # -- submission ---------------------------------------------------------------------------------

@@ -74,14 +74,25 @@ class Signal:
         self.add_callback(wake)
         await fut
 
+    def future(self, loop: asyncio.AbstractEventLoop, fires_here: bool) -> asyncio.Future[None]:
+        """A future of ``loop`` resolved when the signal fires. ``fires_here``: the signal is
+        known to fire on ``loop``'s own thread, so no thread-safe hand-off is needed."""
+        fut: asyncio.Future[None] = loop.create_future()
+        if fires_here:
+            self.add_callback(partial(_resolve, fut))
+        else:
+            self.add_callback(partial(_resolve_threadsafe, loop, fut))
+        return fut
+
     async def wait_local(self, loop: asyncio.AbstractEventLoop) -> None:
         """``wait`` for a signal known to fire on ``loop``'s own thread (the HTTP proxy's
         calls): no thread checks, no loop lookup."""
-        if self.fired:
-            return
-        fut: asyncio.Future[None] = loop.create_future()
-        self.add_callback(partial(_resolve, fut))
-        await fut
+        if not self.fired:
+            await self.future(loop, fires_here=True)
+
+
+def _resolve_threadsafe(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    loop.call_soon_threadsafe(_resolve, fut)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

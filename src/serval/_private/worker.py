@@ -41,6 +41,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_with_owner(loop: asyncio.AbstractEventLoop, args: argparse.Namespace) -> None:
+    if args.lifeline_fd is not None:
+        # Leave at once: user threads may be blocked in C code, and nothing is left to serve.
+        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+
+
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     http = HTTPOptions.from_json(args.http_options) if args.http_options else None
@@ -57,8 +63,7 @@ async def _controller_main(args: argparse.Namespace) -> None:
         return peer.protocol_factory()
 
     server = await transport.listen(controller_path(args.address), new_peer)
-    if args.lifeline_fd is not None:
-        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    _exit_with_owner(loop, args)
     controller.start(recover=args.recover)
     loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(controller.rpc_shutdown(None)))  # type: ignore[arg-type]
     await controller.stopped.wait()
@@ -71,9 +76,7 @@ async def _controller_main(args: argparse.Namespace) -> None:
 
 async def _replica_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    if args.lifeline_fd is not None:
-        # User threads may be blocked in C code: leave at once rather than wait for them.
-        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    _exit_with_owner(loop, args)
     runtime.set_address(args.address)
     replica = Replica(args.address, args.replica_id)
     stop = asyncio.Event()
@@ -87,8 +90,7 @@ async def _proxy_main(args: argparse.Namespace) -> None:
     from serval._private.proxy_server import serve_proxy
 
     loop = asyncio.get_running_loop()
-    if args.lifeline_fd is not None:
-        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+    _exit_with_owner(loop, args)
     runtime.set_address(args.address)
     await serve_proxy(runtime.client(loop), HTTPOptions.from_json(args.http_options))
 
