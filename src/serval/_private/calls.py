@@ -264,6 +264,21 @@ class StreamBuffer:
             raise StopIteration
         return False, signal
 
+    def when_changed(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once an item or the end is there (at once if one is already).
+        For consumers on the producer's own loop, which then look at ``items`` and ``ended``."""
+        signal = self._signal
+        if self.items or self.ended:
+            callback()
+        else:
+            signal.add_callback(callback)
+
+    async def wait_changed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait, on the producer's own loop, until an item or the end is there."""
+        signal = self._signal
+        if not (self.items or self.ended):
+            await signal.wait_local(loop)
+
     def next_sync(self, timeout: float | None) -> Any:
         while True:
             ok, got = self._next_or_signal()

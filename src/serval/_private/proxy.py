@@ -1,27 +1,35 @@
-"""The HTTP proxy: uvicorn serving a lean ASGI app that forwards to ingress deployments.
+"""The HTTP proxy's routing: which application a request goes to, and what it carries there.
 
 Longest ``route_prefix`` match picks the app; the request (scope and whole body) goes straight
 to a replica of the app's ingress deployment through this process's router, and the response
 comes back in one piece or message by message. System routes live under ``/-/``.
 Every response carries ``x-request-id``; errors never show a traceback to the client.
+
+HTTP requests are answered by ``http_protocol.Exchange`` (see there why not through ASGI);
+websockets, which uvicorn hands over after the upgrade, by this ASGI app.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from serval._private.calls import Call
 from serval._private.client import ClusterClient
+from serval._private.http_protocol import (
+    Exchange,
+    ProxyHttpProtocol,
+    Reply,
+    text_reply,
+    unquote_path,
+)
 from serval._private.http_replica import pack_scope
 from serval.config import HTTPOptions
-from serval.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
 logger = logging.getLogger("serval.proxy")
 
@@ -30,21 +38,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class _TimedOut(Exception):
-    pass
-
-
 class ProxyApp:
     def __init__(self, client: ClusterClient, options: HTTPOptions) -> None:
         self.client = client
         self.options = options
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
         self._routes_of: dict[str, tuple[str, str]] | None = None
-        # HTTP requests in flight, by age (see _sweep), and the disconnect watchers of old ones.
-        self._young: dict[Call, Receive] = {}
-        self._old: dict[Call, Receive] = {}
-        self._watchers: dict[Call, asyncio.Task[None]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -60,197 +59,93 @@ class ProxyApp:
                 return prefix, app, ingress
         return None
 
-    # -- ASGI ----------------------------------------------------------------------------------
+    # -- HTTP requests (see http_protocol) ------------------------------------------------------
+
+    def exchange(
+        self,
+        conn: ProxyHttpProtocol,
+        method: str,
+        http_version: str,
+        url: Any,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> Exchange:
+        """A parsed request head, turned into what to do with it."""
+        given_id, length, model = _scan_headers(headers)
+        ex = Exchange(conn, given_id or _new_request_id(), keep_alive)
+        ex.head_only = method == "HEAD"
+        raw_path: bytes = url.path
+        path = unquote_path(raw_path)
+        if path.startswith("/-/"):
+            ex.reply = self._system(path)
+            return ex
+        match = self._match(path)
+        if match is None:
+            ex.reply = text_reply(
+                404, f"Path '{path}' not found. Ping http://.../-/routes for available routes."
+            )
+            return ex
+        prefix, app, ingress = match
+        if length is not None:
+            limit = self.options.max_request_body_bytes
+            if not length.isdigit():
+                ex.refuse(400, "Bad Content-Length")
+                return ex
+            if int(length) > limit:
+                ex.refuse(413, f"Request body larger than {limit} bytes")
+                return ex
+        ex.wire = (
+            "" if prefix == "/" else prefix,  # root_path
+            "http",
+            http_version,
+            method,
+            conn.scheme,
+            path,
+            raw_path,
+            url.query or b"",
+            headers,
+            conn.client,
+            conn.server,
+            None,
+        )
+        meta = {"asgi": True, "request_id": ex.request_id, "route": prefix}
+        if model:
+            meta["multiplexed_model_id"] = model
+        ex.target = (app, ingress, meta)
+        return ex
+
+    def _system(self, path: str) -> Reply:
+        if path == "/-/healthz":
+            return text_reply(200, "success")
+        if path == "/-/routes":
+            body = json.dumps({p: a for p, (a, _) in sorted(self.client.routes.items())})
+            return 200, [(b"content-type", b"application/json")], body.encode()
+        return text_reply(404, f"Path '{path}' not found.")
+
+    # -- websockets (ASGI, after uvicorn's upgrade) ----------------------------------------------
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await _lifespan(receive, send)
             return
-        given_id, length, model = _scan_headers(scope["headers"])
-        request_id = given_id or _new_request_id()
+        if kind != "websocket":
+            raise RuntimeError(f"HTTP requests are served by ProxyHttpProtocol, not {kind!r}")
+        _, _, model = _scan_headers(scope["headers"])
         path: str = scope["path"]
-        if path.startswith("/-/") and kind == "http":
-            await self._system(path, send, request_id)
-            return
         match = self._match(path)
         if match is None:
-            if kind == "http":
-                await _text(
-                    send,
-                    404,
-                    f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
-                    request_id,
-                )
-            else:
-                await send({"type": "websocket.close", "code": 1008})
+            await send({"type": "websocket.close", "code": 1008})
             return
         prefix, app, ingress = match
         root_path = scope.get("root_path", "")
         if prefix != "/":
             root_path += prefix
         wire = pack_scope(scope, root_path)
-        meta = {"asgi": True, "request_id": request_id, "route": prefix}
+        meta = {"asgi": True, "request_id": _new_request_id(), "route": prefix}
         if model:
             meta["multiplexed_model_id"] = model
-        if kind == "http":
-            await self._http(wire, receive, send, app, ingress, meta, request_id, length)
-        elif kind == "websocket":
-            await self._websocket(wire, receive, send, app, ingress, meta)
-
-    async def _system(self, path: str, send: Send, request_id: str) -> None:
-        if path == "/-/healthz":
-            await _text(send, 200, "success", request_id)
-        elif path == "/-/routes":
-            body = json.dumps({p: a for p, (a, _) in sorted(self.client.routes.items())})
-            await _send_whole(
-                send, 200, [(b"content-type", b"application/json")], body.encode(), request_id
-            )
-        else:
-            await _text(send, 404, f"Path '{path}' not found.", request_id)
-
-    async def _http(
-        self,
-        wire: tuple[Any, ...],
-        receive: Receive,
-        send: Send,
-        app: str,
-        ingress: str,
-        meta: Message,
-        request_id: str,
-        length: str | None,
-    ) -> None:
-        body = await self._read_body(length, receive, send, request_id)
-        if body is None:
-            return
-        call = Call(app, ingress, "__call__", (wire, body), {}, meta, stream=True)
-        call.plain = True
-        self.client.submit(call)
-        stream = call.stream
-        assert stream is not None
-        loop = self.client.loop
-        self._young[call] = receive  # watched for disconnects if it runs long: see _sweep
-        timer = None
-        if self.options.request_timeout_s is not None:
-            timer = loop.call_later(self.options.request_timeout_s, self._time_out, call)
-        try:
-            try:
-                first = await stream.next_async(loop)
-            except StopAsyncIteration:
-                first = None
-            if first is None:
-                status, headers, payload = call.outcome()
-                await _send_whole(send, status, headers, payload, request_id)
-                return
-            await self._stream(first, stream, send, request_id)
-        except _TimedOut:
-            await _text(send, 408, "Request timed out", request_id)
-        except BackPressureError as exc:
-            await _text(send, 503, str(exc), request_id)
-        except DeploymentUnavailableError as exc:
-            await _text(send, 503, str(exc), request_id)
-        except RequestCancelledError:
-            pass  # the client went away; nobody to answer
-        except Exception as exc:
-            logger.error("request %s to %s failed: %s", request_id, app, exc, exc_info=exc)
-            await _text(send, 500, "Internal Server Error", request_id)
-        finally:
-            if self._young.pop(call, None) is None and self._old.pop(call, None) is None:
-                watcher = self._watchers.pop(call, None)
-                if watcher is not None:
-                    watcher.cancel()
-            if timer is not None:
-                timer.cancel()
-
-    async def _stream(self, first: Message, stream: Any, send: Send, request_id: str) -> None:
-        loop = self.client.loop
-        message: Message | None = first
-        started = False
-        while message is not None:
-            if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-                started = True
-            try:
-                await send(message)
-            except OSError:
-                return
-            try:
-                message = await stream.next_async(loop)
-            except StopAsyncIteration:
-                message = None
-            except Exception:
-                if not started:
-                    raise
-                logger.exception("stream of request %s broke off", request_id)
-                return
-
-    async def _read_body(
-        self, length: str | None, receive: Receive, send: Send, request_id: str
-    ) -> bytes | None:
-        limit = self.options.max_request_body_bytes
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                await _text(send, 400, "Bad Content-Length", request_id)
-                return None
-            if declared > limit:
-                await _text(send, 413, f"Request body larger than {limit} bytes", request_id)
-                return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _text(send, 413, f"Request body larger than {limit} bytes", request_id)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    # -- client disconnects --------------------------------------------------------------------
-    # Most requests finish within milliseconds. Rather than a task per request listening for the
-    # client going away, a sweep every _SWEEP_S gives one to each request that has been running
-    # for a whole sweep period; a request that finishes first costs two dict operations.
-
-    def start(self) -> None:
-        self._sweeper = self.client.loop.create_task(self._sweep())
-
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        for watcher in self._watchers.values():
-            watcher.cancel()
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(_SWEEP_S)
-            for call, receive in self._old.items():
-                self._watchers[call] = self.client.loop.create_task(
-                    self._watch_disconnect(receive, call)
-                )
-            self._old, self._young = self._young, {}
-
-    async def _watch_disconnect(self, receive: Receive, call: Call) -> None:
-        message = await receive()
-        if message["type"] == "http.disconnect" and not call.done.fired:
-            self.client.cancel(call)
-
-    def _time_out(self, call: Call) -> None:
-        if not call.done.fired:
-            call.set_exception(_TimedOut())  # first, so the waiter sees a timeout
-            self.client.cancel(call)  # then the replica stops working on it
+        await self._websocket(wire, receive, send, app, ingress, meta)
 
     async def _websocket(
         self,
@@ -298,7 +193,7 @@ class ProxyApp:
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ids = itertools.count(1)
-_SWEEP_S = 0.05
+_SAFE_ID = re.compile(rb"[\x21-\x7e]{1,256}")
 
 
 def _new_request_id() -> str:
@@ -314,26 +209,11 @@ def _scan_headers(headers: Any) -> tuple[str | None, str | None, str | None]:
         if key == b"content-length":
             length = value.decode("latin-1")
         elif key == b"x-request-id":
-            request_id = value.decode("latin-1")
+            if _SAFE_ID.fullmatch(value):  # it is echoed back: never a byte that breaks a header
+                request_id = value.decode("ascii")
         elif key == b"serve_multiplexed_model_id":
             model = value.decode("latin-1")
     return request_id, length, model
-
-
-async def _send_whole(
-    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_id: str
-) -> None:
-    headers = [*headers, (b"x-request-id", request_id.encode())]
-    if not any(k.lower() == b"content-length" for k, _ in headers):
-        headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _text(send: Send, status: int, text: str, request_id: str) -> None:
-    await _send_whole(
-        send, status, [(b"content-type", b"text/plain; charset=utf-8")], text.encode(), request_id
-    )
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -5,59 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any, cast
 
 from serval._private.client import ClusterClient
+from serval._private.http_protocol import protocol_for
 from serval._private.proxy import ProxyApp
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval.proxy")
-
-
-class _CoalescingTransport:
-    """A transport whose writes within one loop tick leave in one ``write``.
-
-    uvicorn writes a response's head and body separately; joined, a response costs one
-    syscall instead of two. Everything but ``write`` and ``close`` goes to the real transport.
-    """
-
-    __slots__ = ("_loop", "_pending", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] | None = None
-
-    def write(self, data: bytes) -> None:
-        if self._pending is None:
-            self._pending = [data]
-            self._loop.call_soon(self._flush)
-        else:
-            self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-def _http_protocol() -> type[asyncio.Protocol]:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            loop = asyncio.get_running_loop()
-            wrapped = _CoalescingTransport(cast(asyncio.Transport, transport), loop)
-            super().connection_made(cast(asyncio.Transport, wrapped))
-
-    return CoalescingHttpToolsProtocol
 
 
 def _bind(options: HTTPOptions) -> socket.socket:
@@ -97,10 +51,9 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     await client.wait_ready()
     ack(client.table_version)
     app = ProxyApp(client, options)
-    app.start()
     config = uvicorn.Config(
         app,
-        http=_http_protocol(),
+        http=protocol_for(app),
         ws="websockets-sansio",
         lifespan="off",
         access_log=False,
@@ -112,7 +65,4 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     server = uvicorn.Server(config)
     await client.call_controller("proxy_ready", error=None)
     logger.info("HTTP proxy listening on http://%s:%s", options.host, options.port)
-    try:
-        await server.serve(sockets=[sock])
-    finally:
-        await app.close()
+    await server.serve(sockets=[sock])
