@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 import serval as serve
 from conftest import poll
@@ -82,34 +82,48 @@ class Created(PlainTextResponse):
     """A user's Response subclass."""
 
 
+def _result(kind: str):
+    if kind == "str":
+        return "hello text"
+    if kind == "bytes":
+        return b"\x00\x01binary\xff"
+    if kind == "dict":
+        return {"a": 1, "b": [True, None, "x"]}
+    if kind == "list":
+        return [1, "two", {"three": 3}]
+    if kind == "response":
+        return Response(
+            b"teapot",
+            status_code=418,
+            headers={"x-kept": "kept"},
+            media_type="application/x-custom",
+        )
+    if kind == "subclass":
+        return Created("made it", status_code=201, headers={"location": "/things/7"})
+    if kind == "json-response":
+        return JSONResponse({"status": "accepted"}, status_code=202, headers={"x-extra": "1"})
+    if kind == "stream":
+        return StreamingResponse(iter([b"a", b"b", b"c"]), media_type="text/plain")
+    raise AssertionError(kind)
+
+
 @serve.deployment
 class Returns:
     async def __call__(self, request: Request):
-        kind = request.query_params["kind"]
-        if kind == "str":
-            return "hello text"
-        if kind == "bytes":
-            return b"\x00\x01binary\xff"
-        if kind == "dict":
-            return {"a": 1, "b": [True, None, "x"]}
-        if kind == "list":
-            return [1, "two", {"three": 3}]
-        if kind == "response":
-            return Response(
-                b"teapot",
-                status_code=418,
-                headers={"x-kept": "kept"},
-                media_type="application/x-custom",
-            )
-        if kind == "subclass":
-            return Created("made it", status_code=201, headers={"location": "/things/7"})
-        if kind == "json-response":
-            return JSONResponse({"status": "accepted"}, status_code=202, headers={"x-extra": "1"})
-        raise AssertionError(kind)
+        return _result(request.query_params["kind"])
 
 
-def test_return_value_conversions(http_url: str) -> None:
-    serve.run(Returns.bind(), route_prefix="/r")
+@serve.deployment
+class SyncReturns:
+    # A sync __call__ runs whole on a worker thread; what is not a plain result is finished
+    # on the replica's loop (Response objects, streams).
+    def __call__(self, request: Request):
+        return _result(request.query_params["kind"])
+
+
+@pytest.mark.parametrize("deployment", [Returns, SyncReturns], ids=["async", "sync"])
+def test_return_value_conversions(http_url: str, deployment) -> None:
+    serve.run(deployment.bind(), route_prefix="/r")
     with httpx.Client(base_url=http_url, timeout=10) as client:
         r = client.get("/r", params={"kind": "str"})
         assert r.status_code == 200
@@ -146,6 +160,14 @@ def test_return_value_conversions(http_url: str) -> None:
         assert r.status_code == 202
         assert r.headers["x-extra"] == "1"
         assert r.json() == {"status": "accepted"}
+
+        r = client.get("/r", params={"kind": "stream"})
+        assert r.status_code == 200
+        assert r.text == "abc"
+
+        r = client.get("/r", params={"kind": "unknown"})  # the AssertionError in user code
+        assert r.status_code == 500
+        assert "AssertionError" not in r.text
 
 
 # -- HTTP and Python, one deployment -----------------------------------------------------------

@@ -14,6 +14,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from serval._private import request_context
+
 Message = dict[str, Any]
 Emit = Callable[[Message], None]
 ASGIApp = Callable[
@@ -158,6 +160,43 @@ async def respond(
     if not collector.started:
         raise RuntimeError("the ASGI app returned without sending a response")
     return None
+
+
+class Unfinished:
+    """What a sync ``__call__`` returned that is not a plain response: finished on the loop."""
+
+    __slots__ = ("body", "result", "scope")
+
+    def __init__(self, result: Any, scope: Message, body: bytes) -> None:
+        self.result = result
+        self.scope = scope
+        self.body = body
+
+    async def finish(
+        self, collector: ResponseCollector
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        await to_response(self.result)(self.scope, http_receive(self.body), collector.send)
+        if collector.complete is not None:
+            return collector.complete
+        if not collector.started:
+            raise RuntimeError("the response was never sent")
+        return None
+
+
+def serve_http_sync(
+    user: Any, wire: tuple[Any, ...], body: bytes, meta: Message
+) -> tuple[int, list[tuple[bytes, bytes]], bytes] | Unfinished:
+    """An HTTP request to a sync ``__call__(request)``, on a worker thread from start to end
+    (no task on the loop): the common results come back finished."""
+    from starlette.requests import Request
+
+    request_context.set_request(meta)
+    scope = unpack_scope(wire)
+    request = Request(scope, http_receive(body))
+    request._body = body
+    result = user.__call__(request)
+    plain = plain_response(result)
+    return plain if plain is not None else Unfinished(result, scope, body)
 
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]

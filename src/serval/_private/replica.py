@@ -26,7 +26,13 @@ import cloudpickle
 
 from serval._private import protocol, request_context, runtime, transport
 from serval._private.client import controller_path
-from serval._private.http_replica import ResponseCollector, respond, unpack_scope
+from serval._private.http_replica import (
+    ResponseCollector,
+    Unfinished,
+    respond,
+    serve_http_sync,
+    unpack_scope,
+)
 from serval._private.rpc import RpcPeer
 from serval._private.sync_runner import SyncRunner
 from serval.config import DeploymentConfig
@@ -101,6 +107,8 @@ class Replica:
         self._pool: SyncRunner | None = None
         self._inputs: dict[tuple[transport.Connection, int], asyncio.Queue[Any]] = {}
         self.asgi_app: Any = None
+        # A sync __call__(request) and no ASGI app: HTTP requests run whole on a worker thread.
+        self._sync_http = False
         self._server: asyncio.AbstractServer | None = None
         self.controller: RpcPeer | None = None
         self._reattach_task: asyncio.Task[None] | None = None
@@ -164,6 +172,10 @@ class Replica:
             from serval.ingress import asgi_app_for
 
             self.asgi_app = asgi_app_for(self.user)
+            # (getattr: a function deployment's __call__ is an instance attribute)
+            call = getattr(self.user, "__call__", None)  # noqa: B004
+            sync_call = call is not None and _kind(call) is _Kind.SYNC
+            self._sync_http = self.asgi_app is None and sync_call
         except BaseException as exc:  # the caller of serve.run gets this traceback
             logger.error("replica %s of %s failed to start", self.replica_id, self.deployment)
             return "".join(traceback.format_exception(exc))
@@ -265,9 +277,12 @@ class Replica:
         self.idle.clear()
         try:
             if meta is not None and "asgi" in meta:
-                fut: asyncio.Future[Any] = self.loop.create_task(
-                    self._serve_http(conn, rid, args[0], args[1], meta)
-                )
+                fut: asyncio.Future[Any]
+                if self._sync_http and args[0][1] == "http":
+                    assert self._pool is not None
+                    fut = self._pool.run(serve_http_sync, self.user, args[0], args[1], meta)
+                else:
+                    fut = self.loop.create_task(self._serve_http(conn, rid, args[0], args[1], meta))
                 meta = None  # the reply is a plain result, whatever was streamed before it
             else:
                 fn, kind = self._method(method)
@@ -353,6 +368,10 @@ class Replica:
             if inputs is not None:
                 self._inputs.pop((conn, rid), None)
 
+    async def _finish_http(self, conn: transport.Connection, rid: int, left: Unfinished) -> Any:
+        collector = ResponseCollector(partial(self._send_item, conn, rid))
+        return await left.finish(collector)
+
     def _method(self, name: str) -> tuple[Callable[..., Any], _Kind]:
         found = self._methods.get(name)
         if found is None:
@@ -379,6 +398,11 @@ class Replica:
         else:
             exc = fut.exception()
             value = None if exc is not None else fut.result()
+            if type(value) is Unfinished:  # a sync __call__'s response that needs the loop
+                task = self.loop.create_task(self._finish_http(conn, rid, value))
+                self._running.setdefault(conn, {})[rid] = task
+                task.add_done_callback(partial(self._done, conn, rid, method, stream))
+                return
             self._finish(conn, rid, method, value, exc, stream)
 
     def _finish(
