@@ -86,7 +86,7 @@ class DeploymentResponse(_Submitted, Generic[T]):
         call = self._call
         if not call.done.fired:
             loop = asyncio.get_running_loop()
-            fut = call.done.future(loop, fires_here=loop is self._owner)
+            fut = call.waiter_future(loop, owner=loop is self._owner)
             try:
                 yield from fut
             except asyncio.CancelledError:
@@ -177,25 +177,20 @@ class _PendingRef:
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def _plain(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Only builtin scalars: the C pickler can send them (cloudpickle costs several times more)."""
-    for a in args:
-        if type(a) not in _SCALARS:
-            return False
-    for a in kwargs.values():
-        if type(a) not in _SCALARS:
-            return False
-    return True
+_PLAIN, _CLOUDPICKLE, _RESOLVE = 0, 1, 2
 
 
-def _calls_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    for a in args:
-        if isinstance(a, (_Submitted, _PendingRef)):
-            return True
-    for a in kwargs.values():
-        if isinstance(a, (_Submitted, _PendingRef)):
-            return True
-    return False
+def _classify(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """_PLAIN: builtin scalars only, which the C pickler sends (cloudpickle costs several
+    times more); _RESOLVE: a response or ref among them, to resolve before sending;
+    _CLOUDPICKLE: anything else."""
+    kind = _PLAIN
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if type(a) not in _SCALARS:
+            if isinstance(a, (_Submitted, _PendingRef)):
+                return _RESOLVE
+            kind = _CLOUDPICKLE
+    return kind
 
 
 async def _resolve(value: Any) -> Any:
@@ -221,7 +216,9 @@ async def _resolve_then_submit(client: ClusterClient, call: Call) -> None:
 def _submit(call: Call) -> asyncio.AbstractEventLoop:
     """Hand ``call`` to the right loop's client; returns that loop (the call's owner)."""
     loop = runtime.running_loop()
-    resolve = _calls_in(call.args, call.kwargs)
+    kind = _classify(call.args, call.kwargs)
+    call.plain = kind == _PLAIN
+    resolve = kind == _RESOLVE
     if loop is not None:
         client = runtime.client(loop)
         if resolve:
@@ -299,11 +296,9 @@ class _HandleBase:
             meta = {"multiplexed_model_id": opts.multiplexed_model_id}
         if opts.stream:
             meta = {**(meta or {}), "stream": True}
-        call = Call(
+        return Call(
             self.app_name, self.deployment_name, opts.method_name, args, kwargs, meta, opts.stream
         )
-        call.plain = _plain(args, kwargs)
-        return call
 
 
 class DeploymentHandle(_HandleBase):

@@ -123,6 +123,7 @@ class Call:
         "replica",
         "rid",
         "stream",
+        "waiter",
     )
 
     def __init__(
@@ -151,6 +152,9 @@ class Call:
         self._error: BaseException | None = None
         self.stream: StreamBuffer | None = StreamBuffer() if stream else None
         self.plain = False  # arguments are builtins only: pickle without cloudpickle
+        # One future of the owner loop, resolved directly on completion: the common single
+        # ``await`` on the owner loop needs no callback on ``done`` (see waiter_future).
+        self.waiter: asyncio.Future[None] | None = None
 
     # -- assignment --------------------------------------------------------------------------
 
@@ -185,6 +189,9 @@ class Call:
             self.stream.close()
         self.mark_assigned()
         self.done.fire()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def set_exception(self, error: BaseException) -> None:
         if self.done.fired:
@@ -195,6 +202,17 @@ class Call:
             self.stream.close(error)
         self.mark_assigned()
         self.done.fire()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def waiter_future(self, loop: asyncio.AbstractEventLoop, owner: bool) -> asyncio.Future[None]:
+        """A future of ``loop`` resolved when the call is done. ``owner``: ``loop`` is the
+        call's owner (and this its thread); the first such waiter gets the cheap path."""
+        if owner and self.waiter is None:
+            fut = self.waiter = loop.create_future()
+            return fut
+        return self.done.future(loop, fires_here=owner)
 
     # -- outcome (any thread) ----------------------------------------------------------------
 

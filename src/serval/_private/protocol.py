@@ -56,10 +56,19 @@ def dumps(obj: Any, tag: int = 0, plain: bool = False) -> list[bytes | memoryvie
     else:
         meta = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     if not buffers:
-        return [HEADER.pack(len(meta), 0, tag) + meta]
+        return _frame(meta, tag)
     raws = [b.raw() for b in buffers]
     head = HEADER.pack(len(meta), len(raws), tag) + b"".join(BUFLEN.pack(r.nbytes) for r in raws)
     return [head, meta, *raws]
+
+
+def _frame(meta: bytes, tag: int) -> list[bytes | memoryview]:
+    if len(meta) < _JOIN_BELOW:
+        return [HEADER.pack(len(meta), 0, tag) + meta]
+    return [HEADER.pack(len(meta), 0, tag), meta]  # a large pickle is not copied to join
+
+
+_JOIN_BELOW = 64 * 1024
 
 
 def loads(frame: memoryview, header_len: int, meta_len: int, buf_lens: list[int]) -> Any:

@@ -21,6 +21,9 @@ from serval._private import protocol
 _NO_BUFFERS: list[int] = []
 _SMALL = 64 * 1024  # frames above this are read into a buffer of their own
 _MIN_FREE = 16 * 1024
+# A tick's messages leave in writes of at most this many pieces: the peer starts on the first
+# ones while this side still produces the rest (one write per tick made the two take turns).
+_FLUSH_AT = 16
 
 MessageHandler = Callable[["Connection", Any], None]
 LostHandler = Callable[["Connection", "BaseException | None"], None]
@@ -64,6 +67,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._transport.writelines(pieces)
         else:
             self._outbox.extend(pieces)
+            if len(self._outbox) >= _FLUSH_AT and self._transport is not None:
+                self._write_outbox()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -72,6 +77,10 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         if self._transport is None or self.closed or not self._outbox:
             return
+        self._write_outbox()
+
+    def _write_outbox(self) -> None:
+        assert self._transport is not None
         out, self._outbox = self._outbox, []
         if len(out) == 1:
             self._transport.write(out[0])
