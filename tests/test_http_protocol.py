@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -171,3 +172,16 @@ def test_unsafe_request_id_is_replaced_not_echoed(addr: tuple[str, int]) -> None
         assert headers["x-request-id"] and headers["x-request-id"] != "has space"
         sock.sendall(get("/echo/x", "X-Request-Id: good-id-1"))
         assert read_response(f)[1]["x-request-id"] == "good-id-1"
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(addr: tuple[str, int]) -> None:
+    # uvicorn's default keep-alive timeout: 5 s of silence after the last response.
+    with connect(addr) as (sock, f):
+        sock.sendall(get("/echo/a"))
+        read_response(f)
+        time.sleep(3)  # idle, but not long enough: still served
+        sock.sendall(get("/echo/b"))
+        assert read_response(f)[2] == b"GET /echo/b "
+        answered = time.monotonic()
+        assert f.read() == b""  # blocks until the server closes it (socket timeout: 10 s)
+        assert 4.5 < time.monotonic() - answered < 8

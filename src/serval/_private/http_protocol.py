@@ -55,6 +55,10 @@ def _has_body(status: int) -> bool:
     return status >= 200 and status not in (204, 304)
 
 
+# The statuses whose responses carry a body, for a set lookup on the hot path.
+_WITH_BODY = frozenset(s for s in range(100, 600) if _has_body(s))
+
+
 def text_reply(status: int, text: str) -> Reply:
     return status, list(_TEXT), text.encode()
 
@@ -225,7 +229,7 @@ class Exchange:
                 close = said_close = True
             out += (name, b": ", value, b"\r\n")
         out += (b"x-request-id: ", self.request_id.encode(), b"\r\n")
-        if not has_length and length is not None and _has_body(status):
+        if not has_length and length is not None and status in _WITH_BODY:
             out += (b"content-length: ", b"%d" % length, b"\r\n")
         if close and not said_close:
             out.append(b"connection: close\r\n")
@@ -237,7 +241,7 @@ class Exchange:
         if self.complete:
             return
         out, close = self._head(status, headers, len(body))
-        if body and not self.head_only and _has_body(status):
+        if body and not self.head_only and status in _WITH_BODY:
             out.append(body)
         transport = self.conn.transport
         if not transport.is_closing():
@@ -340,6 +344,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self._current: Exchange | None = None  # the request being parsed
         self._active: Exchange | None = None  # the request being answered
         self._queued: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        self._idle_since: float | None = None  # see _arm_keep_alive
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
 
     # -- parser callbacks ----------------------------------------------------------------------
 
@@ -413,9 +419,34 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._active = self._queued.popleft()
             self._active.start()
         elif self._current is None or self._current.complete:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            self._arm_keep_alive()
+
+    # -- keep-alive ----------------------------------------------------------------------------
+    # uvicorn arms a timer after every response and cancels it on the next request: two heap
+    # operations per request. Here the connection notes when it went idle, and one timer per
+    # connection, re-armed only when it fires, closes the connection once it has been idle for
+    # the whole keep-alive timeout.
+
+    def _arm_keep_alive(self) -> None:
+        self._idle_since = self.loop.time()
+        if self._keep_alive_timer is None:
+            self._keep_alive_timer = self.loop.call_at(
+                self._idle_since + self.timeout_keep_alive, self._check_idle
             )
+
+    def _check_idle(self) -> None:
+        self._keep_alive_timer = None
+        if self._idle_since is None or self.transport.is_closing():
+            return  # busy: the next response re-arms it
+        due = self._idle_since + self.timeout_keep_alive
+        if self.loop.time() >= due:
+            self.transport.close()
+        else:
+            self._keep_alive_timer = self.loop.call_at(due, self._check_idle)
+
+    def _unset_keepalive_if_required(self) -> None:
+        # Called by uvicorn's data_received for every read: data means not idle.
+        self._idle_since = None
 
     # -- the connection's end ------------------------------------------------------------------
 
@@ -425,6 +456,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                 ex.abandon()
         self._active = self._current = None
         self._queued.clear()
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
         super().connection_lost(exc)
 
     def shutdown(self) -> None:

@@ -176,6 +176,8 @@ class Replica:
             call = getattr(self.user, "__call__", None)  # noqa: B004
             sync_call = call is not None and _kind(call) is _Kind.SYNC
             self._sync_http = self.asgi_app is None and sync_call
+            if self._sync_http:
+                import starlette.requests  # noqa: F401 - now, not in the first request
         except BaseException as exc:  # the caller of serve.run gets this traceback
             logger.error("replica %s of %s failed to start", self.replica_id, self.deployment)
             return "".join(traceback.format_exception(exc))
