@@ -132,7 +132,6 @@ async def async_suite(h: Any, warmup: int, seq_n: int, tput_n: int) -> dict[str,
     return out
 
 
-
 def cluster_address() -> str | None:
     """The runtime directory of this process's cluster (it appears in its processes' argv)."""
     try:
@@ -299,38 +298,76 @@ def report(
 
     rows: list[tuple[str, ...]] = []
 
-    def row(label: str, floor_v: float | None, serval_v: float, fmt: Any,
-            goal: str = "", ok: bool | None = None, ray: str = "") -> None:
+    def row(
+        label: str,
+        floor_v: float | None,
+        serval_v: float,
+        fmt: Any,
+        goal: str = "",
+        ok: bool | None = None,
+        ray: str = "",
+    ) -> None:
         ratio = f"{serval_v / floor_v:.2f}x" if floor_v else ""
         verdict = "" if ok is None else ("yes" if ok else "NO")
-        rows.append((label, fmt(floor_v) if floor_v else "-", fmt(serval_v), ratio, goal,
-                     verdict, ray))
+        rows.append(
+            (label, fmt(floor_v) if floor_v else "-", fmt(serval_v), ratio, goal, verdict, ray)
+        )
 
     seq_goal, rps_goal = f"<= {GOAL_SEQ_P50_MAX_X:g}x", f">= {GOAL_RPS_MIN_X:g}x"
     ray_seq = f"{RAY['seq_p50_us']:,.0f} µs ({RAY['seq_p50_us'] / RAY_FLOOR['seq_p50_us']:.0f}x)"
     ray_rps = f"{RAY['rps']:,.0f}/s ({RAY['rps'] / RAY_FLOOR['rps']:.3f}x)"
-    row("sequential p50, sync .result()", fseq, ss["p50_us"], fmt_us, seq_goal,
-        goals["seq_sync_p50"], ray_seq)
+    row(
+        "sequential p50, sync .result()",
+        fseq,
+        ss["p50_us"],
+        fmt_us,
+        seq_goal,
+        goals["seq_sync_p50"],
+        ray_seq,
+    )
     row("sequential p99, sync .result()", fp99, ss["p99_us"], fmt_us)
-    row("sequential p50, async await", fseq, sa["p50_us"], fmt_us, seq_goal,
-        goals["seq_async_p50"])
+    row("sequential p50, async await", fseq, sa["p50_us"], fmt_us, seq_goal, goals["seq_async_p50"])
     row("sequential p99, async await", fp99, sa["p99_us"], fmt_us)
-    row(f"throughput, {IN_FLIGHT} in flight, sync echo", frps, rps_echo, fmt_rps, rps_goal,
-        goals["rps_echo"], ray_rps)
-    row(f"throughput, {IN_FLIGHT} in flight, async aecho", frps, rps_aecho, fmt_rps, rps_goal,
-        goals["rps_aecho"])
-    row("cold start, import -> first result", None, cold_med, lambda v: f"{v:.2f} s",
-        f"< {GOAL_COLD_START_MAX_S:g} s", goals["cold_start"], f"{RAY['cold_start_s']:g} s")
+    row(
+        f"throughput, {IN_FLIGHT} in flight, sync echo",
+        frps,
+        rps_echo,
+        fmt_rps,
+        rps_goal,
+        goals["rps_echo"],
+        ray_rps,
+    )
+    row(
+        f"throughput, {IN_FLIGHT} in flight, async aecho",
+        frps,
+        rps_aecho,
+        fmt_rps,
+        rps_goal,
+        goals["rps_aecho"],
+    )
+    row(
+        "cold start, import -> first result",
+        None,
+        cold_med,
+        lambda v: f"{v:.2f} s",
+        f"< {GOAL_COLD_START_MAX_S:g} s",
+        goals["cold_start"],
+        f"{RAY['cold_start_s']:g} s",
+    )
 
     head = ("figure", "floor", "serval", "x floor", "goal", "met", "Ray Serve 2.60 *")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
     missed = [k for k, v in goals.items() if not v]
     print()
-    print(f"serval handle benchmark ({mode} run): Python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, {platform.machine()}, serval {serve.__version__}")
-    print(f"  {rounds} round(s), each: {seq_n:,} sequential calls after {warmup:,} warm-up, "
-          f"{tput_n:,} calls for throughput; cold start: median of {len(cold)} fresh process(es)")
+    print(
+        f"serval handle benchmark ({mode} run): Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}, serval {serve.__version__}"
+    )
+    print(
+        f"  {rounds} round(s), each: {seq_n:,} sequential calls after {warmup:,} warm-up, "
+        f"{tput_n:,} calls for throughput; cold start: median of {len(cold)} fresh process(es)"
+    )
     print()
     print(line.format(*head))
     print("  ".join("-" * w for w in widths))
@@ -338,34 +375,51 @@ def report(
         print(line.format(*r))
     print()
     print("  floor: forked echo server + uvloop client, Unix socket in a private temp dir, pickled")
-    print(f"    frames, measured in this run with client and server on {PLACEMENT_LABELS[ref]}."
-          " All placements:")
+    print(
+        f"    frames, measured in this run with client and server on {PLACEMENT_LABELS[ref]}."
+        " All placements:"
+    )
     for name, f in floors.items():
         mark = "   <- the floor column" if name == ref else ""
-        print(f"      {PLACEMENT_LABELS[name]:<9} p50 {f['p50_us']:>5,.0f} µs  "
-              f"p99 {f['p99_us']:>6,.0f} µs  {f['rps']:>7,.0f}/s{mark}")
+        print(
+            f"      {PLACEMENT_LABELS[name]:<9} p50 {f['p50_us']:>5,.0f} µs  "
+            f"p99 {f['p99_us']:>6,.0f} µs  {f['rps']:>7,.0f}/s{mark}"
+        )
     print("  x floor: serval / floor (latency: lower is better; throughput: higher is better).")
-    print("  * Ray Serve: measured ELSEWHERE (another 2-core machine, 2026-11-25), not in this "
-          "run;")
-    print("    in brackets its ratio to the floor measured there "
-          f"({RAY_FLOOR['seq_p50_us']:.0f} µs, {RAY_FLOOR['rps']:,.0f}/s).")
+    print(
+        "  * Ray Serve: measured ELSEWHERE (another 2-core machine, 2026-11-25), not in this run;"
+    )
+    print(
+        "    in brackets its ratio to the floor measured there "
+        f"({RAY_FLOOR['seq_p50_us']:.0f} µs, {RAY_FLOOR['rps']:,.0f}/s)."
+    )
     if rounds > 1:
-        print("  spread over rounds (min-max): sequential p50 sync "
-              f"{spread(ss['round_p50_us'])} µs, async {spread(sa['round_p50_us'])} µs, floor "
-              f"{spread(fl['round_p50_us'])} µs;")
-        print(f"    req/s echo {spread(raw['rps_echo'])}, aecho {spread(raw['rps_aecho'])}, "
-              f"floor {spread(fl['rps_rounds'])}")
-    print(f"  tails, p99.9 / max: sync {ss['p999_us']:,.0f} / {ss['max_us']:,.0f} µs; async "
-          f"{sa['p999_us']:,.0f} / {sa['max_us']:,.0f} µs; floor {fl['p999_us']:,.0f} / "
-          f"{fl['max_us']:,.0f} µs")
+        print(
+            "  spread over rounds (min-max): sequential p50 sync "
+            f"{spread(ss['round_p50_us'])} µs, async {spread(sa['round_p50_us'])} µs, floor "
+            f"{spread(fl['round_p50_us'])} µs;"
+        )
+        print(
+            f"    req/s echo {spread(raw['rps_echo'])}, aecho {spread(raw['rps_aecho'])}, "
+            f"floor {spread(fl['rps_rounds'])}"
+        )
+    print(
+        f"  tails, p99.9 / max: sync {ss['p999_us']:,.0f} / {ss['max_us']:,.0f} µs; async "
+        f"{sa['p999_us']:,.0f} / {sa['max_us']:,.0f} µs; floor {fl['p999_us']:,.0f} / "
+        f"{fl['max_us']:,.0f} µs"
+    )
     colds = ", ".join(f"{c['first_result_s']:.2f}" for c in cold)
-    print(f"  cold start runs: {colds} s; whole process (interpreter start to exit): "
-          f"{statistics.median(c['process_wall_s'] for c in cold):.2f} s, of which "
-          f"serve.shutdown() {statistics.median(c['shutdown_s'] for c in cold):.2f} s")
+    print(
+        f"  cold start runs: {colds} s; whole process (interpreter start to exit): "
+        f"{statistics.median(c['process_wall_s'] for c in cold):.2f} s, of which "
+        f"serve.shutdown() {statistics.median(c['shutdown_s'] for c in cold):.2f} s"
+    )
     if leftover:
         print(f"  WARNING: {len(leftover)} serval process(es) outlived serve.shutdown() by 3 s")
-    print(f"  goals met: {len(goals) - len(missed)}/{len(goals)}"
-          + (f" (missed: {', '.join(missed)})" if missed else ""))
+    print(
+        f"  goals met: {len(goals) - len(missed)}/{len(goals)}"
+        + (f" (missed: {', '.join(missed)})" if missed else "")
+    )
     print(f"  total run time: {elapsed:.1f} s")
     print()
 
@@ -380,8 +434,11 @@ def report(
         "floor_seq_p99_us": r1(fp99),
         "floor_rps_c64": round(frps),
         "floor_placements": {
-            name: {"seq_p50_us": r1(f["p50_us"]), "seq_p99_us": r1(f["p99_us"]),
-                   "rps_c64": round(f["rps"])}
+            name: {
+                "seq_p50_us": r1(f["p50_us"]),
+                "seq_p99_us": r1(f["p99_us"]),
+                "rps_c64": round(f["rps"]),
+            }
             for name, f in floors.items()
         },
         "serval_seq_sync_p50_us": r1(ss["p50_us"]),
@@ -399,7 +456,8 @@ def report(
         "serval_cold_start_s": round(cold_med, 3),
         "serval_cold_start_runs_s": [round(c["first_result_s"], 3) for c in cold],
         "serval_cold_process_wall_s": round(
-            statistics.median(c["process_wall_s"] for c in cold), 3),
+            statistics.median(c["process_wall_s"] for c in cold), 3
+        ),
         "serval_cold_shutdown_s": round(statistics.median(c["shutdown_s"] for c in cold), 3),
         "x_seq_sync_p50": round(ss["p50_us"] / fseq, 2),
         "x_seq_async_p50": round(sa["p50_us"] / fseq, 2),
@@ -408,7 +466,8 @@ def report(
         "goals_met": goals,
         "leftover_processes": len(leftover),
         "rayserve_measured_elsewhere": {
-            "seq_p50_us": RAY["seq_p50_us"], "rps_c64": RAY["rps"],
+            "seq_p50_us": RAY["seq_p50_us"],
+            "rps_c64": RAY["rps"],
             "cold_start_s": RAY["cold_start_s"],
         },
         "elapsed_s": round(elapsed, 1),
@@ -453,8 +512,9 @@ def main() -> int:
             for i in range(rounds):
                 print(f"round {i + 1}/{rounds}: floor ...", end="", flush=True)
                 for name, placement in placements().items():
-                    f = floor_server.measure(placement, warmup=warmup, seq_n=seq_n,
-                                             tput_n=tput_n, in_flight=IN_FLIGHT)
+                    f = floor_server.measure(
+                        placement, warmup=warmup, seq_n=seq_n, tput_n=tput_n, in_flight=IN_FLIGHT
+                    )
                     floor_raw[name]["lat"].append(f["latencies_s"])
                     floor_raw[name]["rps"].append(f["rps"])
                 print(" serval sync ...", end="", flush=True)
@@ -469,11 +529,19 @@ def main() -> int:
             serve.shutdown()
     left = leftovers(addresses)
     for pid, cmd in left.items():
-        print(f"WARNING: still running 3 s after serve.shutdown(): pid {pid}: {cmd}",
-              file=sys.stderr)
+        print(
+            f"WARNING: still running 3 s after serve.shutdown(): pid {pid}: {cmd}", file=sys.stderr
+        )
 
-    result = report(floor_raw, cold, raw, left, mode, (rounds, warmup, seq_n, tput_n, cold_n),
-                    time.perf_counter() - started)
+    result = report(
+        floor_raw,
+        cold,
+        raw,
+        left,
+        mode,
+        (rounds, warmup, seq_n, tput_n, cold_n),
+        time.perf_counter() - started,
+    )
     if opts.check and not all(result["goals_met"].values()):
         return 1
     return 0

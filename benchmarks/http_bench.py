@@ -218,7 +218,6 @@ def source_version() -> str:
         return ""
 
 
-
 def wait_http(
     port: int,
     path: str,
