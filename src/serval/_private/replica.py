@@ -277,24 +277,25 @@ class Replica:
     ) -> None:
         self.ongoing += 1
         self.idle.clear()
+        asgi = meta is not None and "asgi" in meta
+        # (HTTP: the reply is a plain result, whatever was streamed before it)
+        stream = not asgi and bool(meta and meta.get("stream"))
+        done = partial(self._done, conn, rid, method, stream)
         try:
-            if meta is not None and "asgi" in meta:
-                fut: asyncio.Future[Any]
-                if self._sync_http and args[0][1] == "http":
-                    assert self._pool is not None
-                    fut = self._pool.run(serve_http_sync, self.user, args[0], args[1], meta)
-                else:
-                    fut = self.loop.create_task(self._serve_http(conn, rid, args[0], args[1], meta))
-                meta = None  # the reply is a plain result, whatever was streamed before it
+            fut: asyncio.Future[Any]
+            if asgi and self._sync_http and args[0][1] == "http":
+                assert self._pool is not None
+                fut = self._pool.run(serve_http_sync, self.user, args[0], args[1], meta, then=done)
+            elif asgi:
+                fut = self.loop.create_task(self._serve_http(conn, rid, args[0], args[1], meta))
+                fut.add_done_callback(done)
             else:
                 fn, kind = self._method(method)
-                fut = self._execute(conn, rid, fn, kind, args, kwargs, meta)
+                fut = self._execute(conn, rid, fn, kind, args, kwargs, meta, done)
         except Exception as exc:
             self._finish(conn, rid, method, None, exc, False)
             return
         self._running.setdefault(conn, {})[rid] = fut
-        stream = bool(meta and meta.get("stream"))
-        fut.add_done_callback(partial(self._done, conn, rid, method, stream))
 
     def _execute(
         self,
@@ -305,7 +306,9 @@ class Replica:
         args: Any,
         kwargs: Any,
         meta: Any,
+        done: Callable[[asyncio.Future[Any]], None],
     ) -> asyncio.Future[Any]:
+        """Start ``fn``; ``done`` is called with its future when it has finished."""
         stream = bool(meta and meta.get("stream"))
         if stream != (kind in (_Kind.ASYNC_GEN, _Kind.SYNC_GEN)):
             raise TypeError(
@@ -315,17 +318,19 @@ class Replica:
                 else f"{self.deployment}.{getattr(fn, '__name__', 'method')} is not a generator, "
                 "so it cannot be called with stream=True"
             )
-        if kind is _Kind.ASYNC:
-            if meta is None:  # no request context to set: no wrapper coroutine either
-                return self.loop.create_task(fn(*args, **kwargs))
-            return self.loop.create_task(_with_context(meta, fn, args, kwargs))
-        if kind is _Kind.SYNC:
-            assert self._pool is not None
-            return self._pool.run(_sync_with_context, meta, fn, args, kwargs)
-        if kind is _Kind.ASYNC_GEN:
-            return self.loop.create_task(self._stream_async(conn, rid, meta, fn, args, kwargs))
         assert self._pool is not None
-        return self._pool.run(self._stream_sync, conn, rid, meta, fn, args, kwargs)
+        if kind is _Kind.SYNC:
+            return self._pool.run(_sync_with_context, meta, fn, args, kwargs, then=done)
+        if kind is _Kind.SYNC_GEN:
+            return self._pool.run(self._stream_sync, conn, rid, meta, fn, args, kwargs, then=done)
+        if kind is _Kind.ASYNC_GEN:
+            task = self.loop.create_task(self._stream_async(conn, rid, meta, fn, args, kwargs))
+        elif meta is None:  # no request context to set: no wrapper coroutine either
+            task = self.loop.create_task(fn(*args, **kwargs))
+        else:
+            task = self.loop.create_task(_with_context(meta, fn, args, kwargs))
+        task.add_done_callback(done)
+        return task
 
     async def _stream_async(
         self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 _Job = tuple[asyncio.Future[Any], contextvars.Context, Callable[..., Any], tuple[Any, ...]]
+_Then = Callable[[asyncio.Future[Any]], None]
 
 
 class SyncRunner:
@@ -29,10 +30,20 @@ class SyncRunner:
         self._lock = threading.Lock()
         self._finished: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._wake_scheduled = False
+        self._then: dict[asyncio.Future[Any], _Then] = {}
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Run ``fn(*args)`` in a worker thread, in a copy of the caller's context."""
+    def run(
+        self, fn: Callable[..., Any], *args: Any, then: _Then | None = None
+    ) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in a worker thread, in a copy of the caller's context.
+
+        ``then(future)`` is called on the loop when ``fn`` has returned, in the same callback
+        that completes the future (a done-callback would wait for another loop iteration),
+        and also if the future was cancelled meanwhile: only once the thread is free again.
+        """
         fut: asyncio.Future[Any] = self._loop.create_future()
+        if then is not None:
+            self._then[fut] = then
         with self._lock:
             need_thread = self._idle == 0 and len(self._threads) < self._max_threads
             if not need_thread and self._idle:
@@ -83,12 +94,14 @@ class SyncRunner:
             finished, self._finished = self._finished, []
             self._wake_scheduled = False
         for fut, value, error in finished:
-            if fut.cancelled():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(value)
+            if not fut.cancelled():
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(value)
+            then = self._then.pop(fut, None)
+            if then is not None:
+                then(fut)
 
     def shutdown(self) -> None:
         for _ in self._threads:
