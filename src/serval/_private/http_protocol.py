@@ -26,7 +26,12 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serval._private.calls import Call, StreamBuffer
-from serval.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from serval.exceptions import (
+    BackPressureError,
+    DeploymentNotFoundError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+)
 
 if TYPE_CHECKING:
     from serval._private.proxy import ProxyApp
@@ -65,6 +70,9 @@ def text_reply(status: int, text: str) -> Reply:
 
 class _TimedOut(Exception):
     pass
+
+
+_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, DeploymentNotFoundError)
 
 
 class Exchange:
@@ -109,10 +117,6 @@ class Exchange:
         self.call: Call | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
-
-    @property
-    def response_complete(self) -> bool:  # the name uvicorn's protocol reads
-        return self.complete
 
     # -- the request ---------------------------------------------------------------------------
 
@@ -207,7 +211,8 @@ class Exchange:
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, _TimedOut):
             self.respond(*text_reply(408, "Request timed out"))
-        elif isinstance(exc, BackPressureError | DeploymentUnavailableError):
+        elif isinstance(exc, _UNAVAILABLE):
+            # (not found: the app was deleted between this request's routing and its sending)
             self.respond(*text_reply(503, str(exc)))
         elif isinstance(exc, RequestCancelledError) and self.conn.transport.is_closing():
             self.complete = True  # the client went away; nobody to answer
