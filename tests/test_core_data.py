@@ -87,3 +87,28 @@ def test_large_values_through_legacy_handle(echo: serve.DeploymentHandle) -> Non
     assert modern.remote(data).result(timeout_s=10) == data
     legacy = Echo.get_handle()
     assert serve.get(legacy.remote(data), timeout=10) == data
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Shout:
+    # Sync: its replies are written by the replica's worker threads themselves when they can,
+    # through the loop when the socket is busy; both must keep frames whole and in place.
+    def __call__(self, i: int, size: int) -> str:
+        return f"{i}:" + "x" * size
+
+
+def test_many_concurrent_sync_replies_arrive_whole(cluster: None) -> None:
+    handle = serve.run(Shout.bind(), name="shout", route_prefix=None)
+
+    async def burst() -> list[str]:
+        # Sizes up to just under a frame's join limit, so that many threads' replies fill
+        # the socket and some writes come out short or would block.
+        sizes = [(i * 7919) % 60_000 for i in range(600)]
+        got = await asyncio.gather(*[handle.remote(i, n) for i, n in enumerate(sizes)])
+        assert got == [f"{i}:" + "x" * n for i, n in enumerate(sizes)]
+        return got
+
+    for _ in range(3):
+        asyncio.run(burst())
+    # and the replica still answers plainly afterwards
+    assert handle.remote(1, 3).result(timeout_s=10) == "1:xxx"

@@ -105,6 +105,8 @@ class Replica:
         self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
         self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
         self._pool: SyncRunner | None = None
+        # (connection, request id) of calls whose reply a worker thread sent itself
+        self._replied: set[tuple[transport.Connection, int]] = set()
         self._inputs: dict[tuple[transport.Connection, int], asyncio.Queue[Any]] = {}
         self.asgi_app: Any = None
         # A sync __call__(request) and no ASGI app: HTTP requests run whole on a worker thread.
@@ -237,7 +239,7 @@ class Replica:
     # -- data plane ------------------------------------------------------------------------------
 
     def _new_connection(self) -> transport.Connection:
-        conn = transport.Connection(self._on_message, self._on_lost)
+        conn = transport.Connection(self._on_message, self._on_lost, thread_writes=True)
         self._running[conn] = {}
         return conn
 
@@ -285,7 +287,14 @@ class Replica:
             fut: asyncio.Future[Any]
             if asgi and self._sync_http and args[0][1] == "http":
                 assert self._pool is not None
-                fut = self._pool.run(serve_http_sync, self.user, args[0], args[1], meta, then=done)
+                fut = self._pool.run(
+                    self._reply_from_thread,
+                    conn,
+                    rid,
+                    serve_http_sync,
+                    (self.user, args[0], args[1], meta),
+                    then=done,
+                )
             elif asgi:
                 fut = self.loop.create_task(self._serve_http(conn, rid, args[0], args[1], meta))
                 fut.add_done_callback(done)
@@ -320,7 +329,10 @@ class Replica:
             )
         assert self._pool is not None
         if kind is _Kind.SYNC:
-            return self._pool.run(_sync_with_context, meta, fn, args, kwargs, then=done)
+            call = (meta, fn, args, kwargs)
+            return self._pool.run(
+                self._reply_from_thread, conn, rid, _sync_with_context, call, then=done
+            )
         if kind is _Kind.SYNC_GEN:
             return self._pool.run(self._stream_sync, conn, rid, meta, fn, args, kwargs, then=done)
         if kind is _Kind.ASYNC_GEN:
@@ -331,6 +343,26 @@ class Replica:
             task = self.loop.create_task(_with_context(meta, fn, args, kwargs))
         task.add_done_callback(done)
         return task
+
+    def _reply_from_thread(
+        self, conn: transport.Connection, rid: int, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """On a worker thread: run ``fn(*args)`` and, when the result is plain, send the reply
+        from here (the loop then only does the bookkeeping: see ``_done``)."""
+        value = fn(*args)
+        if type(value) in _PLAIN_RESULTS:
+            try:
+                # ``ongoing`` as it will be once the loop counts this call finished
+                reply = (protocol.RESULT, rid, value, self.ongoing - 1)
+                pieces = protocol.dumps(reply, rid, True)
+            except Exception:
+                return value  # the loop's path reports what failed
+            if len(pieces) == 1:
+                self._replied.add((conn, rid))
+                if conn.write_from_thread(pieces[0]):
+                    return None
+                self._replied.discard((conn, rid))
+        return value
 
     async def _stream_async(
         self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
@@ -399,6 +431,12 @@ class Replica:
         running = self._running.get(conn)
         if running is not None:
             running.pop(rid, None)
+        if self._replied:
+            key = (conn, rid)
+            if key in self._replied:  # the worker thread sent the reply (even if cancelled)
+                self._replied.discard(key)
+                self._account()
+                return
         if fut.cancelled():
             error = RequestCancelledError(f"{self.deployment}.{method} was cancelled")
             self._finish(conn, rid, method, None, error, stream)
@@ -421,11 +459,7 @@ class Replica:
         exc: BaseException | None,
         stream: bool,
     ) -> None:
-        self.ongoing -= 1
-        while self._backlog and self.ongoing < self.config.max_ongoing_requests:
-            self._run(*self._backlog.popleft())
-        if self.ongoing == 0:
-            self.idle.set()
+        self._account()
         if conn.closed:
             return
         if exc is not None:
@@ -442,6 +476,14 @@ class Replica:
                     f"the return value of {self.deployment}.{method}", value, err
                 ),
             )
+
+    def _account(self) -> None:
+        """A call has finished: one slot free, for the backlog first."""
+        self.ongoing -= 1
+        while self._backlog and self.ongoing < self.config.max_ongoing_requests:
+            self._run(*self._backlog.popleft())
+        if self.ongoing == 0:
+            self.idle.set()
 
     def _reply_error(self, conn: transport.Connection, rid: int, exc: BaseException) -> None:
         if conn.closed:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import pickle
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,12 @@ LostHandler = Callable[["Connection", "BaseException | None"], None]
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, on_message: MessageHandler, on_lost: LostHandler | None = None) -> None:
+    def __init__(
+        self,
+        on_message: MessageHandler,
+        on_lost: LostHandler | None = None,
+        thread_writes: bool = False,
+    ) -> None:
         self._on_message = on_message
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
@@ -44,6 +50,13 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self.closed = False
         self.closed_future: asyncio.Future[None] = self._loop.create_future()
+        # Writes from other threads (see write_from_thread): a lock every write holds, a
+        # descriptor of our own (the transport's may be closed and its number reused while a
+        # thread writes), and bytes a thread could not finish, which must leave first.
+        self._thread_writes = thread_writes
+        self._wlock: threading.Lock | None = None
+        self._wfd = -1
+        self._tail: bytes | memoryview | None = None
 
     @property
     def connected(self) -> bool:
@@ -61,10 +74,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self._flush_scheduled and self._transport is not None:
             # The first message of a loop tick goes out at once (latency); the rest of the
             # tick's messages wait for one coalesced write at its end (throughput).
-            if len(pieces) == 1:
-                self._transport.write(pieces[0])
-            else:
-                self._transport.writelines(pieces)
+            self._write(pieces)
         else:
             self._outbox.extend(pieces)
             if len(self._outbox) >= _FLUSH_AT and self._transport is not None:
@@ -80,12 +90,54 @@ class Connection(asyncio.BufferedProtocol):
         self._write_outbox()
 
     def _write_outbox(self) -> None:
-        assert self._transport is not None
         out, self._outbox = self._outbox, []
-        if len(out) == 1:
-            self._transport.write(out[0])
-        else:
-            self._transport.writelines(out)
+        self._write(out)
+
+    def _write(self, pieces: list[bytes | memoryview]) -> None:
+        transport = self._transport
+        assert transport is not None
+        lock = self._wlock
+        if lock is None:
+            if len(pieces) == 1:
+                transport.write(pieces[0])
+            else:
+                transport.writelines(pieces)
+            return
+        with lock:
+            if self._tail is not None:
+                pieces = [self._tail, *pieces]
+                self._tail = None
+            transport.writelines(pieces)
+
+    def _write_tail(self) -> None:
+        if self._transport is not None and not self.closed and self._tail is not None:
+            self._write([])
+
+    def write_from_thread(self, frame: bytes | memoryview) -> bool:
+        """Write one whole frame from a thread other than the loop's, at once; False when it
+        cannot go now (nothing was written then: send it through the loop instead).
+
+        A replica's worker thread answers a sync call this way, saving the wake-up of the
+        loop before the caller hears back. Every write to the socket holds ``_wlock``, and a
+        thread writes only when the transport has nothing buffered, so frames never mix.
+        """
+        lock = self._wlock
+        if lock is None:
+            return False
+        with lock:
+            transport = self._transport
+            if self.closed or transport is None or self._tail is not None:
+                return False
+            if transport.get_write_buffer_size():
+                return False
+            try:
+                n = os.write(self._wfd, frame)
+            except OSError:  # would block, or the connection is going: the loop decides
+                return False
+            if n < len(frame):  # the rest leaves first, from the loop
+                self._tail = frame[n:]
+                self._loop.call_soon_threadsafe(self._write_tail)
+        return True
 
     def close(self) -> None:
         if self._transport is not None and not self.closed:
@@ -96,11 +148,22 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self._thread_writes:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self._wfd = os.dup(sock.fileno())
+                self._wlock = threading.Lock()
         if self._outbox and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        lock = self._wlock
+        if lock is not None:
+            with lock:  # no thread is writing to _wfd while it closes
+                self.closed = True
+                os.close(self._wfd)
+                self._wfd = -1
         self.closed = True
         self._outbox.clear()
         if not self.closed_future.done():
