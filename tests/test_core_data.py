@@ -91,8 +91,8 @@ def test_large_values_through_legacy_handle(echo: serve.DeploymentHandle) -> Non
 
 @serve.deployment(max_ongoing_requests=64)
 class Shout:
-    # Sync: its replies are written by the replica's worker threads themselves when they can,
-    # through the loop when the socket is busy; both must keep frames whole and in place.
+    # Sync: a reply is written by the worker thread itself when the call is the replica's only
+    # one and the socket is free, else through the loop; both must keep frames whole.
     def __call__(self, i: int, size: int) -> str:
         return f"{i}:" + "x" * size
 
@@ -110,5 +110,7 @@ def test_many_concurrent_sync_replies_arrive_whole(cluster: None) -> None:
 
     for _ in range(3):
         asyncio.run(burst())
-    # and the replica still answers plainly afterwards
-    assert handle.remote(1, 3).result(timeout_s=10) == "1:xxx"
+    # One at a time (the worker thread writes each reply itself), sizes up to 60 KB.
+    for i in range(300):
+        n = (i * 7919) % 60_000
+        assert handle.remote(i, n).result(timeout_s=10) == f"{i}:" + "x" * n
