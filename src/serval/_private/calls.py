@@ -187,11 +187,7 @@ class Call:
         self.args = self.kwargs = None  # type: ignore[assignment]  # drop references early
         if self.stream is not None:
             self.stream.close()
-        self.mark_assigned()
-        self.done.fire()
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._fire_done()
 
     def set_exception(self, error: BaseException) -> None:
         if self.done.fired:
@@ -200,6 +196,9 @@ class Call:
         self.args = self.kwargs = None  # type: ignore[assignment]
         if self.stream is not None:
             self.stream.close(error)
+        self._fire_done()
+
+    def _fire_done(self) -> None:
         self.mark_assigned()
         self.done.fire()
         waiter = self.waiter

@@ -56,12 +56,8 @@ def _status_line(status: int) -> bytes:
 _STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 
 
-def _has_body(status: int) -> bool:
-    return status >= 200 and status not in (204, 304)
-
-
-# The statuses whose responses carry a body, for a set lookup on the hot path.
-_WITH_BODY = frozenset(s for s in range(100, 600) if _has_body(s))
+# The statuses whose responses carry a body (not 1xx, 204, 304), for a set lookup.
+_WITH_BODY = frozenset(s for s in range(200, 600) if s not in (204, 304))
 
 
 def text_reply(status: int, text: str) -> Reply:
@@ -278,7 +274,7 @@ class Exchange:
                 if message["type"] == "http.response.start":
                     status: int = message["status"]
                     headers: Headers = message.get("headers", [])
-                    chunked = not self.head_only and _has_body(status)
+                    chunked = not self.head_only and status in _WITH_BODY
                     chunked = chunked and all(k != b"content-length" for k, _ in headers)
                     extra = [(b"transfer-encoding", b"chunked")] if chunked else []
                     head, close = self._head(status, [*headers, *extra], None)

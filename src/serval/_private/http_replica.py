@@ -101,6 +101,14 @@ class ResponseCollector:
             self.started = True
         self._emit(_plain(message))
 
+    def outcome(self) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """The whole response, or None if it was streamed."""
+        if self.complete is not None:
+            return self.complete
+        if not self.started:
+            raise RuntimeError("the ASGI app returned without sending a response")
+        return None
+
 
 def _plain(message: Message) -> Message:
     """ASGI messages may hold bytearrays or header tuples; keep them picklable and small."""
@@ -155,11 +163,7 @@ async def respond(
         if plain is not None:
             return plain
         await to_response(result)(scope, receive, collector.send)
-    if collector.complete is not None:
-        return collector.complete
-    if not collector.started:
-        raise RuntimeError("the ASGI app returned without sending a response")
-    return None
+    return collector.outcome()
 
 
 class Unfinished:
@@ -176,11 +180,7 @@ class Unfinished:
         self, collector: ResponseCollector
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         await to_response(self.result)(self.scope, http_receive(self.body), collector.send)
-        if collector.complete is not None:
-            return collector.complete
-        if not collector.started:
-            raise RuntimeError("the response was never sent")
-        return None
+        return collector.outcome()
 
 
 def serve_http_sync(

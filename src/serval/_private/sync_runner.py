@@ -15,8 +15,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-_Job = tuple[asyncio.Future[Any], contextvars.Context, Callable[..., Any], tuple[Any, ...]]
 _Then = Callable[[asyncio.Future[Any]], None]
+_Job = tuple[
+    asyncio.Future[Any], contextvars.Context, Callable[..., Any], tuple[Any, ...], _Then | None
+]
+_Finished = tuple[asyncio.Future[Any], Any, BaseException | None, _Then | None]
 
 
 class SyncRunner:
@@ -28,9 +31,8 @@ class SyncRunner:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
-        self._finished: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._finished: list[_Finished] = []
         self._wake_scheduled = False
-        self._then: dict[asyncio.Future[Any], _Then] = {}
 
     def run(
         self, fn: Callable[..., Any], *args: Any, then: _Then | None = None
@@ -42,15 +44,13 @@ class SyncRunner:
         and also if the future was cancelled meanwhile: only once the thread is free again.
         """
         fut: asyncio.Future[Any] = self._loop.create_future()
-        if then is not None:
-            self._then[fut] = then
         with self._lock:
             need_thread = self._idle == 0 and len(self._threads) < self._max_threads
             if not need_thread and self._idle:
                 self._idle -= 1  # this job takes that idle worker
         if need_thread:
             self._add_thread()
-        self._jobs.put((fut, contextvars.copy_context(), fn, args))
+        self._jobs.put((fut, contextvars.copy_context(), fn, args, then))
         return fut
 
     def _add_thread(self) -> None:
@@ -65,7 +65,7 @@ class SyncRunner:
             job = self._jobs.get()
             if job is None:
                 return
-            fut, ctx, fn, args = job
+            fut, ctx, fn, args, then = job
             value: Any = None
             error: BaseException | None = None
             if not fut.cancelled():
@@ -73,14 +73,14 @@ class SyncRunner:
                     value = ctx.run(fn, *args)
                 except BaseException as exc:  # delivered to the caller, never lost here
                     error = exc
-            self._deliver(fut, value, error)
-            del job, fut, ctx, fn, args, value, error
+            self._deliver((fut, value, error, then))
+            del job, fut, ctx, fn, args, value, error, then
             with self._lock:
                 self._idle += 1
 
-    def _deliver(self, fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    def _deliver(self, finished: _Finished) -> None:
         with self._lock:
-            self._finished.append((fut, value, error))
+            self._finished.append(finished)
             if self._wake_scheduled:
                 return
             self._wake_scheduled = True
@@ -93,13 +93,12 @@ class SyncRunner:
         with self._lock:
             finished, self._finished = self._finished, []
             self._wake_scheduled = False
-        for fut, value, error in finished:
+        for fut, value, error, then in finished:
             if not fut.cancelled():
                 if error is not None:
                     fut.set_exception(error)
                 else:
                     fut.set_result(value)
-            then = self._then.pop(fut, None)
             if then is not None:
                 then(fut)
 
