@@ -195,3 +195,66 @@ def test_sync_methods_run_concurrently(apps: None) -> None:
     responses = [h.slow_sync.remote(0.5) for _ in range(3)]
     assert [r.result(timeout_s=10) for r in responses] == ["slow"] * 3
     assert time.monotonic() - start < 1.2  # not 1.5 s one after another
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Ledger:
+    """Runs one request at a time and notes the order they came in."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def add(self, key: object) -> object:
+        self.seen.append(key)
+        return key
+
+    def log(self) -> list[object]:
+        return self.seen
+
+
+def test_one_threads_calls_run_in_the_order_it_made_them(apps: None) -> None:
+    h = serve.run(Ledger.bind())
+    responses = [h.add.remote(i) for i in range(40)]  # most wait at the caller
+    assert [r.result(timeout_s=10) for r in responses] == list(range(40))
+    assert h.log.remote().result(timeout_s=10) == list(range(40))
+
+
+def test_threads_calling_at_once_each_keep_their_order(apps: None) -> None:
+    h = serve.run(Ledger.bind())
+    start = threading.Barrier(4)
+
+    def worker(t: int) -> None:
+        start.wait(timeout=10)
+        responses = [h.add.remote((t, i)) for i in range(15)]
+        for r in responses:
+            r.result(timeout_s=20)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    log = h.log.remote().result(timeout_s=10)
+    assert len(log) == 60
+    for t in range(4):
+        assert [i for (who, i) in log if who == t] == list(range(15))
+
+
+def test_threads_calling_at_once_are_spread_over_free_replicas(apps: None) -> None:
+    # Each replica takes one request at a time: two threads calling at the same moment must
+    # land on different replicas, never both on one (where the second would wait).
+    h = serve.run(Who.options(num_replicas=2, max_ongoing_requests=1).bind())
+
+    def worker(start: threading.Barrier, where: list[str]) -> None:
+        start.wait(timeout=10)
+        where.append(h.remote(0.3).result(timeout_s=10)[0])
+
+    for _ in range(3):
+        start = threading.Barrier(2)
+        where: list[str] = []
+        threads = [threading.Thread(target=worker, args=(start, where)) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=20)
+        assert len(set(where)) == 2, where

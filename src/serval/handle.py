@@ -7,7 +7,8 @@ replica and returns an ``ObjectRef``; ``await RayServeHandle.remote()`` does the
 caller's loop. ``get`` and ``wait`` mirror ``ray.get`` and ``ray.wait``.
 
 A call made with a running event loop in this thread is routed on that loop (no thread hop);
-otherwise it goes to the process's home loop.
+otherwise it belongs to the process's home loop, and this thread sends it when it can (see
+``Router.submit_from_thread``).
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def _submit(call: Call) -> asyncio.AbstractEventLoop:
     if resolve:
         home.call_soon_threadsafe(_create_task, home, _resolve_then_submit(client, call))
     else:
-        home.call_soon_threadsafe(client.submit, call)
+        client.submit_from_thread(call)
     return home
 
 

@@ -1,9 +1,10 @@
 """One request's life on the caller side: assignment to a replica, then its outcome.
 
 A ``Call`` belongs to the event loop that routes it (its *owner*): only that loop's thread
-assigns or completes it. Any thread may wait on it: waits are thread-safe one-shot signals, so
-a sync caller blocks on a lock, an async caller on a future of its own loop, and neither needs
-to know which loop owns the call.
+completes it, and assigns it, but for a blocking caller's thread that sends its own call
+(``Router.submit_from_thread``). Any thread may wait on it: waits are thread-safe one-shot
+signals, so a sync caller blocks on a lock, an async caller on a future of its own loop, and
+neither needs to know which loop owns the call.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class Call:
     # -- assignment --------------------------------------------------------------------------
 
     def mark_assigned(self) -> None:
-        """Sent to a replica (or finished without one). Owner loop thread only."""
+        """Sent to a replica (or finished without one). The owner loop's thread, or the
+        caller's that sent it."""
         self.is_assigned = True
         signal = self._assigned
         if signal is not None:

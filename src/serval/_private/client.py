@@ -66,6 +66,18 @@ class ClusterClient:
             return
         router.submit(call)
 
+    def submit_from_thread(self, call: Call) -> None:
+        """``submit`` from a thread that is not this client's loop's. The router sends the
+        call from this thread when it can (no wake-up of the loop on the way out); otherwise
+        the call is handed to the loop."""
+        router = None
+        if self._ready.is_set() and not self._closed:
+            router = self.routers.get((call.app, call.deployment))
+        if router is None:
+            self.loop.call_soon_threadsafe(self.submit, call)
+        elif not router.submit_from_thread(call):
+            self.loop.call_soon_threadsafe(router.handed_over_routed, call)
+
     def send_input(self, call: Call, message: Any) -> None:
         router = self.routers.get((call.app, call.deployment))
         if router is not None:

@@ -5,6 +5,12 @@ the in-flight count this router knows, corrected by the count each replica repor
 replies. Requests beyond every replica's limit wait here, bounded by ``max_queued_requests``.
 A replica whose connection drops is removed at once: its unsent requests are routed again,
 its in-flight ones fail with ``ReplicaDiedError``.
+
+A router belongs to one event loop, but a thread that makes a blocking call may route and
+send its own request (``submit_from_thread``), sparing the loop a wake-up on the way out.
+``Router.lock`` makes that safe: whatever chooses a replica, adds a call to a replica's table
+or changes the table of replicas holds it. A reply only pops its call (one atomic dict
+operation), so it needs no lock: a replica's in-flight count is the size of that dict.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import random
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,13 +66,12 @@ class ReplicaSlot:
     def __init__(self, router: Router, info: ReplicaInfo) -> None:
         self.router = router
         self.info = info
-        self.in_flight = 0
         self.reported = 0
-        self.calls: dict[int, Call] = {}
+        self.calls: dict[int, Call] = {}  # in flight, by request id
         self.unsent: list[Call] = []  # sent before the connection was up
         self.dead = False
         self.draining = False  # the replica refused work: it is shutting down
-        self.conn = transport.Connection(self._on_message, self._on_lost)
+        self.conn = transport.Connection(self._on_message, self._on_lost, thread_writes=True)
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -80,23 +86,35 @@ class ReplicaSlot:
 
     @property
     def load(self) -> int:
-        return max(self.in_flight, self.reported)
+        return max(len(self.calls), self.reported)
 
     def send(self, call: Call) -> None:
-        call.rid = rid = next(_rids)
-        msg = (protocol.REQUEST, rid, call.method, call.args, call.kwargs, call.meta)
+        """Send ``call`` from the loop (``Router.lock`` held)."""
         try:
-            pieces = protocol.dumps(msg, rid, call.plain)
+            rid, pieces = _request(call)
         except Exception as exc:
             call.set_exception(_args_error(call, exc))
             return
         self.calls[rid] = call
-        self.in_flight += 1
         call.replica = self.info.replica_id
         if not self.conn.connected:
             self.unsent.append(call)
         self.conn.send_pieces(pieces)
         call.mark_assigned()
+
+    def send_from_thread(self, call: Call, rid: int, frame: bytes | memoryview) -> bool:
+        """Send ``call``, pickled as ``frame``, from a thread that is not the loop's
+        (``Router.lock`` held); False, and nothing sent, when the connection cannot take it
+        from a thread now."""
+        if not self.conn.connected:
+            return False
+        # In the table before the bytes leave: the reply may come back at once.
+        self.calls[rid] = call
+        if self.conn.write_from_thread(frame):
+            call.replica = self.info.replica_id
+            return True
+        del self.calls[rid]  # nothing left, so no reply can have come
+        return False
 
     def cancel(self, call: Call) -> None:
         if call.rid in self.calls and not self.conn.closed:
@@ -141,7 +159,6 @@ class ReplicaSlot:
         self.reported = msg[3]
         if kind == protocol.REJECT:
             self.draining = True
-            self.in_flight -= 1
             if call is not None:
                 self.router.requeue(call)
             return
@@ -158,7 +175,6 @@ class ReplicaSlot:
             call.set_exception(rebuild_error(msg[2]))
 
     def _finished(self) -> None:
-        self.in_flight -= 1
         if self.router.slots.get(self.info.replica_id) is not self:
             if not self.calls:  # removed from the table and now idle
                 self.close()
@@ -166,12 +182,12 @@ class ReplicaSlot:
         self.router.dispatch()
 
     def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
-        if self.dead:
-            return
-        self.dead = True
+        with self.router.lock:  # no thread adds a call to the table once it is swapped out
+            if self.dead:
+                return
+            self.dead = True
+            calls, self.calls = self.calls, {}
         unsent = {id(c) for c in self.unsent}
-        calls, self.calls = self.calls, {}
-        self.in_flight = 0
         reroute = []
         for call in calls.values():
             if id(call) in unsent:
@@ -196,6 +212,14 @@ def rebuild_error(payload: tuple[BaseException | None, str, str, str]) -> BaseEx
     return exc
 
 
+def _request(call: Call) -> tuple[int, list[bytes | memoryview]]:
+    """A new request id for ``call`` and its request frame; raises if an argument does not
+    pickle."""
+    call.rid = rid = next(_rids)
+    msg = (protocol.REQUEST, rid, call.method, call.args, call.kwargs, call.meta)
+    return rid, protocol.dumps(msg, rid, call.plain)
+
+
 def _args_error(call: Call, exc: BaseException) -> SerializationError:
     try:
         where, value, cause = protocol.find_unpicklable(call.args, call.kwargs)
@@ -211,6 +235,12 @@ class Router:
         self.queue: deque[Call] = deque()
         self.deleted = False
         self._on_queued = on_queued  # told when requests start waiting (for the autoscaler)
+        # Re-entrant: a reply's callbacks may route again on the same thread. Nothing that
+        # holds it waits for another thread.
+        self.lock = threading.RLock()
+        # Calls a thread handed to the loop and the loop has not routed yet: while there are
+        # any, threads hand theirs over too, so that one thread's calls leave in order.
+        self.handed_over = 0
         self.update(info)
 
     @property
@@ -218,57 +248,85 @@ class Router:
         return f"{self.info.app}.{self.info.name}"
 
     def update(self, info: DeploymentInfo) -> None:
-        self.info = info
-        wanted = {r.replica_id: r for r in info.replicas}
-        for rid in list(self.slots):
-            if rid not in wanted:
-                # Gone from the table: take no more work; in-flight calls finish on their own.
-                slot = self.slots.pop(rid)
-                if not slot.calls:
-                    slot.close()
-        for rid, rinfo in wanted.items():
-            known = self.slots.get(rid)
-            if known is None:
-                self.slots[rid] = ReplicaSlot(self, rinfo)
-            elif known.info != rinfo:
-                known.info = rinfo
-        self.dispatch()
+        with self.lock:
+            self.info = info
+            wanted = {r.replica_id: r for r in info.replicas}
+            for rid in list(self.slots):
+                if rid not in wanted:
+                    # Gone from the table: no more work; in-flight calls finish on their own.
+                    slot = self.slots.pop(rid)
+                    if not slot.calls:
+                        slot.close()
+            for rid, rinfo in wanted.items():
+                known = self.slots.get(rid)
+                if known is None:
+                    self.slots[rid] = ReplicaSlot(self, rinfo)
+                elif known.info != rinfo:
+                    known.info = rinfo
+            self.dispatch()
 
     def delete(self) -> None:
         """The deployment is gone: fail what waits here."""
-        self.deleted = True
-        while self.queue:
-            self.queue.popleft().set_exception(
-                DeploymentUnavailableError(f"deployment {self.label} was deleted")
-            )
+        with self.lock:
+            self.deleted = True
+            waiting, self.queue = self.queue, deque()
+        for call in waiting:
+            call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
 
     def submit(self, call: Call) -> None:
         if self.deleted:
             call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
             return
-        if not self.queue:
-            slot = self._choose(call)
-            if slot is not None:
-                slot.send(call)
+        with self.lock:
+            if not self.queue:
+                slot = self._choose(call)
+                if slot is not None:
+                    slot.send(call)
+                    return
+            limit = self.info.max_queued_requests
+            if limit != -1 and len(self.queue) >= limit:
+                call.set_exception(BackPressureError(self.label, len(self.queue), limit))
                 return
-        limit = self.info.max_queued_requests
-        if limit != -1 and len(self.queue) >= limit:
-            call.set_exception(BackPressureError(self.label, len(self.queue), limit))
-            return
-        self.queue.append(call)
+            self.queue.append(call)
         if len(self.queue) == 1 and self._on_queued is not None:
             self._on_queued()
 
+    def submit_from_thread(self, call: Call) -> bool:
+        """Route and send ``call`` on the calling thread, which is not the loop's, when that
+        is simple: the deployment has a replica with room, connected, whose connection has
+        nothing waiting to go, and nothing queues here. False otherwise, with nothing done
+        but counting the call as handed over: the caller then hands it to the loop, which
+        ends with ``handed_over_routed``."""
+        try:
+            rid, pieces = _request(call)
+        except Exception:  # the loop's path reports it, naming the argument
+            pieces = []
+        with self.lock:
+            if len(pieces) == 1 and not (self.deleted or self.queue or self.handed_over):
+                slot = self._choose(call)
+                if slot is not None and slot.send_from_thread(call, rid, pieces[0]):
+                    call.mark_assigned()
+                    return True
+            self.handed_over += 1
+            return False
+
+    def handed_over_routed(self, call: Call) -> None:
+        """On the loop: route a call a thread handed over (see ``submit_from_thread``)."""
+        with self.lock:  # routed before any later call of a thread can go on its own
+            self.handed_over -= 1
+            self.submit(call)
+
     def cancel(self, call: Call) -> None:
-        if call.replica is None:
-            try:
-                self.queue.remove(call)
-            except ValueError:
-                pass
-        else:
-            slot = self.slots.get(call.replica)
-            if slot is not None:
-                slot.cancel(call)
+        with self.lock:
+            if call.replica is None:
+                try:
+                    self.queue.remove(call)
+                except ValueError:
+                    pass
+            else:
+                slot = self.slots.get(call.replica)
+                if slot is not None:
+                    slot.cancel(call)
         call.set_exception(RequestCancelledError(f"request to {call.label} was cancelled"))
 
     def send_input(self, call: Call, message: Any) -> None:
@@ -277,21 +335,25 @@ class Router:
             slot.send_input(call, message)
 
     def dispatch(self) -> None:
-        while self.queue:
-            slot = self._choose(self.queue[0])
-            if slot is None:
-                return
-            slot.send(self.queue.popleft())
+        if not self.queue:  # the common case: nothing waits, no lock to take
+            return
+        with self.lock:
+            while self.queue:
+                slot = self._choose(self.queue[0])
+                if slot is None:
+                    return
+                slot.send(self.queue.popleft())
 
     def _choose(self, call: Call) -> ReplicaSlot | None:
+        """A replica with room for ``call`` (``lock`` held), or None."""
         limit = self.info.max_ongoing_requests
         model = call.meta.get("multiplexed_model_id") if call.meta else None
         if len(self.slots) == 1 and not model:  # the common single-replica case, no lists
             (only,) = self.slots.values()
-            ok = only.in_flight < limit and not only.dead and not only.draining
+            ok = len(only.calls) < limit and not only.dead and not only.draining
             return only if ok else None
         free = [
-            s for s in self.slots.values() if s.in_flight < limit and not s.dead and not s.draining
+            s for s in self.slots.values() if len(s.calls) < limit and not s.dead and not s.draining
         ]
         if not free:
             return None
@@ -306,15 +368,17 @@ class Router:
 
     def requeue(self, call: Call) -> None:
         """A call a draining replica refused: first in line again."""
-        call.replica = None
-        if not call.done.fired:
-            self.queue.appendleft(call)
-        self.dispatch()
+        with self.lock:
+            call.replica = None
+            if not call.done.fired:
+                self.queue.appendleft(call)
+            self.dispatch()
 
     def replica_lost(self, slot: ReplicaSlot, reroute: list[Call]) -> None:
-        if self.slots.get(slot.info.replica_id) is slot:
-            del self.slots[slot.info.replica_id]
-        for call in reversed(reroute):
-            call.replica = None
-            self.queue.appendleft(call)
-        self.dispatch()
+        with self.lock:
+            if self.slots.get(slot.info.replica_id) is slot:
+                del self.slots[slot.info.replica_id]
+            for call in reversed(reroute):
+                call.replica = None
+                self.queue.appendleft(call)
+            self.dispatch()
