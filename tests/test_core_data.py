@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -114,3 +115,35 @@ def test_many_concurrent_sync_replies_arrive_whole(cluster: None) -> None:
     for i in range(300):
         n = (i * 7919) % 60_000
         assert handle.remote(i, n).result(timeout_s=10) == f"{i}:" + "x" * n
+
+
+@serve.deployment(num_replicas=2, max_ongoing_requests=3)
+class Measure:
+    def __call__(self, i: int, blob: bytes) -> tuple[int, int]:
+        return i, len(blob)
+
+
+def test_requests_from_many_threads_arrive_whole(cluster: None) -> None:
+    # Blocking callers send their own requests when a replica has room and its connection is
+    # free, else hand them to the loop; small and large (loop-only) frames, two replicas, a
+    # limit low enough that many wait at the caller: every answer must be the right one.
+    handle = serve.run(Measure.bind(), name="measure", route_prefix=None)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for k in range(60):
+                i = t * 1000 + k
+                n = (i * 7919) % 200_000
+                responses = [handle.remote(i, b"x" * n), handle.remote(-i, b"")]
+                assert [r.result(timeout_s=20) for r in responses] == [(i, n), (-i, 0)]
+        except BaseException as exc:  # the main thread reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
