@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 
 import pytest
 
@@ -193,6 +195,49 @@ def test_delete_removes_app_and_its_processes(apps: None) -> None:
     # the other app is untouched
     assert keep.remote(1).result(timeout_s=10) == 2
     assert serve.status().applications["keep"].status == "RUNNING"
+
+
+def _delete_while_threads_call() -> list[str]:
+    """Four threads call the default app while it is deleted; what each call ended with."""
+    h = serve.run(Echo.options(num_replicas=2, max_ongoing_requests=2).bind())
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def caller() -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(str(h.remote(1).result(timeout_s=5)))
+            except TimeoutError:  # before ServalError: GetTimeoutError is both
+                outcomes.append("hung")
+                return
+            except serve.exceptions.ServalError as exc:
+                outcomes.append(type(exc).__name__)
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    poll(lambda: len(outcomes) > 200, timeout=10.0, what="calls to flow", interval=0.01)
+    serve.delete("default")
+    poll(
+        lambda: outcomes.count("DeploymentNotFoundError") >= 20 or "hung" in outcomes,
+        timeout=10.0,
+        what="the callers to meet the deleted app",
+        interval=0.01,
+    )
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    return outcomes
+
+
+def test_calls_racing_a_delete_end_promptly(apps: None) -> None:
+    # Each call must end, with its value or a serval error, never wait forever (a call its
+    # draining replica refused once waited in the deleted deployment's queue).
+    for _ in range(3):
+        outcomes = _delete_while_threads_call()
+        assert "hung" not in outcomes
+        assert "1" in outcomes and "DeploymentNotFoundError" in outcomes
 
 
 def test_delete_then_redeploy_same_name(apps: None) -> None:

@@ -369,9 +369,7 @@ class Router:
     def requeue(self, call: Call) -> None:
         """A call a draining replica refused: first in line again."""
         with self.lock:
-            call.replica = None
-            if not call.done.fired:
-                self.queue.appendleft(call)
+            self._first_in_line(call)
             self.dispatch()
 
     def replica_lost(self, slot: ReplicaSlot, reroute: list[Call]) -> None:
@@ -379,6 +377,16 @@ class Router:
             if self.slots.get(slot.info.replica_id) is slot:
                 del self.slots[slot.info.replica_id]
             for call in reversed(reroute):
-                call.replica = None
-                self.queue.appendleft(call)
+                self._first_in_line(call)
             self.dispatch()
+
+    def _first_in_line(self, call: Call) -> None:
+        """Route ``call`` again, before the calls waiting here; or fail it if the deployment
+        is gone (its replicas refuse work as they drain: nothing would ever take it)."""
+        call.replica = None
+        if call.done.fired:
+            return
+        if self.deleted:
+            call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
+        else:
+            self.queue.appendleft(call)

@@ -128,7 +128,7 @@ class Connection(asyncio.BufferedProtocol):
             transport = self._transport
             if self.closed or transport is None or self._tail is not None:
                 return False
-            if transport.get_write_buffer_size():
+            if transport.is_closing() or transport.get_write_buffer_size():
                 return False
             try:
                 n = os.write(self._wfd, frame)
