@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import serval as serve
+from conftest import poll
 
 
 @serve.deployment
@@ -30,6 +32,24 @@ class Calc:
     async def slow(self, seconds: float, value: int) -> int:
         await asyncio.sleep(seconds)
         return value
+
+
+def _note(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+@serve.deployment
+class Sleeper:
+    """Notes, in a file, how a long call ended."""
+
+    async def nap(self, path: str) -> str:
+        _note(path, "started")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            _note(path, "cancelled")
+            raise
+        return "woke"
 
 
 @serve.deployment
@@ -189,3 +209,19 @@ def test_handle_shared_by_threads(apps: None) -> None:
     for t in threads:
         t.join(timeout=30)
     assert results == {t: [2 * (t * 100 + i) for i in range(20)] for t in range(8)}
+
+
+def test_cancel_a_response_from_sync_code(apps: None, tmp_path: Path) -> None:
+    h = serve.run(Sleeper.bind())
+    flag = tmp_path / "nap"
+    response = h.nap.remote(str(flag))
+    poll(flag.exists, timeout=10.0, what="the call to start", interval=0.01)
+    response.cancel()
+    with pytest.raises(serve.exceptions.RequestCancelledError):
+        response.result(timeout_s=10)
+    # the replica's coroutine was cancelled too, and the replica still serves
+    poll(lambda: flag.read_text() == "cancelled", timeout=10.0, what="the replica to cancel")
+    other = tmp_path / "other"
+    second = h.nap.remote(str(other))
+    poll(other.exists, timeout=10.0, what="a second call to start", interval=0.01)
+    second.cancel()
