@@ -4,9 +4,10 @@ end-to-end run through a real cluster."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import pickle
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -390,11 +391,11 @@ def test_sync_functions_are_rejected() -> None:
         batch(sync)  # type: ignore[arg-type]
 
 
-def test_async_generators_are_rejected_for_now() -> None:
-    async def stream(xs: list[int]) -> Any:
+def test_sync_generators_are_rejected() -> None:
+    def stream(xs: list[int]) -> Any:
         yield xs
 
-    with pytest.raises(TypeError, match="async generator"):
+    with pytest.raises(TypeError, match="async def"):
         batch(stream)
 
 
@@ -518,6 +519,165 @@ def test_every_caller_gets_exactly_its_own_result(
     assert rec.peak <= concurrency
 
 
+# --- streaming batches (async generator batch functions) ----------------------------------------
+
+
+class Counter:
+    """A streaming batched method: for each input n, the numbers 0..n-1, one per step; the
+    input's place then holds StopIteration."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.steps = 0
+        self.closed = False
+
+    async def count(self, limits: list[int]) -> AsyncIterator[list[Any]]:
+        self.batches.append(list(limits))
+        try:
+            for i in range(max(limits)):
+                self.steps += 1
+                yield [i if i < n else StopIteration for n in limits]
+                await asyncio.sleep(0)
+        finally:
+            self.closed = True
+
+
+async def collect(stream: AsyncIterator[T]) -> list[T]:
+    return [item async for item in stream]
+
+
+def test_each_caller_streams_its_own_outputs() -> None:
+    counter = Counter()
+    count = batch(max_batch_size=4, batch_wait_timeout_s=0.05)(counter.count)
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(collect(count(n)) for n in (3, 0, 5, 1))))
+
+    assert run(main) == [[0, 1, 2], [], [0, 1, 2, 3, 4], [0]]
+    assert counter.batches == [[3, 0, 5, 1]]  # one batch served all four
+    assert counter.closed
+
+
+def test_stop_markers_end_a_stream_and_later_outputs_for_it_are_dropped() -> None:
+    @batch(max_batch_size=3, batch_wait_timeout_s=0.05)
+    async def marks(xs: list[str]) -> AsyncIterator[list[Any]]:
+        yield [f"{x}1" for x in xs]
+        yield [StopIteration(), StopAsyncIteration, f"{xs[2]}2"]
+        yield ["late", "late", f"{xs[2]}3"]
+
+    async def main() -> list[list[str]]:
+        return list(await asyncio.gather(*(collect(marks(x)) for x in "abc")))
+
+    assert run(main) == [["a1"], ["b1"], ["c1", "c2", "c3"]]
+
+
+def test_streamed_outputs_may_be_arrays() -> None:
+    np = pytest.importorskip("numpy")
+
+    @batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    async def rows(ns: list[int]) -> AsyncIterator[list[Any]]:
+        yield [np.full(3, n) for n in ns]
+
+    async def main() -> list[list[Any]]:
+        return list(await asyncio.gather(collect(rows(1)), collect(rows(2))))
+
+    first, second = run(main)
+    assert [a.tolist() for a in first] == [[1, 1, 1]]
+    assert [a.tolist() for a in second] == [[2, 2, 2]]
+
+
+def test_a_failing_stream_fails_every_open_stream_after_its_outputs() -> None:
+    @batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    async def flaky(xs: list[int]) -> AsyncIterator[list[int]]:
+        yield xs
+        raise RuntimeError("model fell over")
+
+    async def one(x: int) -> tuple[list[int], BaseException | None]:
+        got: list[int] = []
+        try:
+            async for item in flaky(x):
+                got.append(item)
+        except RuntimeError as exc:
+            return got, exc
+        return got, None
+
+    async def main() -> list[tuple[list[int], BaseException | None]]:
+        results = list(await asyncio.gather(one(1), one(2)))
+        results.append(await one(3))  # the next batch still runs
+        return results
+
+    for x, (got, exc) in zip((1, 2, 3), run(main), strict=True):
+        assert got == [x]
+        assert isinstance(exc, RuntimeError) and "model fell over" in str(exc)
+
+
+def test_a_wrong_step_length_is_a_clear_error_to_every_caller() -> None:
+    @batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    async def short(xs: list[int]) -> AsyncIterator[list[int]]:
+        yield xs[:1]
+
+    async def main() -> list[Any]:
+        return list(
+            await asyncio.gather(collect(short(1)), collect(short(2)), return_exceptions=True)
+        )
+
+    for result in run(main):
+        assert isinstance(result, ValueError) and "expected length 2" in str(result)
+
+
+def test_callers_that_stop_listening_spare_the_others_and_the_last_closes_the_batch() -> None:
+    counter = Counter()
+    count = batch(max_batch_size=2, batch_wait_timeout_s=0.05)(counter.count)
+
+    async def take(n: int, limit: int) -> list[int]:
+        got: list[int] = []
+        async for item in count(limit):
+            got.append(item)
+            if len(got) == n:
+                break  # the wrapper closes its stream at once
+        return got
+
+    async def main() -> tuple[list[int], list[int], int]:
+        short, longer = await asyncio.gather(take(2, 1000), take(5, 1000))
+        steps_at_exit = counter.steps
+        await asyncio.sleep(0.05)
+        return short, longer, steps_at_exit
+
+    short, longer, steps_at_exit = run(main)
+    assert short == [0, 1] and longer == [0, 1, 2, 3, 4]
+    assert counter.closed  # the generator was closed, not run on to 1000
+    assert counter.steps <= steps_at_exit + 1
+
+
+def test_a_cancelled_stream_consumer_leaves_the_queue_usable() -> None:
+    counter = Counter()
+    count = batch(max_batch_size=2, batch_wait_timeout_s=0.05)(counter.count)
+
+    async def main() -> list[int]:
+        waiting = asyncio.ensure_future(collect(count(3)))
+        await asyncio.sleep(0)
+        waiting.cancel()  # before its batch starts
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return await collect(count(2))
+
+    assert run(main) == [0, 1]
+    assert counter.batches == [[2]]  # the cancelled caller took no place in a batch
+
+
+def test_streaming_method_keeps_its_name_and_setters() -> None:
+    class Model:
+        @batch(max_batch_size=4)
+        async def generate(self, prompts: list[str]) -> AsyncIterator[list[str]]:
+            yield prompts
+
+    assert Model.generate.__name__ == "generate"
+    assert inspect.isasyncgenfunction(Model.generate)
+    model = Model()
+    model.generate.set_max_batch_size(2)
+    assert asyncio.run(collect(model.generate("hi"))) == ["hi"]
+
+
 # --- end to end: a real cluster -----------------------------------------------------------------
 
 
@@ -539,3 +699,31 @@ def test_batches_form_in_a_deployment(serve_instance: Any) -> None:
     sizes = [size for _, size in results]
     assert max(sizes) > 1
     assert all(1 <= size <= 8 for size in sizes)
+
+
+@serve.deployment(max_ongoing_requests=32)
+class Tokens:
+    @batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate(self, prompts: list[str]) -> AsyncIterator[list[Any]]:
+        for i in range(max(len(p) for p in prompts)):
+            yield [f"{p[i]}/{len(prompts)}" if i < len(p) else StopIteration for p in prompts]
+
+    async def relay(self, prompt: str) -> AsyncIterator[str]:
+        async for token in self.generate(prompt):
+            yield token
+
+
+def test_streaming_batches_in_a_deployment(serve_instance: Any) -> None:
+    handle = serve.run(Tokens.bind(), name="streaming_batching").options(stream=True)
+    prompts = ["abc", "de", "f", "ghij"]
+
+    async def main(method: str) -> list[list[str]]:
+        target = getattr(handle, method)
+        return list(await asyncio.gather(*(collect(target.remote(p)) for p in prompts)))
+
+    for method in ("generate", "relay"):
+        streams = asyncio.run(main(method))
+        assert [[t.split("/")[0] for t in s] for s in streams] == [list(p) for p in prompts]
+        assert max(int(t.split("/")[1]) for s in streams for t in s) > 1  # batched
+    # a sync caller iterates with a plain for loop
+    assert [t.split("/")[0] for t in handle.generate.remote("xyz")] == ["x", "y", "z"]

@@ -9,7 +9,11 @@ Queues are created lazily, on the event loop of the first call, one per instance
 Nothing made at decoration time holds a loop, a lock or a task, so a class using ``@batch``
 can be pickled (by value, with cloudpickle) and shipped to a replica process.
 
-Async generator batch functions (Ray's streaming batches) are not supported yet.
+A batch function may also be an async generator (Ray Serve's streaming batches): each step
+yields one output per input, in order, and each caller iterates its own stream of outputs.
+``StopIteration`` (the class or an instance) in a caller's place ends that caller's stream;
+the generator's end ends every stream; if it raises, every open stream raises. Once every
+caller has stopped listening, the generator is closed at its next step.
 """
 
 from __future__ import annotations
@@ -22,10 +26,19 @@ import inspect
 import math
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    MutableMapping,
+)
 from typing import Any, Protocol, TypeGuard, TypeVar, overload
 
-__all__ = ["BatchedFunction", "BatchedMethod", "batch"]
+__all__ = ["BatchedFunction", "BatchedMethod", "BatchedStream", "BatchedStreamMethod", "batch"]
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -68,6 +81,29 @@ class BatchedMethod(_BatchControls, Protocol[S_contra, T_contra, R_co]):
     ) -> BatchedFunction[T_contra, R_co]: ...
 
 
+class BatchedStream(_BatchControls, Protocol[T_contra, R_co]):
+    """A streaming batched function (or method, bound): called with one item, iterates the
+    outputs the batch generator yields for it."""
+
+    def __call__(self, item: T_contra, /) -> AsyncIterator[R_co]: ...
+
+
+class BatchedStreamMethod(_BatchControls, Protocol[S_contra, T_contra, R_co]):
+    """A streaming batched method, as found on its class."""
+
+    def __call__(self, instance: S_contra, item: T_contra, /) -> AsyncIterator[R_co]: ...
+
+    @overload
+    def __get__(
+        self, instance: None, owner: type[Any], /
+    ) -> BatchedStreamMethod[S_contra, T_contra, R_co]: ...
+
+    @overload
+    def __get__(
+        self, instance: S_contra, owner: type[Any] | None = None, /
+    ) -> BatchedStream[T_contra, R_co]: ...
+
+
 class _BatchDecorator(Protocol):
     @overload
     def __call__(
@@ -78,6 +114,16 @@ class _BatchDecorator(Protocol):
     def __call__(
         self, func: Callable[[S, list[T]], Awaitable[Iterable[R]]], /
     ) -> BatchedMethod[S, T, R]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[list[T]], AsyncIterator[Iterable[R]]], /
+    ) -> BatchedStream[T, R]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[S, list[T]], AsyncIterator[Iterable[R]]], /
+    ) -> BatchedStreamMethod[S, T, R]: ...
 
 
 @dataclasses.dataclass
@@ -90,18 +136,27 @@ class _Settings:
 @dataclasses.dataclass(slots=True)
 class _Request:
     item: Any
+    # The result of a plain batch. For a streaming one: done once the stream has ended or its
+    # caller stopped listening; the outputs go to ``outputs``.
     future: asyncio.Future[Any]
     arrived: float
+    outputs: asyncio.Queue[tuple[int, Any]] | None = None
+
+
+# What a streaming request's queue carries: (_ITEM, output), (_END, None), (_ERROR, exception).
+_ITEM, _END, _ERROR = 0, 1, 2
+_STOP_MARKERS = (StopIteration, StopAsyncIteration)
 
 
 class _BatchQueue:
     """Waiting requests of one batched function (or one instance's method) on one event loop."""
 
     def __init__(
-        self, call: Callable[[list[Any]], Awaitable[Any]], settings: _Settings, name: str
+        self, call: Callable[[list[Any]], Any], settings: _Settings, name: str, streaming: bool
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._call = call
+        self._streaming = streaming
         self._settings = settings  # shared with the decorator, so set_* apply at once
         self._name = name
         self._pending: deque[_Request] = deque()
@@ -119,6 +174,27 @@ class _BatchQueue:
         except asyncio.CancelledError:
             self._withdraw(request)
             raise
+
+    async def stream(self, item: Any) -> AsyncGenerator[Any, None]:
+        """The outputs of a streaming batch function for ``item``."""
+        outputs: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        request = _Request(item, self.loop.create_future(), self.loop.time(), outputs)
+        self._pending.append(request)
+        self._on_arrival()
+        try:
+            while True:
+                kind, value = await outputs.get()
+                if kind == _ITEM:
+                    yield value
+                elif kind == _END:
+                    return
+                else:
+                    raise value
+        finally:
+            # Ended, or the caller stopped listening: no batch needs to produce for it.
+            if not request.future.done():
+                request.future.cancel()
+            self._withdraw(request)
 
     def poke(self) -> None:
         """Make the runner look again: a batch filled or finished, or a setting changed."""
@@ -183,7 +259,8 @@ class _BatchQueue:
 
     def _start_batch(self, batch: list[_Request]) -> None:
         self._running += 1
-        task = self.loop.create_task(self._execute(batch))
+        run = self._execute_stream if self._streaming else self._execute
+        task = self.loop.create_task(run(batch))
         self._batches.add(task)
         task.add_done_callback(self._batch_done)
 
@@ -208,6 +285,45 @@ class _BatchQueue:
             for request, result in zip(batch, results, strict=True):
                 if not request.future.done():
                     request.future.set_result(result)
+
+    async def _execute_stream(self, batch: list[_Request]) -> None:
+        steps = self._call([request.item for request in batch])
+        try:
+            async for step in steps:
+                outputs = _check_results(step, len(batch), self._name)
+                for request, output in zip(batch, outputs, strict=True):
+                    if request.future.done():  # its stream has ended, or nobody listens
+                        continue
+                    if _is_stop(output):
+                        _end_stream(request, _END, None)
+                    else:
+                        assert request.outputs is not None
+                        request.outputs.put_nowait((_ITEM, output))
+                if all(request.future.done() for request in batch):
+                    break  # nobody left to produce for
+        except Exception as exc:
+            for request in batch:
+                _end_stream(request, _ERROR, exc)
+        except BaseException:  # cancelled (the loop is closing)
+            for request in batch:
+                _end_stream(request, _ERROR, asyncio.CancelledError())
+            raise
+        finally:
+            await steps.aclose()  # runs the generator's cleanup if it was left early
+            for request in batch:
+                _end_stream(request, _END, None)
+
+
+def _is_stop(output: Any) -> bool:
+    # Identity, not ==: an output may be an array, whose == is elementwise.
+    return any(output is marker for marker in _STOP_MARKERS) or isinstance(output, _STOP_MARKERS)
+
+
+def _end_stream(request: _Request, kind: int, value: Any) -> None:
+    if not request.future.done():
+        request.future.set_result(None)
+        assert request.outputs is not None
+        request.outputs.put_nowait((kind, value))
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -238,10 +354,11 @@ def _sized_iterable(value: object) -> TypeGuard[Iterable[Any]]:
 class _Batcher:
     """One per decorated function: its settings, and its queues (per instance, per loop)."""
 
-    def __init__(self, fn: Callable[..., Awaitable[Any]], settings: _Settings, is_method: bool):
+    def __init__(self, fn: Callable[..., Any], settings: _Settings, is_method: bool):
         self.fn = fn
         self.settings = settings
         self.is_method = is_method
+        self.streaming = inspect.isasyncgenfunction(fn)
         self.name = getattr(fn, "__qualname__", repr(fn))
         self._reset_runtime_state()
 
@@ -251,7 +368,8 @@ class _Batcher:
 
     def __getstate__(self) -> dict[str, Any]:
         # Queues hold a loop, futures and tasks of one process; the receiver makes its own.
-        return {key: self.__dict__[key] for key in ("fn", "settings", "is_method", "name")}
+        keep = ("fn", "settings", "is_method", "streaming", "name")
+        return {key: self.__dict__[key] for key in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -259,6 +377,9 @@ class _Batcher:
 
     async def submit(self, instance: Any, item: Any) -> Any:
         return await self._queue_for(instance).submit(item)
+
+    def stream(self, instance: Any, item: Any) -> AsyncGenerator[Any, None]:
+        return self._queue_for(instance).stream(item)
 
     def set_max_batch_size(self, new_max_batch_size: int) -> None:
         _check_count("max_batch_size", new_max_batch_size)
@@ -282,7 +403,7 @@ class _Batcher:
         queue = queues.get(key)
         if queue is None or queue.loop is not asyncio.get_running_loop():
             call = functools.partial(self.fn, instance) if self.is_method else self.fn
-            queue = queues[key] = _BatchQueue(call, self.settings, self.name)
+            queue = queues[key] = _BatchQueue(call, self.settings, self.name, self.streaming)
             self._live.add(queue)
         return queue
 
@@ -328,14 +449,11 @@ def _check_function(fn: object) -> bool:
             "pass settings by keyword, e.g. @serve.batch(max_batch_size=8)"
         )
     name = getattr(fn, "__qualname__", repr(fn))
-    if inspect.isasyncgenfunction(fn):
-        raise TypeError(
-            f"@serve.batch: {name} is an async generator; streaming batches are not supported yet"
-        )
-    if not inspect.iscoroutinefunction(fn):
+    if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
         raise TypeError(
             f"@serve.batch needs an async function (async def); {name} is not one. "
-            "Make it `async def`, taking a list and returning a list of the same length."
+            "Make it `async def`, taking a list and returning a list of the same length "
+            "(or, to stream, yielding such lists)."
         )
     arity = _positional_arity(fn)
     if arity not in (1, 2):
@@ -350,24 +468,37 @@ def _decorate(fn: Any, settings: _Settings) -> Any:
     batcher = _Batcher(fn, settings, _check_function(fn))
     expected = 2 if batcher.is_method else 1
 
-    async def batched(*args: Any, **kwargs: Any) -> Any:
+    def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if kwargs or len(args) != expected:
             raise TypeError(
                 f"{batcher.name} is batched with @serve.batch: call it with one item "
                 f"(one positional argument), got {len(args) - expected + 1} positional "
                 f"and {len(kwargs)} keyword arguments"
             )
+
+    async def batched(*args: Any, **kwargs: Any) -> Any:
+        check(args, kwargs)
         return await batcher.submit(args[0] if batcher.is_method else None, args[-1])
 
-    functools.update_wrapper(batched, fn)
+    async def batched_stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        check(args, kwargs)
+        outputs = batcher.stream(args[0] if batcher.is_method else None, args[-1])
+        try:
+            async for output in outputs:
+                yield output
+        finally:  # at once, not when the collector gets to it: the batch learns we left
+            await outputs.aclose()
+
+    wrapper: Any = batched_stream if batcher.streaming else batched
+    functools.update_wrapper(wrapper, fn)
     # Plain function attributes: a bound method forwards attribute lookups to its function,
     # so `self.handle_batch.set_max_batch_size(5)` works as in Ray Serve.
-    batched.__dict__.update(
+    wrapper.__dict__.update(
         set_max_batch_size=batcher.set_max_batch_size,
         set_batch_wait_timeout_s=batcher.set_batch_wait_timeout_s,
         _serval_batcher=batcher,
     )
-    return batched
+    return wrapper
 
 
 @overload
@@ -394,6 +525,28 @@ def batch(
 
 @overload
 def batch(
+    _func: Callable[[list[T]], AsyncIterator[Iterable[R]]],
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> BatchedStream[T, R]: ...
+
+
+@overload
+def batch(
+    _func: Callable[[S, list[T]], AsyncIterator[Iterable[R]]],
+    /,
+    *,
+    max_batch_size: int = 10,
+    batch_wait_timeout_s: float = 0.01,
+    max_concurrent_batches: int = 1,
+) -> BatchedStreamMethod[S, T, R]: ...
+
+
+@overload
+def batch(
     _func: None = None,
     /,
     *,
@@ -414,7 +567,9 @@ def batch(
     """Batch calls to an async function or method that takes a list and returns a list.
 
     Usable bare (``@batch``) or with settings (``@batch(max_batch_size=32)``). Callers pass one
-    item and await one result. The decorated function has ``set_max_batch_size(n)`` and
+    item and await one result; if the function is an async generator yielding lists, each
+    caller iterates its own outputs instead (``StopIteration`` in its place ends them). The
+    decorated function has ``set_max_batch_size(n)`` and
     ``set_batch_wait_timeout_s(t)`` to change its settings at run time; on a method they are
     shared by all instances of the class (one per replica in a deployment).
     """
