@@ -110,10 +110,11 @@ class ReplicaSlot:
             return False
         # In the table before the bytes leave: the reply may come back at once.
         self.calls[rid] = call
+        call.replica = self.info.replica_id
         if self.conn.write_from_thread(frame):
-            call.replica = self.info.replica_id
             return True
         del self.calls[rid]  # nothing left, so no reply can have come
+        call.replica = None
         return False
 
     def cancel(self, call: Call) -> None:
