@@ -1,11 +1,12 @@
 """serval's HTTP path against a bare uvicorn ASGI app, in one run, with wrk as the load generator.
 
-    python benchmarks/http_bench.py                 # full run (about 70 s)
-    python benchmarks/http_bench.py --quick         # about 25 s, for a smoke test
+    python benchmarks/http_bench.py                 # full run: 3 rounds (about 2.5 min)
+    python benchmarks/http_bench.py --quick         # 1 short round (about 25 s), a smoke test
+    python benchmarks/http_bench.py --rounds 5      # more rounds, steadier medians
     python benchmarks/http_bench.py --duration 20   # longer 32-connection runs
     python benchmarks/http_bench.py --check         # exit 1 if a goal is missed
 
-Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``). Measures, in this order:
+Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``). Each round measures, in this order:
 
 1. the floor (``_floor_asgi.py``): a bare ASGI app answering ``ok`` on uvicorn with httptools
    and uvloop, in its own process on a free port; then stops it;
@@ -21,9 +22,12 @@ Each target gets the same treatment: a warm-up (32 connections, discarded), then
 ``wrk -t1 -c1 --latency`` (p50). The CPU time the server processes used during the
 32-connection run is read from /proc and shown per request.
 
-Prints a table with each serval figure beside the floor's from this run and their ratio, the
-goals, Ray Serve's reference figures (measured on another machine, not in this run), then one
-JSON line with every figure. See benchmarks/README.md.
+The floor and serval are measured in alternating rounds, so that both see the same machine
+(on a shared VM the floor alone moves by 15-25% from minute to minute). The table shows each
+figure's median over the rounds (errors: the sum) beside the floor's median and their ratio,
+the goals (judged on the medians), each goal figure's ratio round by round, Ray Serve's
+reference figures (measured on another machine, not in this run), then one JSON line with
+every figure. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -368,6 +373,48 @@ def measure_serval(
     return results, address, restarts
 
 
+# -- rounds ---------------------------------------------------------------------------------------
+
+# Counts that a round adds to rather than varies: any error in any round is an error.
+_SUMMED = frozenset({"errors", "non2xx", "connect", "read", "write", "timeout"})
+
+
+def combine(rounds: list[Any]) -> Any:
+    """One set of figures from several rounds': field by field, the median of numbers, the
+    sum of error counts; nested dicts likewise (a key missing from a round is left out)."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(r, dict) and k in r for r in rounds)]
+        out = {}
+        for k in keys:
+            values = [r[k] for r in rounds]
+            if k in _SUMMED and all(isinstance(v, int) for v in values):
+                out[k] = sum(values)
+            else:
+                out[k] = combine(values)
+        return out
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in rounds):
+        return statistics.median(rounds)
+    return first
+
+
+def ratios_by_round(
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]],
+) -> dict[str, list[float]]:
+    """Each goal figure's serval/floor ratio, round by round."""
+    out: dict[str, list[float]] = {}
+    for floor, sv in rounds:
+        for name in ("noop", "anoop"):
+            if name in sv:
+                out.setdefault(f"{name}_c32_rps", []).append(
+                    round(sv[name]["c32"]["rps"] / floor["c32"]["rps"], 3)
+                )
+                out.setdefault(f"{name}_c1_p50", []).append(
+                    round(sv[name]["c1"]["p50_ms"] / floor["c1"]["p50_ms"], 2)
+                )
+    return out
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -398,6 +445,7 @@ def fmt_cpu(r: dict[str, Any]) -> str:
 def report(
     floor: dict[str, Any],
     sv: dict[str, Any],
+    by_round: dict[str, list[float]],
     opts: argparse.Namespace,
     load: dict[str, Any],
     elapsed: float,
@@ -526,9 +574,13 @@ def report(
         + (f" ({opts.source})" if opts.source else "")
     )
     print(
-        f"  wrk: warm-up {opts.warmup:g} s at {CONNS} conns, then -t{THREADS} -c{CONNS} "
-        f"{opts.duration:g} s, then -t1 -c1 {opts.c1_duration:g} s, per target; "
-        f"load average (1 min) {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end"
+        f"  {opts.rounds} round(s), floor and serval in turn; each: wrk warm-up {opts.warmup:g} s "
+        f"at {CONNS} conns, then -t{THREADS} -c{CONNS} {opts.duration:g} s, then -t1 -c1 "
+        f"{opts.c1_duration:g} s, per target"
+    )
+    print(
+        f"  load average (1 min) {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end; "
+        + ("figures are medians over the rounds (errors: sums)" if opts.rounds > 1 else "")
     )
     print()
     print(line.format(*head))
@@ -573,6 +625,10 @@ def report(
             f"  WARNING: {len(leftover)} serval process(es) outlived serve.shutdown() by 3 s: "
             + ", ".join(f"{k} (pid {p})" for k, p in leftover.items())
         )
+    if opts.rounds > 1:
+        print("  goal figures round by round (serval / floor of the same round):")
+        for key, values in by_round.items():
+            print(f"    {key}: " + ", ".join(f"{v:g}x" for v in values))
     missed = [k for k, v in goals.items() if not v]
     print(
         f"  goals met: {len(goals) - len(missed)}/{len(goals)}"
@@ -609,6 +665,8 @@ def report(
     result.update(
         {
             "goals_met": goals,
+            "rounds": opts.rounds,
+            "x_by_round": by_round,
             "rayserve_measured_elsewhere": {
                 **RAY,
                 "floor_c32_rps": RAY_FLOOR["c32_rps"],
@@ -645,10 +703,17 @@ def main() -> int:
         default=list(TARGETS),
         help="serval targets to measure (default: all)",
     )
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="rounds of floor + serval (default 3; --quick: 1)"
+    )
     ap.add_argument("--check", action="store_true", help="exit 1 if any goal is missed")
     opts = ap.parse_args()
+    if opts.rounds is None:
+        opts.rounds = 1 if opts.quick else 3
+    if opts.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if opts.duration is None:
-        opts.duration = 3.0 if opts.quick else 10.0
+        opts.duration = 3.0 if opts.quick else 6.0
     opts.warmup = 1.0 if opts.quick else 2.0
     opts.c1_duration = max(2.0, round(opts.duration / 2))
     if shutil.which("wrk") is None:
@@ -660,10 +725,16 @@ def main() -> int:
     opts.source = source_version()
     load = {"start": [round(v, 2) for v in os.getloadavg()]}
 
-    print("measuring the floor (bare uvicorn ASGI app) ...", flush=True)
-    floor = measure_floor(opts)
-    print("starting serval ...", flush=True)
-    sv, address, restarts = measure_serval(opts, opts.only)
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    restarts: list[str] = []
+    address = None
+    for i in range(opts.rounds):
+        print(f"round {i + 1}/{opts.rounds}: the floor (bare uvicorn ASGI app) ...", flush=True)
+        floor = measure_floor(opts)
+        print(f"round {i + 1}/{opts.rounds}: starting serval ...", flush=True)
+        sv, address, replaced = measure_serval(opts, opts.only)
+        rounds.append((floor, sv))
+        restarts += replaced
     leftover = leftovers(address) if address else {}
     for key, pid in leftover.items():
         print(
@@ -671,7 +742,10 @@ def main() -> int:
         )
     load["end"] = [round(v, 2) for v in os.getloadavg()]
 
-    result = report(floor, sv, opts, load, time.perf_counter() - started, leftover, restarts)
+    floor = combine([f for f, _ in rounds])
+    sv = combine([s for _, s in rounds])
+    elapsed = time.perf_counter() - started
+    result = report(floor, sv, ratios_by_round(rounds), opts, load, elapsed, leftover, restarts)
     if opts.check and not all(result["goals_met"].values()):
         return 1
     return 0
