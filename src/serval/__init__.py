@@ -3,7 +3,7 @@
 ``import serval as serve`` and write the same deployments, handles and applications.
 """
 
-from serval import exceptions
+from serval import exceptions, metrics
 from serval.api import (
     ReplicaContext,
     delete,
@@ -56,6 +56,7 @@ __all__ = [
     "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "metrics",
     "multiplexed",
     "run",
     "shutdown",

@@ -20,6 +20,7 @@ import http
 import logging
 import urllib.parse
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -81,6 +82,7 @@ class Exchange:
         "close_after",
         "complete",
         "conn",
+        "fetch",
         "head_only",
         "keep_alive",
         "reply",
@@ -101,8 +103,10 @@ class Exchange:
         self.head_only = False
         self.wants_continue = False
         self.close_after = False
-        # What to do: answer ``reply`` as it is, or forward to ``target`` (app, ingress, meta).
+        # What to do: answer ``reply`` as it is, or the one ``fetch`` makes (a system route that
+        # asks the controller), or forward to ``target`` (app, ingress, meta).
         self.reply: Reply | None = None
+        self.fetch: Callable[[], Awaitable[Reply]] | None = None
         self.target: tuple[str, str, dict[str, Any]] | None = None
         self.wire: tuple[Any, ...] = ()
         self.body: list[bytes] = []
@@ -149,10 +153,20 @@ class Exchange:
             self.conn.transport.write(_CONTINUE)
 
     def _go(self) -> None:
-        if self.target is None:
-            self._answer()
-        else:
+        if self.target is not None:
             self._forward()
+        elif self.fetch is not None and self.reply is None:
+            self.task = self.conn.proxy.client.loop.create_task(self._fetch_answer(self.fetch))
+        else:
+            self._answer()
+
+    async def _fetch_answer(self, fetch: Callable[[], Awaitable[Reply]]) -> None:
+        try:
+            reply = await fetch()
+        except Exception as exc:  # the controller is away (restarting, say): try again later
+            logger.warning("%s could not be answered: %r", self.request_id, exc)
+            reply = text_reply(503, "Not available now, try again")
+        self.respond(*reply)
 
     def _answer(self) -> None:
         reply = self.reply

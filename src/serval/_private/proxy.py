@@ -2,7 +2,8 @@
 
 Longest ``route_prefix`` match picks the app; the request (scope and whole body) goes straight
 to a replica of the app's ingress deployment through this process's router, and the response
-comes back in one piece or message by message. System routes live under ``/-/``.
+comes back in one piece or message by message. System routes live under ``/-/``: ``healthz``,
+``routes`` and ``metrics`` (every replica's, in Prometheus's text format).
 Every response carries ``x-request-id``; errors never show a traceback to the client.
 
 HTTP requests are answered by ``http_protocol.Exchange`` (see there why not through ASGI);
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from serval._private import metrics
 from serval._private.calls import Call
 from serval._private.client import ClusterClient
 from serval._private.http_protocol import (
@@ -76,6 +78,9 @@ class ProxyApp:
         ex.head_only = method == "HEAD"
         raw_path: bytes = url.path
         path = unquote_path(raw_path)
+        if path == "/-/metrics":
+            ex.fetch = self._metrics
+            return ex
         if path.startswith("/-/"):
             ex.reply = self._system(path)
             return ex
@@ -121,6 +126,12 @@ class ProxyApp:
             body = json.dumps({p: a for p, (a, _) in sorted(self.client.routes.items())})
             return 200, [(b"content-type", b"application/json")], body.encode()
         return text_reply(404, f"Path '{path}' not found.")
+
+    async def _metrics(self) -> Reply:
+        """Every replica's metrics (gathered by the controller), in Prometheus's text format."""
+        snapshot = await self.client.call_controller("collect_metrics")
+        body = metrics.render(snapshot).encode()
+        return 200, [(b"content-type", _PROMETHEUS_TEXT)], body
 
     # -- websockets (ASGI, after uvicorn's upgrade) ----------------------------------------------
 
@@ -192,6 +203,7 @@ class ProxyApp:
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
+_PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _ids = itertools.count(1)
 _SAFE_ID = re.compile(rb"[\x21-\x7e]{1,256}")
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from serval._private import protocol, request_context, runtime, transport
+from serval._private import metrics, protocol, request_context, runtime, transport
 from serval._private.client import controller_path
 from serval._private.http_replica import (
     ResponseCollector,
@@ -87,6 +87,22 @@ def _kind(fn: Callable[..., Any]) -> _Kind:
     return _Kind.SYNC
 
 
+# This replica's own metrics (the names of Ray Serve's, without its "ray_" prefix).
+_OWN_METRICS = tuple(
+    metrics.Family(name, kind, text, ("deployment", "replica", "application"))
+    for name, kind, text in (
+        (
+            "serve_deployment_request_counter",
+            metrics.COUNTER,
+            "Requests this replica has answered.",
+        ),
+        ("serve_deployment_error_counter", metrics.COUNTER, "Answered requests whose call raised."),
+        ("serve_replica_processing_queries", metrics.GAUGE, "Requests running in this replica."),
+        ("serve_replica_pending_queries", metrics.GAUGE, "Requests waiting here for a slot."),
+    )
+)
+
+
 class Replica:
     def __init__(self, address: str, replica_id: str) -> None:
         self.address = address
@@ -98,6 +114,8 @@ class Replica:
         self.config = DeploymentConfig()
         self.user: Any = None
         self.ongoing = 0
+        self.finished = 0  # requests answered, for /-/metrics
+        self.failed = 0  # of which the call raised (a cancellation is no failure)
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -217,6 +235,19 @@ class Replica:
     def rpc_metrics(self, peer: RpcPeer) -> int:
         """Requests here now: running, and waiting for a slot."""
         return self.ongoing + len(self._backlog)
+
+    def rpc_export_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
+        """The user's metrics recorded in this process, and this replica's own."""
+        tags = (self.deployment, self.replica_id, self.app)
+        own: metrics.Snapshot = [
+            (family, [(tags, float(value))])
+            for family, value in zip(
+                _OWN_METRICS,
+                (self.finished, self.failed, self.ongoing, len(self._backlog)),
+                strict=True,
+            )
+        ]
+        return own + metrics.REGISTRY.snapshot()
 
     async def rpc_check_health(self, peer: RpcPeer) -> None:
         fn = getattr(self.user, "check_health", None)
@@ -462,6 +493,8 @@ class Replica:
         stream: bool,
     ) -> None:
         self._account()
+        if exc is not None and not isinstance(exc, RequestCancelledError):
+            self.failed += 1
         if conn.closed:
             return
         if exc is not None:
@@ -482,6 +515,7 @@ class Replica:
     def _account(self) -> None:
         """A call has finished: one slot free, for the backlog first."""
         self.ongoing -= 1
+        self.finished += 1
         while self._backlog and self.ongoing < self.config.max_ongoing_requests:
             self._run(*self._backlog.popleft())
         if self.ongoing == 0:

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from serval._private import protocol
+from serval._private import metrics, protocol
 from serval._private.backends.base import Backend, ReplicaHost
 from serval._private.client import Table
 from serval._private.controller import checkpoint
@@ -38,6 +38,7 @@ _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
 _PROXY_RESTART_DELAY_S = 0.5
 _QUEUE_REPORT_MAX_AGE_S = 2.0  # a caller's queue report counts this long
+_METRICS_TIMEOUT_S = 1.0  # a replica slower than this to report is left out of a scrape
 
 
 class Controller:
@@ -214,6 +215,22 @@ class Controller:
                 status, message, app.spec.route_prefix, app.deployed_at, deps
             )
         return ServeStatus(out)
+
+    async def rpc_collect_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
+        """Every running replica's metrics, for the proxy's ``/-/metrics``; a replica that
+        does not answer within a second is left out of this scrape."""
+        peers = [
+            r.peer
+            for app in self.apps.values()
+            for dep in app.deployments.values()
+            for r in dep.running()
+            if r.peer is not None and not r.peer.closed
+        ]
+        found = await asyncio.gather(
+            *(asyncio.wait_for(p.call("export_metrics"), _METRICS_TIMEOUT_S) for p in peers),
+            return_exceptions=True,
+        )
+        return metrics.merge(s for s in found if isinstance(s, list))
 
     def rpc_app_configs(self, peer: RpcPeer) -> dict[str, dict[str, Any] | None]:
         return {name: app.spec.source_config for name, app in self.apps.items() if not app.deleting}

@@ -1,0 +1,197 @@
+"""A process's metrics: the values its counters, gauges and histograms hold, and their
+Prometheus text form.
+
+Each serval process has one registry. A replica's registry holds the user's metrics
+(``serval.metrics``) and the replica's own (requests, errors, requests running); the controller
+gathers the replicas' snapshots when the proxy's ``/-/metrics`` is read, and the proxy renders
+them. Snapshots are plain tuples, so they pickle without the registry's lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_TAG = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+# (bucket counts, one per boundary and one for +Inf; sum; count)
+HistogramValue = tuple[list[int], float, int]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a metric is: its name, kind, help text, tag keys and (histograms) boundaries."""
+
+    name: str
+    kind: str
+    description: str
+    tag_keys: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()
+
+
+# A family and its series: (tag values in tag_keys order, value).
+Snapshot = list[tuple[Family, list[tuple[tuple[str, ...], float | HistogramValue]]]]
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"metric name {name!r} is not valid: use letters, digits, '_' and ':', and do not "
+            "start with a digit"
+        )
+    return name
+
+
+def check_tag_keys(tag_keys: object) -> tuple[str, ...]:
+    if tag_keys is None:
+        return ()
+    if isinstance(tag_keys, str) or not isinstance(tag_keys, Iterable):
+        raise TypeError(f"tag_keys must be a tuple of strings, got {tag_keys!r}")
+    keys = tuple(tag_keys)
+    for key in keys:
+        if not isinstance(key, str) or not _TAG.match(key):
+            raise ValueError(f"tag key {key!r} is not valid: use letters, digits and '_'")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"tag_keys has a key twice: {keys}")
+    return keys
+
+
+def check_boundaries(boundaries: object) -> tuple[float, ...]:
+    if isinstance(boundaries, str) or not isinstance(boundaries, Sequence) or not boundaries:
+        raise ValueError(f"boundaries must be a non-empty list of numbers, got {boundaries!r}")
+    out = tuple(float(b) for b in boundaries)
+    if any(math.isnan(b) or math.isinf(b) for b in out):
+        raise ValueError(f"boundaries must be finite numbers, got {boundaries!r}")
+    if any(a >= b for a, b in itertools.pairwise(out)):
+        raise ValueError(f"boundaries must be strictly increasing, got {boundaries!r}")
+    return out
+
+
+class Registry:
+    """The metric families of this process and their values; any thread may record."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._families: dict[str, Family] = {}
+        self._values: dict[str, dict[tuple[str, ...], float | HistogramValue]] = {}
+
+    def register(self, family: Family) -> None:
+        """Declare a family; declaring the same one again is fine (a second replica object,
+        a reconfigure), declaring a different one under its name is an error."""
+        with self._lock:
+            known = self._families.get(family.name)
+            if known is None:
+                self._families[family.name] = family
+                self._values[family.name] = {}
+            elif known != family:
+                raise ValueError(
+                    f"metric {family.name!r} is already declared in this process as a "
+                    f"{known.kind} with tag keys {known.tag_keys}"
+                    + (f" and boundaries {known.boundaries}" if known.boundaries else "")
+                )
+
+    def add(self, name: str, key: tuple[str, ...], amount: float) -> None:
+        with self._lock:
+            series = self._values[name]
+            series[key] = series.get(key, 0.0) + amount  # type: ignore[operator]
+
+    def set(self, name: str, key: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            self._values[name][key] = value
+
+    def observe(self, name: str, key: tuple[str, ...], value: float) -> None:
+        family = self._families[name]
+        slot = bisect.bisect_left(family.boundaries, value)  # le: a value on a boundary counts
+        with self._lock:
+            series = self._values[name]
+            current = series.get(key)
+            if current is None:
+                buckets = [0] * (len(family.boundaries) + 1)
+                total, count = 0.0, 0
+            else:
+                buckets, total, count = current  # type: ignore[misc]
+            buckets[slot] += 1
+            series[key] = (buckets, total + value, count + 1)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return [
+                (family, [(k, _copy(v)) for k, v in self._values[name].items()])
+                for name, family in self._families.items()
+            ]
+
+
+def _copy(value: float | HistogramValue) -> float | HistogramValue:
+    if isinstance(value, tuple):
+        return (list(value[0]), value[1], value[2])
+    return value
+
+
+REGISTRY = Registry()
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """One snapshot from several processes'. Series are told apart by their tags (a replica's
+    carry its id); a family declared differently by two processes keeps the first shape."""
+    families: dict[str, Family] = {}
+    series: dict[str, list[tuple[tuple[str, ...], float | HistogramValue]]] = {}
+    for snapshot in snapshots:
+        for family, values in snapshot:
+            known = families.setdefault(family.name, family)
+            if known != family:
+                continue
+            series.setdefault(family.name, []).extend(values)
+    return [(families[name], series[name]) for name in families]
+
+
+def render(snapshot: Snapshot) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+    for family, values in sorted(snapshot, key=lambda fv: fv[0].name):
+        name = family.name + ("_total" if family.kind == COUNTER else "")
+        lines.append(f"# HELP {name} {_escape_help(family.description or family.name)}")
+        lines.append(f"# TYPE {name} {family.kind}")
+        for key, value in sorted(values, key=lambda kv: kv[0]):
+            labels = list(zip(family.tag_keys, key, strict=True))
+            if isinstance(value, tuple):
+                buckets, total, count = value
+                running = 0
+                edges = [*(_number(b) for b in family.boundaries), "+Inf"]
+                for edge, n in zip(edges, buckets, strict=True):
+                    running += n
+                    lines.append(f"{name}_bucket{_labels([*labels, ('le', edge)])} {running}")
+                lines.append(f"{name}_sum{_labels(labels)} {_number(total)}")
+                lines.append(f"{name}_count{_labels(labels)} {count}")
+            else:
+                lines.append(f"{name}{_labels(labels)} {_number(value)}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _labels(pairs: list[tuple[str, str]]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape_value(v)}"' for k, v in pairs) + "}"
+
+
+def _escape_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value)) if value != int(value) else str(int(value))
