@@ -146,24 +146,34 @@ def test_replica_metrics_are_served_at_the_proxy(http_url: str) -> None:
         handle.fail.remote().result(timeout_s=10)
     assert httpx.get(f"{http_url}/scored", timeout=10).text == "ok"
 
-    response = httpx.get(f"{http_url}/-/metrics", timeout=10)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = parse(response.text)
     where = {"deployment": "Scored", "application": "scored"}
+
+    def settled() -> dict[Any, float] | None:
+        # A lone sync call's reply leaves from its worker thread before the replica's loop
+        # counts the call finished: the counts catch up a moment after the last answer.
+        response = httpx.get(f"{http_url}/-/metrics", timeout=10)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = parse(response.text)
+        done = total(samples, "serve_deployment_request_counter_total", **where)
+        return samples if done == 9 else None
+
+    samples = poll(settled, timeout=10.0, what="the nine answered requests in the scrape")
 
     assert total(samples, "app_calls_total", kind="sync", **where) == 3
     assert total(samples, "app_calls_total", kind="async", **where) == 4
     assert total(samples, "app_size_count", **where) == 3
     assert total(samples, "app_size_bucket", le="100", **where) == 2
     assert total(samples, "app_size_sum", **where) == 555
-    # each replica's series carries its id; both replicas declared the metrics
-    replicas = {dict(lbl)["replica"] for (n, lbl) in samples if n == "app_last"}
+    # every replica reports (serval's own series), and each series names its replica
+    replicas = {dict(lbl)["replica"] for (n, lbl) in samples if n.startswith("serve_replica_")}
     assert len(replicas) == 2
+    assert {dict(lbl)["replica"] for (n, lbl) in samples if n == "app_calls_total"} <= replicas
     # serval's own: 3 + 4 + 1 handle calls and 1 HTTP request answered, 1 of them raised
     assert total(samples, "serve_deployment_request_counter_total", **where) == 9
     assert total(samples, "serve_deployment_error_counter_total", **where) == 1
     assert total(samples, "serve_replica_processing_queries", **where) == 0
+    assert total(samples, "serve_deployment_processing_latency_ms_count", **where) == 9
 
 
 @serve.deployment
@@ -184,6 +194,13 @@ def test_requests_running_now_are_counted(http_url: str) -> None:
     for response in held:
         response.result(timeout_s=10)
     assert running() == 0
+    # each took two seconds: past the 1 s bucket, within the 2.5 s one
+    samples = parse(httpx.get(f"{http_url}/-/metrics", timeout=10).text)
+    latency = "serve_deployment_processing_latency_ms"
+    assert total(samples, f"{latency}_count", deployment="Busy") == 3
+    assert total(samples, f"{latency}_bucket", deployment="Busy", le="1000") == 0
+    assert total(samples, f"{latency}_bucket", deployment="Busy", le="2500") == 3
+    assert 6000 <= total(samples, f"{latency}_sum", deployment="Busy") < 7500
 
 
 def test_a_scrape_with_no_metrics_and_the_proxy_still_serves(http_url: str) -> None:

@@ -137,6 +137,31 @@ def _copy(value: float | HistogramValue) -> float | HistogramValue:
 
 REGISTRY = Registry()
 
+# The buckets of serval's own latency histograms, in milliseconds.
+_LATENCY_MS = "0.1 0.25 0.5 1 2.5 5 10 25 50 100 250 500 1000 2500 5000 10000 60000"
+LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(float(ms) for ms in _LATENCY_MS.split())
+
+
+class LoopHistogram:
+    """A histogram recorded by one thread only (a replica's loop): no lock, a few operations
+    per request."""
+
+    __slots__ = ("_boundaries", "_buckets", "_count", "_sum")
+
+    def __init__(self, boundaries: tuple[float, ...]) -> None:
+        self._boundaries = boundaries
+        self._buckets = [0] * (len(boundaries) + 1)
+        self._sum = 0.0
+        self._count = 0
+
+    def observe(self, value: float) -> None:
+        self._buckets[bisect.bisect_left(self._boundaries, value)] += 1
+        self._sum += value
+        self._count += 1
+
+    def value(self) -> HistogramValue:
+        return (list(self._buckets), self._sum, self._count)
+
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """One snapshot from several processes'. Series are told apart by their tags (a replica's

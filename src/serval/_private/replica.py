@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -87,19 +88,36 @@ def _kind(fn: Callable[..., Any]) -> _Kind:
     return _Kind.SYNC
 
 
+_clock = time.perf_counter
+
 # This replica's own metrics (the names of Ray Serve's, without its "ray_" prefix).
-_OWN_METRICS = tuple(
-    metrics.Family(name, kind, text, ("deployment", "replica", "application"))
-    for name, kind, text in (
-        (
-            "serve_deployment_request_counter",
-            metrics.COUNTER,
-            "Requests this replica has answered.",
-        ),
-        ("serve_deployment_error_counter", metrics.COUNTER, "Answered requests whose call raised."),
-        ("serve_replica_processing_queries", metrics.GAUGE, "Requests running in this replica."),
-        ("serve_replica_pending_queries", metrics.GAUGE, "Requests waiting here for a slot."),
-    )
+_TAGS = ("deployment", "replica", "application")
+_OWN_METRICS = (
+    metrics.Family(
+        "serve_deployment_request_counter",
+        metrics.COUNTER,
+        "Requests this replica has answered.",
+        _TAGS,
+    ),
+    metrics.Family(
+        "serve_deployment_error_counter",
+        metrics.COUNTER,
+        "Answered requests whose call raised.",
+        _TAGS,
+    ),
+    metrics.Family(
+        "serve_replica_processing_queries", metrics.GAUGE, "Requests running here.", _TAGS
+    ),
+    metrics.Family(
+        "serve_replica_pending_queries", metrics.GAUGE, "Requests waiting here for a slot.", _TAGS
+    ),
+    metrics.Family(
+        "serve_deployment_processing_latency_ms",
+        metrics.HISTOGRAM,
+        "Time from a request's start in this replica to its answer, in milliseconds.",
+        _TAGS,
+        metrics.LATENCY_BOUNDARIES_MS,
+    ),
 )
 
 
@@ -116,6 +134,7 @@ class Replica:
         self.ongoing = 0
         self.finished = 0  # requests answered, for /-/metrics
         self.failed = 0  # of which the call raised (a cancellation is no failure)
+        self.latency = metrics.LoopHistogram(metrics.LATENCY_BOUNDARIES_MS)
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -239,13 +258,15 @@ class Replica:
     def rpc_export_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
         """The user's metrics recorded in this process, and this replica's own."""
         tags = (self.deployment, self.replica_id, self.app)
+        values: tuple[float | metrics.HistogramValue, ...] = (
+            float(self.finished),
+            float(self.failed),
+            float(self.ongoing),
+            float(len(self._backlog)),
+            self.latency.value(),
+        )
         own: metrics.Snapshot = [
-            (family, [(tags, float(value))])
-            for family, value in zip(
-                _OWN_METRICS,
-                (self.finished, self.failed, self.ongoing, len(self._backlog)),
-                strict=True,
-            )
+            (family, [(tags, value)]) for family, value in zip(_OWN_METRICS, values, strict=True)
         ]
         return own + metrics.REGISTRY.snapshot()
 
@@ -313,7 +334,7 @@ class Replica:
         asgi = meta is not None and "asgi" in meta
         # (HTTP: the reply is a plain result, whatever was streamed before it)
         stream = not asgi and bool(meta and meta.get("stream"))
-        done = partial(self._done, conn, rid, method, stream)
+        done = partial(self._done, conn, rid, method, stream, _clock())
         try:
             fut: asyncio.Future[Any]
             if asgi and self._sync_http and args[0][1] == "http":
@@ -459,29 +480,32 @@ class Replica:
         rid: int,
         method: str,
         stream: bool,
+        started: float,
         fut: asyncio.Future[Any],
     ) -> None:
         running = self._running.get(conn)
         if running is not None:
             running.pop(rid, None)
-        if self._replied:
-            key = (conn, rid)
-            if key in self._replied:  # the worker thread sent the reply (even if cancelled)
-                self._replied.discard(key)
-                self._account()
-                return
-        if fut.cancelled():
-            error = RequestCancelledError(f"{self.deployment}.{method} was cancelled")
-            self._finish(conn, rid, method, None, error, stream)
-        else:
+        key = (conn, rid)
+        if key in self._replied:  # the worker thread sent the reply (even if cancelled)
+            self._replied.discard(key)
+            self.latency.observe((_clock() - started) * 1e3)
+            self._account()
+            return
+        exc: BaseException | None = RequestCancelledError(
+            f"{self.deployment}.{method} was cancelled"
+        )
+        value = None
+        if not fut.cancelled():
             exc = fut.exception()
             value = None if exc is not None else fut.result()
             if type(value) is Unfinished:  # a sync __call__'s response that needs the loop
                 task = self.loop.create_task(self._finish_http(conn, rid, value))
                 self._running.setdefault(conn, {})[rid] = task
-                task.add_done_callback(partial(self._done, conn, rid, method, stream))
+                task.add_done_callback(partial(self._done, conn, rid, method, stream, started))
                 return
-            self._finish(conn, rid, method, value, exc, stream)
+        self.latency.observe((_clock() - started) * 1e3)
+        self._finish(conn, rid, method, value, exc, stream)
 
     def _finish(
         self,
