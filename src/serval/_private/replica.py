@@ -486,17 +486,19 @@ class Replica:
         running = self._running.get(conn)
         if running is not None:
             running.pop(rid, None)
-        key = (conn, rid)
-        if key in self._replied:  # the worker thread sent the reply (even if cancelled)
-            self._replied.discard(key)
-            self.latency.observe((_clock() - started) * 1e3)
-            self._account()
-            return
-        exc: BaseException | None = RequestCancelledError(
-            f"{self.deployment}.{method} was cancelled"
-        )
-        value = None
-        if not fut.cancelled():
+        if self._replied:
+            key = (conn, rid)
+            if key in self._replied:  # the worker thread sent the reply (even if cancelled)
+                self._replied.discard(key)
+                self.latency.observe((_clock() - started) * 1e3)
+                self._account()
+                return
+        if fut.cancelled():
+            value = None
+            exc: BaseException | None = RequestCancelledError(
+                f"{self.deployment}.{method} was cancelled"
+            )
+        else:
             exc = fut.exception()
             value = None if exc is not None else fut.result()
             if type(value) is Unfinished:  # a sync __call__'s response that needs the loop
