@@ -49,6 +49,7 @@ def test_counter_gauge_and_histogram_in_prometheus_text() -> None:
     ("make", "error"),
     [
         (lambda: serve.metrics.Counter("9lives"), ValueError),
+        (lambda: serve.metrics.Counter("serve_deployment_request_counter"), ValueError),
         (lambda: serve.metrics.Counter("t_c1", tag_keys="model"), TypeError),
         (lambda: serve.metrics.Counter("t_c2", tag_keys=("replica",)), ValueError),
         (lambda: serve.metrics.Histogram("t_h1", boundaries=[]), ValueError),

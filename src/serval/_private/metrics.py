@@ -40,6 +40,39 @@ class Family:
 # A family and its series: (tag values in tag_keys order, value).
 Snapshot = list[tuple[Family, list[tuple[tuple[str, ...], float | HistogramValue]]]]
 
+# The buckets of serval's own latency histograms, in milliseconds.
+_LATENCY_MS = "0.1 0.25 0.5 1 2.5 5 10 25 50 100 250 500 1000 2500 5000 10000 60000"
+LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(float(ms) for ms in _LATENCY_MS.split())
+
+# serval's own metrics, reported by each replica (Ray Serve's names without its "ray_"
+# prefix), in the order Replica.rpc_export_metrics gives their values. No user metric may
+# take one of their names.
+_OWN_TAGS = ("deployment", "replica", "application")
+OWN_FAMILIES = (
+    Family(
+        "serve_deployment_request_counter",
+        COUNTER,
+        "Requests this replica has answered.",
+        _OWN_TAGS,
+    ),
+    Family(
+        "serve_deployment_error_counter",
+        COUNTER,
+        "Answered requests whose call raised.",
+        _OWN_TAGS,
+    ),
+    Family("serve_replica_processing_queries", GAUGE, "Requests running here.", _OWN_TAGS),
+    Family("serve_replica_pending_queries", GAUGE, "Requests waiting here for a slot.", _OWN_TAGS),
+    Family(
+        "serve_deployment_processing_latency_ms",
+        HISTOGRAM,
+        "Time from a request's start in this replica to its answer, in milliseconds.",
+        _OWN_TAGS,
+        LATENCY_BOUNDARIES_MS,
+    ),
+)
+OWN_NAMES = frozenset(family.name for family in OWN_FAMILIES)
+
 
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
@@ -47,6 +80,8 @@ def check_name(name: object) -> str:
             f"metric name {name!r} is not valid: use letters, digits, '_' and ':', and do not "
             "start with a digit"
         )
+    if name in OWN_NAMES:
+        raise ValueError(f"metric name {name!r} is taken by one of serval's own metrics")
     return name
 
 
@@ -136,10 +171,6 @@ def _copy(value: float | HistogramValue) -> float | HistogramValue:
 
 
 REGISTRY = Registry()
-
-# The buckets of serval's own latency histograms, in milliseconds.
-_LATENCY_MS = "0.1 0.25 0.5 1 2.5 5 10 25 50 100 250 500 1000 2500 5000 10000 60000"
-LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(float(ms) for ms in _LATENCY_MS.split())
 
 
 class LoopHistogram:

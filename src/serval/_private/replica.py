@@ -90,36 +90,6 @@ def _kind(fn: Callable[..., Any]) -> _Kind:
 
 _clock = time.perf_counter
 
-# This replica's own metrics (the names of Ray Serve's, without its "ray_" prefix).
-_TAGS = ("deployment", "replica", "application")
-_OWN_METRICS = (
-    metrics.Family(
-        "serve_deployment_request_counter",
-        metrics.COUNTER,
-        "Requests this replica has answered.",
-        _TAGS,
-    ),
-    metrics.Family(
-        "serve_deployment_error_counter",
-        metrics.COUNTER,
-        "Answered requests whose call raised.",
-        _TAGS,
-    ),
-    metrics.Family(
-        "serve_replica_processing_queries", metrics.GAUGE, "Requests running here.", _TAGS
-    ),
-    metrics.Family(
-        "serve_replica_pending_queries", metrics.GAUGE, "Requests waiting here for a slot.", _TAGS
-    ),
-    metrics.Family(
-        "serve_deployment_processing_latency_ms",
-        metrics.HISTOGRAM,
-        "Time from a request's start in this replica to its answer, in milliseconds.",
-        _TAGS,
-        metrics.LATENCY_BOUNDARIES_MS,
-    ),
-)
-
 
 class Replica:
     def __init__(self, address: str, replica_id: str) -> None:
@@ -265,8 +235,9 @@ class Replica:
             float(len(self._backlog)),
             self.latency.value(),
         )
+        families = metrics.OWN_FAMILIES
         own: metrics.Snapshot = [
-            (family, [(tags, value)]) for family, value in zip(_OWN_METRICS, values, strict=True)
+            (family, [(tags, value)]) for family, value in zip(families, values, strict=True)
         ]
         return own + metrics.REGISTRY.snapshot()
 
