@@ -175,6 +175,9 @@ def test_replica_metrics_are_served_at_the_proxy(http_url: str) -> None:
     assert total(samples, "serve_deployment_error_counter_total", **where) == 1
     assert total(samples, "serve_replica_processing_queries", **where) == 0
     assert total(samples, "serve_deployment_processing_latency_ms_count", **where) == 9
+    # the proxy's own: the one request to /scored (and the scrapes, on no route)
+    http = {"route": "/scored", "method": "GET", "status_code": "200"}
+    assert total(samples, "serve_num_http_requests_total", **http) == 1
 
 
 @serve.deployment
@@ -207,6 +210,11 @@ def test_requests_running_now_are_counted(http_url: str) -> None:
 def test_a_scrape_with_no_metrics_and_the_proxy_still_serves(http_url: str) -> None:
     start = time.monotonic()
     response = httpx.get(f"{http_url}/-/metrics", timeout=10)
-    assert response.status_code == 200 and response.text == ""  # no replicas, nothing to say
+    assert response.status_code == 200 and response.text == ""  # nothing answered yet
     assert time.monotonic() - start < 5
     assert httpx.get(f"{http_url}/-/healthz", timeout=10).text == "success"
+    assert httpx.get(f"{http_url}/nowhere", timeout=10).status_code == 404
+    samples = parse(httpx.get(f"{http_url}/-/metrics", timeout=10).text)
+    requests = "serve_num_http_requests_total"
+    assert total(samples, requests, route="", method="GET", status_code="200") == 2
+    assert total(samples, requests, route="", method="GET", status_code="404") == 1

@@ -85,10 +85,13 @@ class Exchange:
         "fetch",
         "head_only",
         "keep_alive",
+        "method",
         "reply",
         "request_id",
+        "route",
         "size",
         "started",
+        "status",
         "target",
         "task",
         "timer",
@@ -96,7 +99,12 @@ class Exchange:
         "wire",
     )
 
-    def __init__(self, conn: ProxyHttpProtocol, request_id: str, keep_alive: bool) -> None:
+    def __init__(
+        self, conn: ProxyHttpProtocol, request_id: str, keep_alive: bool, method: str
+    ) -> None:
+        self.method = method
+        self.route = ""  # the route prefix it matched, for /-/metrics
+        self.status = 0
         self.conn = conn
         self.request_id = request_id
         self.keep_alive = keep_alive  # uvicorn's shutdown() turns it off
@@ -255,6 +263,7 @@ class Exchange:
         """Write a whole response in one write."""
         if self.complete:
             return
+        self.status = status
         out, close = self._head(status, headers, len(body))
         if body and not self.head_only and status in _WITH_BODY:
             out.append(body)
@@ -265,6 +274,9 @@ class Exchange:
 
     def _done(self, close: bool) -> None:
         self.complete = True
+        counts = self.conn.proxy.http_requests
+        key = (self.route, self.method, self.status)
+        counts[key] = counts.get(key, 0) + 1
         if self.timer is not None:
             self.timer.cancel()
         if close:
@@ -287,6 +299,7 @@ class Exchange:
                 message = stream.items.popleft()
                 if message["type"] == "http.response.start":
                     status: int = message["status"]
+                    self.status = status
                     headers: Headers = message.get("headers", [])
                     chunked = not self.head_only and status in _WITH_BODY
                     chunked = chunked and all(k != b"content-length" for k, _ in headers)

@@ -3,7 +3,7 @@
 Longest ``route_prefix`` match picks the app; the request (scope and whole body) goes straight
 to a replica of the app's ingress deployment through this process's router, and the response
 comes back in one piece or message by message. System routes live under ``/-/``: ``healthz``,
-``routes`` and ``metrics`` (every replica's, in Prometheus's text format).
+``routes`` and ``metrics`` (every replica's and the proxy's, in Prometheus's text format).
 Every response carries ``x-request-id``; errors never show a traceback to the client.
 
 HTTP requests are answered by ``http_protocol.Exchange`` (see there why not through ASGI);
@@ -46,6 +46,8 @@ class ProxyApp:
         self.options = options
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
         self._routes_of: dict[str, tuple[str, str]] | None = None
+        # (route prefix, method, status) -> requests answered, for /-/metrics
+        self.http_requests: dict[tuple[str, str, int], int] = {}
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -74,7 +76,7 @@ class ProxyApp:
     ) -> Exchange:
         """A parsed request head, turned into what to do with it."""
         given_id, length, model = _scan_headers(headers)
-        ex = Exchange(conn, given_id or _new_request_id(), keep_alive)
+        ex = Exchange(conn, given_id or _new_request_id(), keep_alive, method)
         ex.head_only = method == "HEAD"
         raw_path: bytes = url.path
         path = unquote_path(raw_path)
@@ -91,6 +93,7 @@ class ProxyApp:
             )
             return ex
         prefix, app, ingress = match
+        ex.route = prefix
         if length is not None:
             limit = self.options.max_request_body_bytes
             if not length.isdigit():
@@ -129,8 +132,9 @@ class ProxyApp:
 
     async def _metrics(self) -> Reply:
         """Every replica's metrics (gathered by the controller), in Prometheus's text format."""
-        snapshot = await self.client.call_controller("collect_metrics")
-        body = metrics.render(snapshot).encode()
+        replicas = await self.client.call_controller("collect_metrics")
+        own = metrics.http_snapshot(self.http_requests)
+        body = metrics.render(metrics.merge([own, replicas])).encode()
         return 200, [(b"content-type", _PROMETHEUS_TEXT)], body
 
     # -- websockets (ASGI, after uvicorn's upgrade) ----------------------------------------------
