@@ -139,11 +139,6 @@ class Counter(_Metric):
 
     _kind = COUNTER
 
-    def __init__(
-        self, name: str, description: str = "", tag_keys: tuple[str, ...] | None = None
-    ) -> None:
-        super().__init__(name, description, tag_keys)
-
     def inc(self, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
         amount = _number(value, "a counter's increment")
         if not amount > 0:
@@ -155,11 +150,6 @@ class Gauge(_Metric):
     """A value that goes up and down; the last one set is exported."""
 
     _kind = GAUGE
-
-    def __init__(
-        self, name: str, description: str = "", tag_keys: tuple[str, ...] | None = None
-    ) -> None:
-        super().__init__(name, description, tag_keys)
 
     def set(self, value: float, tags: Mapping[str, str] | None = None) -> None:
         REGISTRY.set(self._name, self._key(tags), _number(value, "a gauge's value"))
