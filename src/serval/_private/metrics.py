@@ -120,13 +120,35 @@ def check_boundaries(boundaries: object) -> tuple[float, ...]:
     return out
 
 
+class HistogramSeries:
+    """One histogram series' counts. Not locked: one thread records it (a replica's loop), or
+    the registry's lock guards it."""
+
+    __slots__ = ("_boundaries", "_buckets", "_count", "_sum")
+
+    def __init__(self, boundaries: tuple[float, ...]) -> None:
+        self._boundaries = boundaries
+        self._buckets = [0] * (len(boundaries) + 1)
+        self._sum = 0.0
+        self._count = 0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value on a boundary counts in that boundary's bucket (le, "<=")
+        self._buckets[bisect.bisect_left(self._boundaries, value)] += 1
+        self._sum += value
+        self._count += 1
+
+    def value(self) -> HistogramValue:
+        return (list(self._buckets), self._sum, self._count)
+
+
 class Registry:
     """The metric families of this process and their values; any thread may record."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._families: dict[str, Family] = {}
-        self._values: dict[str, dict[tuple[str, ...], float | HistogramValue]] = {}
+        self._values: dict[str, dict[tuple[str, ...], float | HistogramSeries]] = {}
 
     def register(self, family: Family) -> None:
         """Declare a family; declaring the same one again is fine (a second replica object,
@@ -153,55 +175,26 @@ class Registry:
             self._values[name][key] = value
 
     def observe(self, name: str, key: tuple[str, ...], value: float) -> None:
-        family = self._families[name]
-        slot = bisect.bisect_left(family.boundaries, value)  # le: a value on a boundary counts
         with self._lock:
             series = self._values[name]
-            current = series.get(key)
-            if current is None:
-                buckets = [0] * (len(family.boundaries) + 1)
-                total, count = 0.0, 0
-            else:
-                buckets, total, count = current  # type: ignore[misc]
-            buckets[slot] += 1
-            series[key] = (buckets, total + value, count + 1)
+            histogram = series.get(key)
+            if not isinstance(histogram, HistogramSeries):
+                histogram = series[key] = HistogramSeries(self._families[name].boundaries)
+            histogram.observe(value)
 
     def snapshot(self) -> Snapshot:
         with self._lock:
             return [
-                (family, [(k, _copy(v)) for k, v in self._values[name].items()])
+                (family, [(k, _value(v)) for k, v in self._values[name].items()])
                 for name, family in self._families.items()
             ]
 
 
-def _copy(value: float | HistogramValue) -> float | HistogramValue:
-    if isinstance(value, tuple):
-        return (list(value[0]), value[1], value[2])
-    return value
+def _value(value: float | HistogramSeries) -> float | HistogramValue:
+    return value.value() if isinstance(value, HistogramSeries) else value
 
 
 REGISTRY = Registry()
-
-
-class LoopHistogram:
-    """A histogram recorded by one thread only (a replica's loop): no lock, a few operations
-    per request."""
-
-    __slots__ = ("_boundaries", "_buckets", "_count", "_sum")
-
-    def __init__(self, boundaries: tuple[float, ...]) -> None:
-        self._boundaries = boundaries
-        self._buckets = [0] * (len(boundaries) + 1)
-        self._sum = 0.0
-        self._count = 0
-
-    def observe(self, value: float) -> None:
-        self._buckets[bisect.bisect_left(self._boundaries, value)] += 1
-        self._sum += value
-        self._count += 1
-
-    def value(self) -> HistogramValue:
-        return (list(self._buckets), self._sum, self._count)
 
 
 def http_snapshot(requests: dict[tuple[str, str, int], int]) -> Snapshot:

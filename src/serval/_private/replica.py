@@ -104,7 +104,7 @@ class Replica:
         self.ongoing = 0
         self.finished = 0  # requests answered, for /-/metrics
         self.failed = 0  # of which the call raised (a cancellation is no failure)
-        self.latency = metrics.LoopHistogram(metrics.LATENCY_BOUNDARIES_MS)
+        self.latency = metrics.HistogramSeries(metrics.LATENCY_BOUNDARIES_MS)
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
