@@ -21,6 +21,7 @@ from serval._private.metrics import (
     GAUGE,
     HISTOGRAM,
     REGISTRY,
+    SERVE_TAGS,
     Family,
     check_boundaries,
     check_name,
@@ -28,8 +29,6 @@ from serval._private.metrics import (
 )
 
 __all__ = ["Counter", "Gauge", "Histogram"]
-
-_SERVE_TAGS = ("deployment", "replica", "application")
 
 
 class _Metric:
@@ -45,7 +44,7 @@ class _Metric:
     ) -> None:
         check_name(name)
         keys = check_tag_keys(tag_keys)
-        for reserved in _SERVE_TAGS:
+        for reserved in SERVE_TAGS:
             if reserved in keys:
                 raise ValueError(f"tag key {reserved!r} is reserved: serval sets it in replicas")
         self._name = name
@@ -57,7 +56,7 @@ class _Metric:
         self._serve_tags: tuple[str, ...] = (
             () if me is None else (me.deployment, me.replica_id, me.app)
         )
-        all_keys = (_SERVE_TAGS if me is not None else ()) + keys
+        all_keys = (SERVE_TAGS if me is not None else ()) + keys
         self._family = Family(name, self._kind, description, all_keys, self._boundaries)
         REGISTRY.register(self._family)
 

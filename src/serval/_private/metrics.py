@@ -47,27 +47,28 @@ LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(float(ms) for ms in _LATENCY_MS
 # serval's own metrics, reported by each replica (Ray Serve's names without its "ray_"
 # prefix), in the order Replica.rpc_export_metrics gives their values. No user metric may
 # take one of their names.
-_OWN_TAGS = ("deployment", "replica", "application")
+# The tags every series recorded in a replica carries, in this order (its values come first).
+SERVE_TAGS = ("deployment", "replica", "application")
 OWN_FAMILIES = (
     Family(
         "serve_deployment_request_counter",
         COUNTER,
         "Requests this replica has answered.",
-        _OWN_TAGS,
+        SERVE_TAGS,
     ),
     Family(
         "serve_deployment_error_counter",
         COUNTER,
         "Answered requests whose call raised.",
-        _OWN_TAGS,
+        SERVE_TAGS,
     ),
-    Family("serve_replica_processing_queries", GAUGE, "Requests running here.", _OWN_TAGS),
-    Family("serve_replica_pending_queries", GAUGE, "Requests waiting here for a slot.", _OWN_TAGS),
+    Family("serve_replica_processing_queries", GAUGE, "Requests running here.", SERVE_TAGS),
+    Family("serve_replica_pending_queries", GAUGE, "Requests waiting here for a slot.", SERVE_TAGS),
     Family(
         "serve_deployment_processing_latency_ms",
         HISTOGRAM,
         "Time from a request's start in this replica to its answer, in milliseconds.",
-        _OWN_TAGS,
+        SERVE_TAGS,
         LATENCY_BOUNDARIES_MS,
     ),
 )

@@ -248,6 +248,9 @@ class Router:
     def label(self) -> str:
         return f"{self.info.app}.{self.info.name}"
 
+    def _deleted_error(self) -> DeploymentUnavailableError:
+        return DeploymentUnavailableError(f"deployment {self.label} was deleted")
+
     def update(self, info: DeploymentInfo) -> None:
         with self.lock:
             self.info = info
@@ -272,11 +275,11 @@ class Router:
             self.deleted = True
             waiting, self.queue = self.queue, deque()
         for call in waiting:
-            call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
+            call.set_exception(self._deleted_error())
 
     def submit(self, call: Call) -> None:
         if self.deleted:
-            call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
+            call.set_exception(self._deleted_error())
             return
         with self.lock:
             if not self.queue:
@@ -388,6 +391,6 @@ class Router:
         if call.done.fired:
             return
         if self.deleted:
-            call.set_exception(DeploymentUnavailableError(f"deployment {self.label} was deleted"))
+            call.set_exception(self._deleted_error())
         else:
             self.queue.appendleft(call)
