@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -218,12 +219,10 @@ def _check_port_free(options: HTTPOptions) -> None:
 def _http_options(args: argparse.Namespace, base: HTTPOptions | None = None) -> HTTPOptions:
     base = base or HTTPOptions()
     try:
-        return HTTPOptions(
+        return dataclasses.replace(  # every option the file set, but host and port
+            base,
             host=args.host if args.host is not None else base.host,
             port=args.port if args.port is not None else base.port,
-            request_timeout_s=base.request_timeout_s,
-            root_path=base.root_path,
-            enabled=base.enabled,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from None

@@ -1,6 +1,7 @@
 """Typed configuration: a deployment's options, and the HTTP options of a cluster.
 
-The field names, defaults and meaning are Ray Serve's.
+The field names, defaults and meaning are Ray Serve's; ``HTTPOptions`` adds serval's own
+(its docstring says which).
 """
 
 from __future__ import annotations
@@ -105,14 +106,55 @@ class DeploymentConfig:
 
 @dataclass(frozen=True)
 class HTTPOptions:
+    """Options of the HTTP proxy.
+
+    Ray Serve's fields: ``host``, ``port`` (where the proxy listens), ``root_path``,
+    ``request_timeout_s`` (end to end: 408 when it passes) and ``keep_alive_timeout_s`` (how
+    long an idle connection waits for its next request; Ray Serve's default, 90 s).
+
+    serval's own extensions (Ray Serve has none of these):
+
+    - ``enabled``: False for a cluster without an HTTP proxy.
+    - ``max_request_body_bytes``: a larger body is answered 413 (before it is read when its
+      ``Content-Length`` says so, else as soon as it passes the limit) and the connection closed.
+    - ``request_header_timeout_s``: a connection must send a whole request head (request line
+      and headers) within this many seconds of opening, or of the response before when the next
+      head had already begun; else it is closed: with a 408 when part of a head came, without
+      a word when nothing did. (Between requests, ``keep_alive_timeout_s`` is the wait for the
+      first byte of the next head; this timeout counts from that byte.)
+    - ``request_body_timeout_s``: while a request's body is pending, the longest wait for its
+      next bytes (time the proxy itself holds the client back does not count): 408 and close.
+    - ``max_request_header_bytes``: a request line and headers larger than this are answered
+      431 and the connection closed; reading stops there, whatever the client goes on sending.
+    - ``max_connections``: open connections at most. When a new one would pass it, the new one
+      is still served, and the connections idle longest (between requests, or not yet through
+      their first request head) are closed to make room; when none is idle, the new one is
+      answered 503. None: as many as the proxy's file descriptor limit allows, less room for
+      its own (the proxy raises its soft limit to the hard one at start).
+    - ``request_body_window_bytes``: a request body that is not whole when its request's turn
+      comes and grows past this size leaves for the replica as it arrives, with at most this
+      many bytes on their way that the replica's app has not yet taken (reading the client
+      pauses beyond it): an upload holds about this much memory in the proxy and in the
+      replica, beyond what the user's code keeps. A smaller body goes in one message.
+    - ``system_route_hosts``: the ``Host`` names that ``/-/routes`` and ``/-/metrics`` answer
+      to besides IP literals and ``localhost`` (a page in a browser can reach the proxy under
+      a name of its own by DNS rebinding); ``"*"`` allows any. ``/-/healthz`` and the
+      applications' routes answer any ``Host``.
+    """
+
     host: str = "127.0.0.1"
     port: int = 8000
     request_timeout_s: float | None = None
     root_path: str = ""
-    # serval's own: larger request bodies get 413 before they are read
     max_request_body_bytes: int = 100 * 1024 * 1024
-    # serval's own: set False for a cluster without an HTTP proxy
     enabled: bool = True
+    keep_alive_timeout_s: float = 90.0
+    request_header_timeout_s: float = 10.0
+    request_body_timeout_s: float = 30.0
+    max_request_header_bytes: int = 64 * 1024
+    max_connections: int | None = None
+    request_body_window_bytes: int = 1024 * 1024
+    system_route_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(
@@ -120,10 +162,31 @@ class HTTPOptions:
             f"http_options.port must be an int in 1..65535, got {self.port!r}",
         )
         _check(
-            self.request_timeout_s is None or self.request_timeout_s > 0,
+            self.request_timeout_s is None or _positive(self.request_timeout_s),
             f"http_options.request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}",
         )
-        _check(self.max_request_body_bytes > 0, "http_options.max_request_body_bytes must be > 0")
+        for name in ("keep_alive_timeout_s", "request_header_timeout_s", "request_body_timeout_s"):
+            value = getattr(self, name)
+            _check(_positive(value), f"http_options.{name} must be > 0, got {value!r}")
+        for name in (
+            "max_request_body_bytes",
+            "max_request_header_bytes",
+            "request_body_window_bytes",
+        ):
+            value = getattr(self, name)
+            _check(_positive_int(value), f"http_options.{name} must be an int > 0, got {value!r}")
+        _check(
+            self.max_connections is None or _positive_int(self.max_connections),
+            f"http_options.max_connections must be an int > 0 or None, "
+            f"got {self.max_connections!r}",
+        )
+        hosts = self.system_route_hosts
+        _check(
+            isinstance(hosts, (list, tuple)) and all(isinstance(h, str) and h for h in hosts),
+            f"http_options.system_route_hosts must be a list of host names, got {hosts!r}",
+        )
+        # Host names compare case-insensitively; a list (from JSON or a user) becomes a tuple.
+        object.__setattr__(self, "system_route_hosts", tuple(h.lower() for h in hosts))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -131,6 +194,19 @@ class HTTPOptions:
     @classmethod
     def from_json(cls, text: str) -> HTTPOptions:
         return cls(**json.loads(text))
+
+
+def _positive(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+        and math.isfinite(value)
+    )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check(ok: bool, message: str) -> None:

@@ -70,10 +70,28 @@ class _Model(BaseModel):
 
 
 class HTTPOptionsSchema(_Model):
+    """:class:`serval.config.HTTPOptions` in a file (its docstring says what each field does)."""
+
     host: str = HTTPOptions.host
     port: int = Field(default=HTTPOptions.port, ge=1, le=65535)
     request_timeout_s: float | None = Field(default=None, gt=0)
     root_path: str = ""
+    keep_alive_timeout_s: float = Field(default=HTTPOptions.keep_alive_timeout_s, gt=0)
+    # serval's own
+    max_request_body_bytes: int = Field(default=HTTPOptions.max_request_body_bytes, gt=0)
+    request_header_timeout_s: float = Field(default=HTTPOptions.request_header_timeout_s, gt=0)
+    request_body_timeout_s: float = Field(default=HTTPOptions.request_body_timeout_s, gt=0)
+    max_request_header_bytes: int = Field(default=HTTPOptions.max_request_header_bytes, gt=0)
+    max_connections: int | None = Field(default=None, gt=0)
+    request_body_window_bytes: int = Field(default=HTTPOptions.request_body_window_bytes, gt=0)
+    system_route_hosts: list[str] = Field(default_factory=list)
+
+    def options(self, **overrides: Any) -> HTTPOptions:
+        """These options as :class:`HTTPOptions`, with ``overrides`` winning."""
+        fields = self.model_dump()
+        fields["system_route_hosts"] = tuple(fields["system_route_hosts"])
+        fields.update(overrides)
+        return HTTPOptions(**fields)
 
 
 class RuntimeEnvSchema(_Model):
@@ -234,11 +252,9 @@ class ServeDeploySchema(_Model):
     def http(self, host: str | None = None, port: int | None = None) -> HTTPOptions:
         """The file's HTTP options, with ``host``/``port`` from the command line winning."""
         opts = self.http_options
-        return HTTPOptions(
+        return opts.options(
             host=host if host is not None else opts.host,
             port=port if port is not None else opts.port,
-            request_timeout_s=opts.request_timeout_s,
-            root_path=opts.root_path,
             enabled=self.proxy_location != "Disabled",
         )
 
