@@ -163,12 +163,22 @@ def http_url(serve_instance: object) -> str:
     return f"http://127.0.0.1:{_current_port[0]}"
 
 
+_cluster_port = [0]
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """One local cluster for all the tests of a module that ask for it; shut down after them."""
-    serve.start(http_options={"port": free_port()})
+    _cluster_port[0] = free_port()
+    serve.start(http_options={"port": _cluster_port[0]})
     yield
     serve.shutdown()
+
+
+@pytest.fixture
+def cluster_url(apps: None) -> str:
+    """Base URL of the HTTP proxy of the module's ``cluster`` (apps deleted after the test)."""
+    return f"http://127.0.0.1:{_cluster_port[0]}"
 
 
 @pytest.fixture

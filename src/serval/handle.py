@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar, overload
 from serval._private import runtime
 from serval._private.calls import Call
 from serval._private.client import ClusterClient
+from serval.exceptions import GetTimeoutError
 
 __all__ = [
     "DeploymentHandle",
@@ -62,7 +63,15 @@ class _Submitted:
 
     def _result(self, timeout: float | None) -> Any:
         self._check_not_blocking_owner("a blocking get")
-        return self._call.result_sync(timeout)
+        return self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> Any:
+        try:
+            return self._call.result_sync(timeout)
+        except GetTimeoutError:
+            if not self._call.done.fired:  # gave up on it: it holds no slot of ours now
+                runtime.client(self._owner).release(self._call)
+            raise
 
     def cancel(self) -> None:
         """Cancel the request; the replica sees ``asyncio.CancelledError`` at its next await."""
@@ -98,7 +107,7 @@ class DeploymentResponse(_Submitted, Generic[T]):
     def result(self, timeout_s: float | None = None, *, _skip_asyncio_check: bool = False) -> T:
         """Block until the result is ready; ``TimeoutError`` after ``timeout_s`` seconds."""
         if _skip_asyncio_check:
-            return self._call.result_sync(timeout_s)  # type: ignore[no-any-return]
+            return self._wait(timeout_s)  # type: ignore[no-any-return]
         return self._result(timeout_s)  # type: ignore[no-any-return]
 
     async def _to_object_ref(self) -> ObjectRef:

@@ -10,6 +10,7 @@ neither needs to know which loop owns the call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -18,13 +19,16 @@ from typing import Any
 
 from serval.exceptions import GetTimeoutError
 
+logger = logging.getLogger(__name__)
+
 
 class Signal:
     """A thread-safe event that fires once and runs its callbacks in the firing thread.
 
     Lock-free: it relies on the GIL making ``list.append`` and ``list.pop`` atomic. ``fired`` is
     set before callbacks are drained, and a callback added late drains the list itself, so every
-    callback runs exactly once, in whichever thread pops it.
+    callback runs exactly once, in whichever thread pops it. A callback that raises is logged and
+    does not keep the others from running: each of them is somebody waiting for an answer.
     """
 
     __slots__ = ("_callbacks", "fired")
@@ -49,7 +53,10 @@ class Signal:
                 cb = callbacks.pop()
             except IndexError:  # another thread took the last one
                 return
-            cb()
+            try:
+                cb()
+            except Exception:
+                logger.exception("a completion callback failed")
 
     def wait_sync(self, timeout: float | None) -> bool:
         if self.fired:

@@ -8,6 +8,7 @@ The controller pushes its replica table to each client; routing never asks the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -39,7 +40,11 @@ class ClusterClient:
         self.routers: dict[tuple[str, str], Router] = {}
         self.table_version = -1
         self._controller: RpcPeer | None = None
+        # Set once the first replica table is here, and stays set: routing needs a table,
+        # not the controller, so calls keep flowing on the last table while the controller
+        # restarts (or hangs). Only control calls wait for it (``_connected``).
         self._ready = asyncio.Event()
+        self._connected = asyncio.Event()
         self._waiting: list[Call] = []
         self._connector: asyncio.Task[None] | None = None
         self._closed = False
@@ -78,6 +83,18 @@ class ClusterClient:
         elif not router.submit_from_thread(call):
             self.loop.call_soon_threadsafe(router.handed_over_routed, call)
 
+    def release(self, call: Call) -> None:
+        """``call``'s caller stopped waiting for it (any thread): free its slot at its
+        replica (see ``Router.release``)."""
+        router = self.routers.get((call.app, call.deployment))
+        if router is None or not router.release(call):
+            return
+        if asyncio._get_running_loop() is self.loop:
+            router.dispatch()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to route
+                self.loop.call_soon_threadsafe(router.dispatch)
+
     def send_input(self, call: Call, message: Any) -> None:
         router = self.routers.get((call.app, call.deployment))
         if router is not None:
@@ -94,16 +111,25 @@ class ClusterClient:
     # -- control plane ---------------------------------------------------------------------------
 
     async def call_controller(self, method: str, **kwargs: Any) -> Any:
-        await self.wait_ready()
-        assert self._controller is not None
+        peer = await self._controller_peer()
         try:
-            return await self._controller.call(method, **kwargs)
+            return await peer.call(method, **kwargs)
         except ConnectionResetError:
             # The controller restarted: wait for the new one once, then try again.
-            await self.wait_ready()
-            return await self._controller.call(method, **kwargs)
+            peer = await self._controller_peer()
+            return await peer.call(method, **kwargs)
+
+    async def _controller_peer(self) -> RpcPeer:
+        while True:
+            self._ensure_connecting()
+            await self._connected.wait()
+            peer = self._controller
+            if peer is not None and not peer.closed:
+                return peer
+            self._connected.clear()  # lost since it was set: the connector runs again
 
     async def wait_ready(self) -> None:
+        """Return once this client has a replica table (the first connection's)."""
         self._ensure_connecting()
         await self._ready.wait()
 
@@ -123,7 +149,10 @@ class ClusterClient:
                 )
                 self._controller = peer
                 table = await peer.call("subscribe")
-                self._apply_table(table)
+                # A new controller's first table wins whatever its version: it may restart
+                # from a checkpoint written just before the version this client last saw.
+                self._apply_table(table, fresh=True)
+                self._connected.set()
                 return
             except (OSError, ConnectionError) as exc:
                 logger.debug("controller not reachable at %s: %s", self.address, exc)
@@ -134,16 +163,17 @@ class ClusterClient:
         if self._closed or peer is not self._controller:
             return
         # Keep routing with the last table; reconnect in the background.
-        self._ready.clear()
-        self._connector = self.loop.create_task(self._connect())
+        self._connected.clear()
+        if self._connector is None or self._connector.done():
+            self._connector = self.loop.create_task(self._connect())
 
     def _on_push(self, topic: str, value: Any) -> None:
         if topic == "table":
             self._apply_table(value)
 
-    def _apply_table(self, table: Table) -> None:
+    def _apply_table(self, table: Table, fresh: bool = False) -> None:
         version, deployments, routes = table
-        if version <= self.table_version and self._ready.is_set():
+        if version <= self.table_version and self._ready.is_set() and not fresh:
             return
         self.table_version = version
         for key, info in deployments.items():

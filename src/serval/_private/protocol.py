@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import traceback
 from typing import Any
 
 import cloudpickle
@@ -85,16 +86,33 @@ def describe(value: Any) -> str:
     """A short, safe description of a value for error messages."""
     try:
         text = repr(value)
-    except Exception:  # a broken __repr__ must not hide the real error
+    except BaseException:  # a broken __repr__ must not hide the real error
         text = f"<{type(value).__qualname__} object>"
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} (type {type(value).__module__}.{type(value).__qualname__})"
 
 
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in when the exception's ``__str__`` itself raises."""
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<{type(exc).__qualname__}: str() failed>"
+
+
+def describe_error(exc: BaseException) -> tuple[str, str, str]:
+    """(type name, message, traceback text) of ``exc``, whatever its methods raise."""
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException:
+        tb = ""
+    return type(exc).__qualname__, safe_str(exc), tb
+
+
 def serialization_error(what: str, value: Any, exc: BaseException) -> SerializationError:
     return SerializationError(
-        f"could not serialize {what}: {describe(value)}: {type(exc).__name__}: {exc}"
+        f"could not serialize {what}: {describe(value)}: {type(exc).__name__}: {safe_str(exc)}"
     )
 
 
@@ -105,11 +123,11 @@ def find_unpicklable(
     for i, arg in enumerate(args):
         try:
             cloudpickle.dumps(arg, protocol=5, buffer_callback=lambda b: None)
-        except Exception as exc:
+        except BaseException as exc:
             return f"argument {i}", arg, exc
     for key, arg in kwargs.items():
         try:
             cloudpickle.dumps(arg, protocol=5, buffer_callback=lambda b: None)
-        except Exception as exc:
+        except BaseException as exc:
             return f"keyword argument {key!r}", arg, exc
     raise LookupError("every argument pickles on its own")

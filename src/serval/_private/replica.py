@@ -35,7 +35,7 @@ from serval._private.http_replica import (
     unpack_scope,
 )
 from serval._private.rpc import RpcPeer
-from serval._private.sync_runner import SyncRunner
+from serval._private.sync_runner import SyncRunner, unwrap
 from serval.config import DeploymentConfig
 from serval.exceptions import RequestCancelledError, SerializationError
 
@@ -105,6 +105,7 @@ class Replica:
         self.finished = 0  # requests answered, for /-/metrics
         self.failed = 0  # of which the call raised (a cancellation is no failure)
         self.latency = metrics.HistogramSeries(metrics.LATENCY_BOUNDARIES_MS)
+        self.unanswered = 0  # requests no reply could be sent for: the replica is unhealthy
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -242,6 +243,14 @@ class Replica:
         return own + metrics.REGISTRY.snapshot()
 
     async def rpc_check_health(self, peer: RpcPeer) -> None:
+        if self.unanswered:
+            raise RuntimeError(
+                f"replica {self.replica_id} could not answer {self.unanswered} request(s); "
+                "see its log"
+            )
+        if self._backlog and self.ongoing < self.config.max_ongoing_requests:
+            # Requests wait though a slot is free: nothing will ever start them.
+            raise RuntimeError(f"replica {self.replica_id} stopped starting queued requests")
         fn = getattr(self.user, "check_health", None)
         if fn is not None:
             await self._call_control(fn)
@@ -380,7 +389,7 @@ class Replica:
                 # ``ongoing`` as it will be once the loop counts this call finished
                 reply = (protocol.RESULT, rid, value, self.ongoing - 1)
                 pieces = protocol.dumps(reply, rid, True)
-            except Exception:
+            except BaseException:
                 return value  # the loop's path reports what failed
             if len(pieces) == 1:
                 self._replied.add((conn, rid))
@@ -393,16 +402,32 @@ class Replica:
         self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
     ) -> None:
         request_context.set_request(meta)
+        index = 0
         async for item in fn(*args, **kwargs):
-            self._send_item(conn, rid, item)
+            if not conn.closed:
+                conn.send_pieces(self._item_frame(rid, item, index, fn))
+            index += 1
 
     def _stream_sync(
         self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
     ) -> None:
         request_context.set_request(meta)
-        for item in fn(*args, **kwargs):
-            pieces = protocol.dumps((protocol.STREAM_ITEM, rid, item), rid)
+        for index, item in enumerate(fn(*args, **kwargs)):
+            pieces = self._item_frame(rid, item, index, fn)
             self.loop.call_soon_threadsafe(_send_pieces, conn, pieces)
+
+    def _item_frame(
+        self, rid: int, item: Any, index: int, fn: Callable[..., Any]
+    ) -> list[bytes | memoryview]:
+        """A streamed item's frame; a ``SerializationError`` naming it if it does not pickle
+        (raised where the generator runs, so the stream ends with it)."""
+        try:
+            return protocol.dumps((protocol.STREAM_ITEM, rid, item), rid)
+        except BaseException as err:
+            name = getattr(fn, "__name__", "method")
+            raise protocol.serialization_error(
+                f"item {index} streamed by {self.deployment}.{name}", item, err
+            ) from None
 
     def _send_item(self, conn: transport.Connection, rid: int, item: Any) -> None:
         if not conn.closed:
@@ -471,6 +496,8 @@ class Replica:
             )
         else:
             exc = fut.exception()
+            if exc is not None:
+                exc = unwrap(exc)
             value = None if exc is not None else fut.result()
             if type(value) is Unfinished:  # a sync __call__'s response that needs the loop
                 task = self.loop.create_task(self._finish_http(conn, rid, value))
@@ -500,7 +527,7 @@ class Replica:
         kind = protocol.STREAM_END if stream else protocol.RESULT
         try:
             conn.send((kind, rid, value, self.ongoing), rid, type(value) in _PLAIN_RESULTS)
-        except Exception as err:
+        except BaseException as err:  # whatever a __reduce__ raises, the caller hears of it
             self._reply_error(
                 conn,
                 rid,
@@ -519,14 +546,33 @@ class Replica:
             self.idle.set()
 
     def _reply_error(self, conn: transport.Connection, rid: int, exc: BaseException) -> None:
+        """Send ``exc`` to the caller: as itself when it survives pickling, else by its type
+        name, message and traceback; and if even that fails (user code can make ``__str__``,
+        ``__repr__`` or ``__reduce__`` raise anything), as a plain error saying so. Every
+        request ends in an answer: a caller left waiting holds a slot of this replica for good.
+        """
         if conn.closed:
             return
-        tb = "".join(traceback.format_exception(exc))
-        payload = (exc if _round_trips(exc) else None, type(exc).__qualname__, str(exc), tb)
         try:
-            conn.send((protocol.ERROR, rid, payload, self.ongoing), rid)
-        except Exception:
-            conn.send((protocol.ERROR, rid, (None, *payload[1:]), self.ongoing), rid)
+            type_name, message, tb = protocol.describe_error(exc)
+            payload = (exc if _round_trips(exc) else None, type_name, message, tb)
+            try:
+                conn.send((protocol.ERROR, rid, payload, self.ongoing), rid)
+            except BaseException:
+                conn.send((protocol.ERROR, rid, (None, *payload[1:]), self.ongoing), rid)
+            return
+        except BaseException as err:
+            if conn.closed:
+                return
+            failure = err
+        logger.error("could not report the error of request %s", rid, exc_info=failure)
+        try:
+            reason = f"{type(exc).__qualname__} (reporting it raised {type(failure).__name__})"
+            payload = (None, "ServalError", f"the replica could not report an error: {reason}", "")
+            conn.send((protocol.ERROR, rid, payload, self.ongoing), rid, True)
+        except BaseException:
+            self.unanswered += 1
+            logger.exception("request %s could not be answered at all", rid)
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -572,6 +618,6 @@ def _sync_with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any
 def _round_trips(exc: BaseException) -> bool:
     try:
         pickle.loads(cloudpickle.dumps(exc))
-    except Exception:
+    except BaseException:  # user code decides what its __reduce__ raises
         return False
     return True

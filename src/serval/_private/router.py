@@ -16,6 +16,7 @@ operation), so it needs no lock: a replica's in-flight count is the size of that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -34,6 +35,7 @@ from serval.exceptions import (
     ReplicaDiedError,
     RequestCancelledError,
     SerializationError,
+    ServalError,
     UserCodeError,
 )
 
@@ -68,6 +70,9 @@ class ReplicaSlot:
         self.info = info
         self.reported = 0
         self.calls: dict[int, Call] = {}  # in flight, by request id
+        # In flight, but no longer counted against max_ongoing_requests: their callers' waits
+        # timed out (see Router.release). A reply still finds them here.
+        self.released: dict[int, Call] = {}
         self.unsent: list[Call] = []  # sent before the connection was up
         self.dead = False
         self.draining = False  # the replica refused work: it is shutting down
@@ -86,13 +91,14 @@ class ReplicaSlot:
 
     @property
     def load(self) -> int:
-        return max(len(self.calls), self.reported)
+        # Released calls may still be running there: they count when choosing between two.
+        return max(len(self.calls) + len(self.released), self.reported)
 
     def send(self, call: Call) -> None:
         """Send ``call`` from the loop (``Router.lock`` held)."""
         try:
             rid, pieces = _request(call)
-        except Exception as exc:
+        except BaseException as exc:  # an argument's __reduce__ may raise anything
             call.set_exception(_args_error(call, exc))
             return
         self.calls[rid] = call
@@ -118,7 +124,7 @@ class ReplicaSlot:
         return False
 
     def cancel(self, call: Call) -> None:
-        if call.rid in self.calls and not self.conn.closed:
+        if (call.rid in self.calls or call.rid in self.released) and not self.conn.closed:
             self.conn.send((protocol.CANCEL, call.rid))
 
     def send_input(self, call: Call, message: Any) -> None:
@@ -133,30 +139,39 @@ class ReplicaSlot:
     # -- replies -------------------------------------------------------------------------------
 
     def _on_message(self, conn: transport.Connection, msg: Any) -> None:
-        if type(msg) is tuple and msg[0] == protocol.RESULT:  # the common case, first
-            _, rid, value, self.reported = msg
-            call = self.calls.pop(rid, None)
-            self._finished()
-            if call is not None:
-                call.set_result(value)
-            return
+        try:
+            if type(msg) is tuple and msg[0] == protocol.RESULT:  # the common case, first
+                _, rid, value, self.reported = msg
+                call = self.calls.pop(rid, None)
+                if call is None and self.released:
+                    call = self.released.pop(rid, None)
+                self._finished()
+                if call is not None:
+                    call.set_result(value)
+                return
+            self._on_other_message(msg)
+        except Exception as exc:  # the call still gets an answer, and the others theirs
+            self._message_failed(msg, exc)
+
+    def _on_other_message(self, msg: Any) -> None:
         if isinstance(msg, transport.Undecodable):
-            call = self.calls.pop(msg.tag, None)
+            call = self._pop(msg.tag)
             if call is not None:
                 self._finished()
                 call.set_exception(
                     SerializationError(
-                        f"could not deserialize the reply of {call.label}: {msg.error!r}"
+                        f"could not deserialize the reply of {call.label}: "
+                        f"{type(msg.error).__name__}: {protocol.safe_str(msg.error)}"
                     )
                 )
             return
         kind, rid = msg[0], msg[1]
         if kind == protocol.STREAM_ITEM:
-            call = self.calls.get(rid)
+            call = self.calls.get(rid) or self.released.get(rid)
             if call is not None and call.stream is not None:
                 call.stream.put(msg[2])
             return
-        call = self.calls.pop(rid, None)
+        call = self._pop(rid)
         self.reported = msg[3]
         if kind == protocol.REJECT:
             self.draining = True
@@ -175,9 +190,41 @@ class ReplicaSlot:
         else:
             call.set_exception(rebuild_error(msg[2]))
 
+    def _pop(self, rid: int) -> Call | None:
+        call = self.calls.pop(rid, None)
+        if call is None and self.released:
+            call = self.released.pop(rid, None)
+        return call
+
+    def _message_failed(self, msg: Any, exc: Exception) -> None:
+        """Handling a reply raised: fail its call (if it can be told), keep the connection."""
+        logger.error("could not handle a reply from replica %s", self.info.replica_id, exc_info=exc)
+        rid = msg.tag if isinstance(msg, transport.Undecodable) else None
+        if rid is None and type(msg) is tuple and len(msg) > 1 and type(msg[1]) is int:
+            rid = msg[1]
+        call = self._pop(rid) if rid is not None else None
+        if call is None:
+            return
+        call.set_exception(
+            ServalError(
+                f"could not handle the reply of {call.label}: "
+                f"{type(exc).__name__}: {protocol.safe_str(exc)}"
+            )
+        )
+        with contextlib.suppress(Exception):
+            self._finished()
+
+    def release(self, call: Call) -> bool:
+        """Stop counting ``call`` against this replica's ``max_ongoing_requests`` here (its
+        caller gave up waiting); its reply is still delivered. ``Router.lock`` held."""
+        if self.calls.pop(call.rid, None) is None:
+            return False
+        self.released[call.rid] = call
+        return True
+
     def _finished(self) -> None:
         if self.router.slots.get(self.info.replica_id) is not self:
-            if not self.calls:  # removed from the table and now idle
+            if not self.calls and not self.released:  # removed from the table and now idle
                 self.close()
             return
         self.router.dispatch()
@@ -188,6 +235,8 @@ class ReplicaSlot:
                 return
             self.dead = True
             calls, self.calls = self.calls, {}
+            calls.update(self.released)
+            self.released = {}
         unsent = {id(c) for c in self.unsent}
         reroute = []
         for call in calls.values():
@@ -259,7 +308,7 @@ class Router:
                 if rid not in wanted:
                     # Gone from the table: no more work; in-flight calls finish on their own.
                     slot = self.slots.pop(rid)
-                    if not slot.calls:
+                    if not slot.calls and not slot.released:
                         slot.close()
             for rid, rinfo in wanted.items():
                 known = self.slots.get(rid)
@@ -303,7 +352,7 @@ class Router:
         ends with ``handed_over_routed``."""
         try:
             rid, pieces = _request(call)
-        except Exception:  # the loop's path reports it, naming the argument
+        except BaseException:  # the loop's path reports it, naming the argument
             pieces = []
         with self.lock:
             if len(pieces) == 1 and not (self.deleted or self.queue or self.handed_over):
@@ -319,6 +368,16 @@ class Router:
         with self.lock:  # routed before any later call of a thread can go on its own
             self.handed_over -= 1
             self.submit(call)
+
+    def release(self, call: Call) -> bool:
+        """``call``'s caller gave up waiting for it (its ``result(timeout_s=)`` expired):
+        from now on it does not count against its replica's ``max_ongoing_requests`` at this
+        router, so a replica that never answers cannot hold this caller's slots for good. The
+        replica still enforces the limit itself (more work waits there), and a late reply is
+        still delivered. True if a slot was freed (then ``dispatch`` on the loop)."""
+        with self.lock:
+            slot = self.slots.get(call.replica) if call.replica is not None else None
+            return slot is not None and slot.release(call)
 
     def cancel(self, call: Call) -> None:
         with self.lock:

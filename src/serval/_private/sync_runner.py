@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -20,6 +21,22 @@ _Job = tuple[
     asyncio.Future[Any], contextvars.Context, Callable[..., Any], tuple[Any, ...], _Then | None
 ]
 _Finished = tuple[asyncio.Future[Any], Any, BaseException | None, _Then | None]
+
+logger = logging.getLogger(__name__)
+
+
+class RaisedStopIteration(RuntimeError):
+    """Carries a ``StopIteration`` that user code raised: a future cannot hold one (asyncio
+    refuses it), yet the caller is owed an answer. ``raised`` is the original."""
+
+    def __init__(self, raised: StopIteration) -> None:
+        super().__init__(f"user code raised StopIteration({raised})")
+        self.raised = raised
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The exception user code raised, from what a future of this runner holds."""
+    return error.raised if type(error) is RaisedStopIteration else error
 
 
 class SyncRunner:
@@ -95,12 +112,17 @@ class SyncRunner:
             self._wake_scheduled = False
         for fut, value, error, then in finished:
             if not fut.cancelled():
-                if error is not None:
-                    fut.set_exception(error)
-                else:
+                if error is None:
                     fut.set_result(value)
+                elif isinstance(error, StopIteration):
+                    fut.set_exception(RaisedStopIteration(error))
+                else:
+                    fut.set_exception(error)
             if then is not None:
-                then(fut)
+                try:
+                    then(fut)
+                except Exception:  # the rest of the batch still gets its answers
+                    logger.exception("completing a sync call failed")
 
     def shutdown(self) -> None:
         for _ in self._threads:
