@@ -84,11 +84,17 @@ def start(
     ``detached`` and ``proxy_location`` are accepted for Ray Serve compatibility: one machine
     has one proxy, and apps on a ``serval start`` cluster outlive their deployer anyway.
     """
-    _start(http_options, address)
-    _control("wait_proxy")
+    started = _start(http_options, address)
+    try:
+        _control("wait_proxy")
+    except BaseException:
+        if started:  # (a proxy that cannot start): a cluster that could not start is no cluster
+            _disconnect(stop_cluster=True)
+        raise
 
 
-def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | None) -> None:
+def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | None) -> bool:
+    """Make sure this process has a cluster; whether this call started it."""
     # serve.run starts the cluster this way: it waits for the proxy with the app, in parallel.
     with _owner.lock:
         if isinstance(http_options, dict):
@@ -99,7 +105,7 @@ def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | Non
                     "serval is already running in this process; new http_options are ignored "
                     "(call serve.shutdown() first to change them)"
                 )
-            return
+            return False
         _owner.http_options = http_options or HTTPOptions()
         address = address or settings().address
         if not _owner.atexit_registered:
@@ -111,9 +117,10 @@ def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | Non
                     f"no serval cluster is running at {address} (start one with `serval start`)"
                 )
             runtime.set_address(address)
-            return
+            return False
         _owner.cluster = LocalCluster(_owner.http_options)
         runtime.set_address(_owner.cluster.address)
+        return True
 
 
 def run(
@@ -133,8 +140,13 @@ def run(
     spec = build(target, name, route_prefix, _source_config)
     if runtime.replica() is not None:
         raise ServalError("serve.run cannot be called from inside a deployment")
-    _start(None, None)
-    status_, message = runtime.run_sync(_deploy(spec))
+    started = _start(None, None)
+    try:
+        status_, message = runtime.run_sync(_deploy(spec))
+    except BaseException:
+        if started:  # e.g. its HTTP proxy could not start: leave no half-started cluster
+            _disconnect(stop_cluster=True)
+        raise
     if status_ != "RUNNING":
         raise DeploymentFailedError(f"application {name!r} failed to deploy:\n{message}")
     handle = DeploymentHandle(spec.ingress, name)
@@ -184,7 +196,8 @@ def _disconnect(stop_cluster: bool) -> None:
             if stop_cluster:
                 if cluster is not None:
                     cluster.begin_shutdown()
-                with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                # (ServalError: the controller keeps dying; the lifeline ends the rest)
+                with contextlib.suppress(ConnectionError, OSError, TimeoutError, ServalError):
                     _control("shutdown", timeout=_SHUTDOWN_TIMEOUT_S)
         finally:
             runtime.reset_clients()
@@ -268,7 +281,10 @@ def _in_replica_loop() -> bool:
 
 
 def _control(method: str, timeout: float | None = None, **kwargs: Any) -> Any:
-    runtime.require_address()
+    address = runtime.require_address()
+    cluster = _owner.cluster
+    if cluster is not None and cluster.controller_error and not is_running(address):
+        raise ServalError(cluster.controller_error)  # rather than wait for it
 
     async def call() -> Any:
         return await runtime.home_client().call_controller(method, **kwargs)

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -568,29 +568,14 @@ def _confirm(question: str) -> bool:
 
 def _wait_gone(address: str, timeout: float) -> bool:
     """Wait until no serval process of ``address`` is left."""
+    from serval._private import procs
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(_cluster_pids(address)):
+        if not procs.naming(address, exclude=(os.getpid(),)):
             return True
         time.sleep(0.05)
     return False
-
-
-def _cluster_pids(address: str) -> Iterator[int]:
-    marker = b"\0" + os.fsencode(address) + b"\0"
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if b"serval::" in cmd and marker in cmd and state != b"Z":
-            yield int(entry)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,9 @@ The runtime directory is private (0700) and holds every Unix socket of the clust
 keeps the lifeline's write end; when the owner exits, however it exits, the controller, the
 proxy and the replicas see the lifeline close and exit too. The owner also watches the
 controller: if it dies without being asked to, a new one is started that re-reads the
-checkpoint and adopts the replicas that are still alive.
+checkpoint and adopts the replicas that are still alive. A controller that keeps dying is
+restarted less and less often (0.2 s, doubled each time, up to 10 s), and reported as an error
+after three deaths in a row; the replicas and the proxy serve on meanwhile.
 """
 
 from __future__ import annotations
@@ -12,24 +14,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import socket
-import stat
 import subprocess
 import tempfile
 import threading
 import time
 
-from serval._private import lifeline
-from serval._private.backends.local import worker_argv
-from serval._private.client import controller_path
+from serval._private import lifeline, procs, rundir
+from serval._private.backends.local import system_env, worker_argv
+from serval._private.rundir import is_running
+from serval._private.rundir import make_private as make_private_dir
+from serval._private.settings import settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
+
+__all__ = ["LocalCluster", "default_address", "is_running", "make_private_dir"]
 
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 30.0
-_RESTART_DELAY_S = 0.2
+_RESTART_DELAY_S = 0.2  # the first restart; doubled for each death in a row
+_MAX_RESTART_DELAY_S = 10.0
+_STABLE_S = 10.0  # a controller that ran this long before it died starts the count over
+_FAILING_AFTER = 3  # deaths in a row that make it an error, not a warning
 
 
 def default_address() -> str:
@@ -37,38 +43,19 @@ def default_address() -> str:
     return os.path.join(tempfile.gettempdir(), f"serval-{os.getuid()}-default")
 
 
-def is_running(address: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(controller_path(address))
-        except OSError:
-            return False
-    return True
-
-
-def make_private_dir(address: str | None) -> str:
-    """Create the runtime directory (0700), or check that an existing one is private and ours."""
-    if address is None:
-        return tempfile.mkdtemp(prefix="serval-")
-    try:
-        os.mkdir(address, 0o700)
-    except FileExistsError:
-        info = os.lstat(address)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise ServalError(f"{address} exists and is not a directory of this user") from None
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            mode = stat.S_IMODE(info.st_mode)
-            raise ServalError(f"{address} is not private (mode {mode:o})") from None
-    return address
-
-
 class LocalCluster:
     def __init__(self, http_options: HTTPOptions, address: str | None = None) -> None:
+        _clear_the_way(address)
         self.address = make_private_dir(address)
+        rundir.record_owner(self.address)
         self.http_options = http_options
+        self._user_pythonpath = settings().user_pythonpath
         self._lifeline_r, self._lifeline_w = lifeline.create()
         self._stopping = False
+        self._stop_asked = threading.Event()
         self._lock = threading.Lock()
+        # Set while the controller keeps dying; control calls of this process fail with it.
+        self.controller_error: str | None = None
         self.controller = self._spawn_controller(recover=False)
         self._wait_for_controller()
         self.stopped = threading.Event()
@@ -90,20 +77,49 @@ class LocalCluster:
             worker_argv("controller", os.path.basename(self.address), *args),
             pass_fds=(self._lifeline_r,),
             stdin=subprocess.DEVNULL,
+            env=system_env(self._user_pythonpath),
             start_new_session=True,  # Ctrl-C in the terminal reaches only the owner
         )
 
     def _watch(self) -> None:
-        """Restart a controller that died unasked; return when one exits cleanly."""
+        """Restart a controller that died unasked, with back-off; return when one exits
+        cleanly or the cluster is shut down."""
+        deaths = 0
         while True:
-            code = self.controller.wait()
+            try:
+                code = self.controller.wait(_STABLE_S)
+            except subprocess.TimeoutExpired:
+                deaths = 0  # this one is up for good
+                self.controller_error = None
+                code = self.controller.wait()
             with self._lock:
                 if self._stopping or code == 0:
                     break
-                logger.warning("the serval controller died (code %s); restarting it", code)
-                time.sleep(_RESTART_DELAY_S)
+            deaths += 1
+            delay = min(_RESTART_DELAY_S * 2 ** (deaths - 1), _MAX_RESTART_DELAY_S)
+            self._report_death(code, deaths, delay)
+            if self._stop_asked.wait(delay):
+                break
+            with self._lock:
+                if self._stopping:
+                    break
                 self.controller = self._spawn_controller(recover=True)
         self.stopped.set()
+
+    def _report_death(self, code: int | None, deaths: int, delay: float) -> None:
+        reason = procs.exit_reason(code)
+        if deaths < _FAILING_AFTER:
+            logger.warning("the serval controller died (%s); restarting it in %.1fs", reason, delay)
+            return
+        self.controller_error = (
+            f"the serval controller keeps dying ({deaths} times in a row, last {reason}); "
+            f"its log is in {procs.output_location()}"
+        )
+        logger.error(
+            "%s; restarting it in %.1fs (the replicas and the proxy serve on meanwhile)",
+            self.controller_error,
+            delay,
+        )
 
     def _wait_for_controller(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -111,18 +127,24 @@ class LocalCluster:
             if self.controller.poll() is not None:
                 self.close()
                 raise ServalError(
-                    f"the serval controller exited at start-up (code {self.controller.returncode})"
+                    "the serval controller exited at start-up "
+                    f"({procs.exit_reason(self.controller.returncode)}); "
+                    f"its log is in {procs.output_location()}"
                 )
             if is_running(self.address):
                 return
             time.sleep(0.002)
         self.close()
-        raise ServalError(f"the serval controller did not start within {_START_TIMEOUT_S}s")
+        raise ServalError(
+            f"the serval controller did not start within {_START_TIMEOUT_S}s; "
+            f"its log is in {procs.output_location()}"
+        )
 
     def begin_shutdown(self) -> None:
         """From now on a controller exit is the end, not a crash."""
         with self._lock:
             self._stopping = True
+        self._stop_asked.set()
 
     def wait_stopped(self, timeout: float) -> None:
         self.begin_shutdown()
@@ -145,29 +167,22 @@ class LocalCluster:
         # Replicas exit on the closed lifeline; give them a moment so none is left behind
         # holding sockets in a directory that no longer exists.
         _wait_for_cluster_processes(self.address, timeout=5.0)
-        shutil.rmtree(self.address, ignore_errors=True)
+        rundir.remove(self.address)
+
+
+def _clear_the_way(address: str | None) -> None:
+    """Remove what killed clusters of this user left behind; refuse a live address."""
+    rundir.clean_stale()
+    if address is None:
+        return
+    if is_running(address):
+        raise ServalError(f"a serval cluster is already running at {address}")
+    if rundir.is_stale(address):
+        rundir.remove(address)
 
 
 def _wait_for_cluster_processes(address: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    marker = b"\0" + os.fsencode(address) + b"\0"  # a whole argument, not a prefix of one
-    me = os.getpid()  # a daemon's own command line names the address too
-    while time.monotonic() < deadline:
-        if not any(marker in _cmdline(pid) for pid in _pids() if pid != me):
-            return
+    me = (os.getpid(),)  # a daemon's own command line names the address too
+    while procs.naming(address, exclude=me) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def _pids() -> list[int]:
-    try:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""

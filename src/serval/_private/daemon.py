@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
-from serval._private.backends.local import worker_argv
+from serval._private import procs, rundir
+from serval._private.backends.local import system_env, worker_argv
 from serval._private.cluster import LocalCluster, is_running, make_private_dir
+from serval._private.settings import settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
@@ -36,6 +38,8 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
     """Start a daemon-owned cluster at ``address`` and return once it accepts calls."""
     if is_running(address):
         raise ServalError(f"a serval cluster is already running at {address}")
+    if rundir.is_stale(address):  # left by a daemon that was killed
+        rundir.remove(address)
     make_private_dir(address)
     log_file = log_path(address)
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -52,6 +56,7 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            env=system_env(settings().user_pythonpath),
             start_new_session=True,
         )
     deadline = time.monotonic() + timeout
@@ -59,7 +64,8 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
         if is_running(address):
             return
         if proc.poll() is not None:
-            raise ServalError(f"the serval daemon exited at start-up; see {log_file}")
+            reason = procs.exit_reason(proc.returncode)
+            raise ServalError(f"the serval daemon exited at start-up ({reason}); see {log_file}")
         time.sleep(0.01)
     proc.kill()
     raise ServalError(f"the serval daemon did not start within {timeout}s; see {log_file}")

@@ -3,16 +3,18 @@
 The owner keeps the write end of a pipe and never writes to it; every process of its cluster
 inherits the read end. When the owner dies, however it dies, the kernel closes the write end and
 every read end becomes readable at EOF: each process then exits.
+
+The read end is watched from a thread of its own, blocked in ``poll``, not from the event loop:
+a replica whose loop is blocked by user code (``time.sleep`` in an ``async def``) must still
+leave with its owner.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
+import select
+import threading
 from collections.abc import Callable
-
-logger = logging.getLogger(__name__)
 
 
 def create() -> tuple[int, int]:
@@ -23,21 +25,31 @@ def create() -> tuple[int, int]:
     return read_fd, write_fd
 
 
-def watch(loop: asyncio.AbstractEventLoop, read_fd: int, on_owner_gone: Callable[[], None]) -> None:
-    """Call ``on_owner_gone`` (once) when the owner's end closes."""
+def watch(read_fd: int, on_owner_gone: Callable[[], None]) -> threading.Thread:
+    """Call ``on_owner_gone`` (once, from a daemon thread) when the owner's end closes.
 
-    def readable() -> None:
+    It should not log or take locks user code may hold: it is the way out of a process whose
+    other threads may be stuck anywhere (a replica's ``os._exit`` straight away)."""
+    thread = threading.Thread(
+        target=_wait_for_eof, args=(read_fd, on_owner_gone), name="serval-lifeline", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _wait_for_eof(read_fd: int, on_owner_gone: Callable[[], None]) -> None:
+    # Every process of the cluster shares this pipe's open file description, so whether its
+    # reads block is not this process's to decide: poll first, and take EAGAIN as "not yet".
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    while True:
+        poller.poll()
         try:
-            data = os.read(read_fd, 1)
+            if os.read(read_fd, 1) == b"":
+                break  # EOF: the owner's end is closed
         except BlockingIOError:
-            return
+            continue
         except OSError:
-            data = b""
-        if data:
-            return  # nobody writes; ignore stray bytes
-        loop.remove_reader(read_fd)
-        logger.info("cluster owner is gone; exiting")
-        on_owner_gone()
-
-    os.set_blocking(read_fd, False)
-    loop.add_reader(read_fd, readable)
+            break
+        # a byte: nobody writes to the lifeline, so ignore it
+    on_owner_gone()

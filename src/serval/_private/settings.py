@@ -6,13 +6,21 @@ import functools
 import os
 from dataclasses import dataclass
 
+# The user's PYTHONPATH, carried through the controller and the proxy (which run without it)
+# to the replicas, which get it back as PYTHONPATH.
+USER_PYTHONPATH_VAR = "SERVAL_USER_PYTHONPATH"
+
 
 @dataclass(frozen=True)
 class Settings:
     # The cluster to connect to instead of starting one: a runtime directory.
     address: str | None
+    # The user's code path for replicas: the driver's PYTHONPATH.
+    user_pythonpath: str | None
 
 
 @functools.cache
 def settings() -> Settings:
-    return Settings(address=os.environ.get("SERVAL_ADDRESS") or None)
+    env = os.environ
+    user_path = env[USER_PYTHONPATH_VAR] if USER_PYTHONPATH_VAR in env else env.get("PYTHONPATH")
+    return Settings(address=env.get("SERVAL_ADDRESS") or None, user_pythonpath=user_path or None)

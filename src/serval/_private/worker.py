@@ -1,29 +1,42 @@
-"""Entry point of every serval process: ``python -m serval._private.worker serval::<role> <label>``.
+"""Entry point of every serval process: ``python -P -m serval._private.worker serval::<role>
+<label>``.
 
 The role and label come first on the command line so that ``ps`` tells what each process is.
+Every process watches the owner's lifeline from a thread; when the owner is gone, replicas and
+the proxy leave at once, and the controller first kills every process it knows of and removes
+the runtime directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from serval._private import lifeline, runtime, transport
+from serval._private import lifeline, procs, rundir, runtime, transport
 from serval._private.backends.local import LocalBackend
 from serval._private.client import controller_path
 from serval._private.controller.controller import Controller
 from serval._private.replica import Replica
 from serval._private.rpc import RpcPeer
+from serval._private.settings import settings
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval")
 
 _GC_GEN0_THRESHOLD = 20_000  # default 700
+# When the owner is gone: how long the controller waits for the processes it killed (and any
+# other naming the runtime directory), and when it leaves whatever is left to do.
+_REAP_TIMEOUT_S = 2.0
+_OWNER_GONE_DEADLINE_S = 4.0
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -41,16 +54,52 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_with_owner(loop: asyncio.AbstractEventLoop, args: argparse.Namespace) -> None:
+def _exit_with_owner(args: argparse.Namespace) -> None:
     if args.lifeline_fd is not None:
-        # Leave at once: user threads may be blocked in C code, and nothing is left to serve.
-        lifeline.watch(loop, args.lifeline_fd, lambda: os._exit(0))
+        # Leave at once: the loop or user threads may be blocked, and nothing is left to serve.
+        lifeline.watch(args.lifeline_fd, lambda: os._exit(0))
+
+
+def _controller_exits_with_owner(
+    loop: asyncio.AbstractEventLoop, args: argparse.Namespace, controller: Controller
+) -> None:
+    if args.lifeline_fd is None:
+        return
+    tasks: list[asyncio.Task[None]] = []  # the one task, referenced until the process ends
+
+    def on_owner_gone() -> None:  # on the lifeline thread
+        try:
+            loop.call_soon_threadsafe(
+                lambda: tasks.append(loop.create_task(_end_cluster(controller, args.address)))
+            )
+        except RuntimeError:  # the loop is closed: the controller is exiting anyway
+            os._exit(0)
+        time.sleep(_OWNER_GONE_DEADLINE_S)
+        os._exit(0)  # the loop did not get it done in time: leave anyway
+
+    lifeline.watch(args.lifeline_fd, on_owner_gone)
+
+
+async def _end_cluster(controller: Controller, address: str) -> None:
+    """The owner died without shutting the cluster down: no process of it may stay, and no
+    file. The replicas and the proxy see the lifeline too, but one stuck in C code (holding the
+    GIL) cannot act on it, so kill them; then remove the runtime directory, last."""
+    logger.warning("the cluster's owner is gone; stopping every process of the cluster")
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(controller.owner_gone(), _REAP_TIMEOUT_S)
+    deadline = time.monotonic() + _REAP_TIMEOUT_S
+    # Replicas still starting, unknown here, leave on the lifeline; nothing tells when.
+    while procs.naming(address, exclude=(os.getpid(),)) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    rundir.remove(address)
+    os._exit(0)
 
 
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     http = HTTPOptions.from_json(args.http_options) if args.http_options else None
-    controller = Controller(LocalBackend(args.address, args.lifeline_fd), http, args.address)
+    backend = LocalBackend(args.address, args.lifeline_fd, settings().user_pythonpath)
+    controller = Controller(backend, http, args.address)
     peers: set[RpcPeer] = set()
 
     def forget(peer: RpcPeer) -> None:
@@ -62,8 +111,8 @@ async def _controller_main(args: argparse.Namespace) -> None:
         peers.add(peer)
         return peer.protocol_factory()
 
+    _controller_exits_with_owner(loop, args, controller)
     server = await transport.listen(controller_path(args.address), new_peer)
-    _exit_with_owner(loop, args)
     controller.start(recover=args.recover)
     loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(controller.rpc_shutdown(None)))  # type: ignore[arg-type]
     await controller.stopped.wait()
@@ -76,7 +125,7 @@ async def _controller_main(args: argparse.Namespace) -> None:
 
 async def _replica_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    _exit_with_owner(loop, args)
+    _exit_with_owner(args)
     runtime.set_address(args.address)
     replica = Replica(args.address, args.replica_id)
     stop = asyncio.Event()
@@ -90,12 +139,12 @@ async def _proxy_main(args: argparse.Namespace) -> None:
     from serval._private.proxy_server import serve_proxy
 
     loop = asyncio.get_running_loop()
-    _exit_with_owner(loop, args)
+    _exit_with_owner(args)
     runtime.set_address(args.address)
     await serve_proxy(runtime.client(loop), HTTPOptions.from_json(args.http_options))
 
 
-_MAINS = {
+_MAINS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "serval::controller": _controller_main,
     "serval::replica": _replica_main,
     "serval::proxy": _proxy_main,
@@ -128,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.set_event_loop(loop)
     code = 0
     try:
-        loop.run_until_complete(body(args))
+        _run_to_the_end(loop, loop.create_task(body(args)))
     except SystemExit as exc:  # a reported, expected failure (e.g. the port is taken)
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -139,6 +188,27 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _run_to_the_end(loop: asyncio.AbstractEventLoop, main: asyncio.Task[None]) -> None:
+    """Run ``main`` until it returns (or raises).
+
+    ``SystemExit`` or ``KeyboardInterrupt`` raised by user code in an ``async def`` method
+    leaves the loop, and the process would die with it: asyncio re-raises them from the task's
+    step, after the task has taken it as its result. The replica answers the caller with it
+    (the task's done callback) once the loop runs again, so run it again, as a ``def``
+    method's does. Nothing of the loop is lost on the way: asyncio and uvloop both keep the
+    callbacks not run yet, the timers and the I/O watchers, and a new ``run_until_complete``
+    resumes them. No work per request: this costs only when such an exception is raised.
+    """
+    while True:
+        try:
+            loop.run_until_complete(main)
+            return
+        except (SystemExit, KeyboardInterrupt):
+            if main.done():
+                main.result()  # the process's own exit (e.g. the proxy's port is taken)
+                return
 
 
 if __name__ == "__main__":

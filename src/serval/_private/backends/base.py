@@ -47,6 +47,10 @@ class Backend(ABC):
     def adopt(self, host_id: str, pid: int) -> ReplicaHost | None:
         """A host started by an earlier controller, if it is still alive."""
 
+    def log_location(self) -> str:
+        """Where the replicas' and the proxy's output goes, for error messages."""
+        return "the backend's logs"
+
     @abstractmethod
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         """Start the HTTP proxy; it will report to the controller when it listens."""

@@ -3,6 +3,13 @@
 Replicas listen on Unix sockets in the cluster's private runtime directory (mode 0700) and
 inherit the owner's lifeline, so they exit with the owner. They run in the controller's session,
 not the terminal's, so Ctrl-C reaches only the owner, which then shuts the cluster down.
+
+What a serval process may import: nothing from the directory it was started in (``-P``: a
+``uvloop.py`` or ``http.py`` in the user's current directory must not run in the proxy). The
+controller, the proxy and the daemon see none of the user's ``PYTHONPATH`` either, only the
+entries serval itself was installed through; replicas get the user's ``PYTHONPATH`` (and, from
+the deploy, the driver's ``sys.path``), which travels through the others in
+``SERVAL_USER_PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -14,12 +21,62 @@ import signal
 import subprocess
 import sys
 
+from serval._private import procs
 from serval._private.backends.base import Backend, ReplicaHost
+from serval._private.settings import USER_PYTHONPATH_VAR
 
 
 def worker_argv(role: str, label: str, *args: str) -> list[str]:
-    """The command line of a serval process; ``ps`` shows its role and name."""
-    return [sys.executable, "-m", "serval._private.worker", f"serval::{role}", label, *args]
+    """The command line of a serval process; ``ps`` shows its role and name. ``-P``: the
+    current directory is not put first on ``sys.path``, as ``-m`` would."""
+    return [sys.executable, "-P", "-m", "serval._private.worker", f"serval::{role}", label, *args]
+
+
+def system_env(user_pythonpath: str | None) -> dict[str, str]:
+    """The environment of the controller, the proxy and the daemon: this process's, with only
+    serval's own entries of ``PYTHONPATH``; the user's travels on for the replicas."""
+    env = dict(os.environ)
+    env.pop(USER_PYTHONPATH_VAR, None)
+    own = own_pythonpath(env.pop("PYTHONPATH", None))
+    if own:
+        env["PYTHONPATH"] = own
+    if user_pythonpath:
+        env[USER_PYTHONPATH_VAR] = user_pythonpath
+    return env
+
+
+def replica_env(user_pythonpath: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+    """A replica's environment: this process's, with the user's ``PYTHONPATH`` back."""
+    env = dict(os.environ)
+    env.pop(USER_PYTHONPATH_VAR, None)
+    env.pop("PYTHONPATH", None)
+    if user_pythonpath:
+        env["PYTHONPATH"] = user_pythonpath
+    return {**env, **extra} if extra else env
+
+
+def own_pythonpath(pythonpath: str | None) -> str:
+    """The entries of ``pythonpath`` serval needs to be imported: the one it was found through
+    and those holding installed distributions (its dependencies may be among them), made
+    absolute; a directory of the user's sources is left out."""
+    if not pythonpath:
+        return ""
+    import serval
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(serval.__file__)))
+    kept = []
+    for entry in pythonpath.split(os.pathsep):
+        path = os.path.abspath(entry) if entry else ""
+        if path and path not in kept and (path == home or _holds_distributions(path)):
+            kept.append(path)
+    return os.pathsep.join(kept)
+
+
+def _holds_distributions(path: str) -> bool:
+    try:
+        return any(name.endswith(".dist-info") for name in os.listdir(path))
+    except OSError:
+        return False
 
 
 class LocalProcess(ReplicaHost):
@@ -109,10 +166,18 @@ class LocalProcess(ReplicaHost):
 
 
 class LocalBackend(Backend):
-    def __init__(self, address: str, lifeline_fd: int | None) -> None:
+    def __init__(
+        self, address: str, lifeline_fd: int | None, user_pythonpath: str | None = None
+    ) -> None:
         self.address = address
         self.lifeline_fd = lifeline_fd
-        os.makedirs(os.path.join(address, "r"), mode=0o700, exist_ok=True)
+        self.user_pythonpath = user_pythonpath
+        # (mkdir, not makedirs: never re-create a runtime directory that is gone, unprivately)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.join(address, "r"), 0o700)
+
+    def log_location(self) -> str:
+        return procs.output_location()  # replicas and the proxy inherit our standard error
 
     def replica_address(self, replica_id: str) -> str:
         return os.path.join(self.address, "r", f"{replica_id}.sock")
@@ -120,14 +185,18 @@ class LocalBackend(Backend):
     def start_replica(
         self, replica_id: str, label: str, env: dict[str, str] | None = None
     ) -> ReplicaHost:
+        env = replica_env(self.user_pythonpath, env)
         return self._spawn("replica", label, replica_id, ["--replica-id", replica_id], env)
 
     def adopt(self, host_id: str, pid: int) -> ReplicaHost | None:
+        if not procs.names(pid, self.address):  # (a pid of this cluster, not a reused one)
+            return None
         return LocalProcess.adopt(host_id, pid)
 
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         label = os.path.basename(self.address)
-        return self._spawn("proxy", label, "serval::proxy", ["--http-options", http_options_json])
+        args = ["--http-options", http_options_json]
+        return self._spawn("proxy", label, "serval::proxy", args, system_env(self.user_pythonpath))
 
     def _spawn(
         self,
@@ -135,7 +204,7 @@ class LocalBackend(Backend):
         label: str,
         host_id: str,
         extra: list[str],
-        env: dict[str, str] | None = None,
+        env: dict[str, str],
     ) -> ReplicaHost:
         args = ["--address", self.address, *extra]
         fds: tuple[int, ...] = ()
@@ -146,6 +215,6 @@ class LocalBackend(Backend):
             worker_argv(role, label, *args),
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **env} if env else None,
+            env=env,
         )
         return LocalProcess(host_id, proc)

@@ -25,6 +25,7 @@ from serval._private.controller.state import (
     ReplicaRecord,
     ReplicaState,
 )
+from serval._private.procs import exit_reason
 from serval._private.router import DeploymentInfo, ReplicaInfo
 from serval._private.rpc import RpcPeer
 from serval.config import HTTPOptions
@@ -36,7 +37,13 @@ logger = logging.getLogger(__name__)
 
 _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
+# A proxy that exits is restarted after 0.5 s, doubled for each exit in a row up to 10 s (one
+# that served 10 s first starts the count over); one that exits this many times in a row
+# before it is ready is a failure: serve.start() and serve.run() report it.
 _PROXY_RESTART_DELAY_S = 0.5
+_PROXY_MAX_RESTART_DELAY_S = 10.0
+_PROXY_STABLE_S = 10.0
+_PROXY_MAX_START_FAILURES = 3
 _QUEUE_REPORT_MAX_AGE_S = 2.0  # a caller's queue report counts this long
 _METRICS_TIMEOUT_S = 1.0  # a replica slower than this to report is left out of a scrape
 
@@ -53,6 +60,9 @@ class Controller:
         self.proxy_version = -1  # the newest table version the proxy has applied
         self.proxy_error: str | None = None
         self.proxy_changed = asyncio.Event()
+        self._proxy_ready_at: float | None = None  # when the running proxy said it listens
+        self._proxy_start_failures = 0  # exits in a row before it was ready
+        self._proxy_restarts = 0  # restarts in a row without a proxy that stayed up
         self.stopping = False
         self.apps: dict[str, AppState] = {}
         self.subscribers: set[RpcPeer] = set()
@@ -72,6 +82,7 @@ class Controller:
                 proxy = self.backend.adopt("serval::proxy", ckpt.proxy_pid)
             if proxy is not None:
                 self.proxy = proxy
+                self._proxy_ready_at = time.monotonic()  # it served the previous controller
                 self._spawn(self._watch_proxy(proxy))
             else:
                 self._start_proxy()
@@ -111,14 +122,30 @@ class Controller:
     def _start_proxy(self) -> None:
         assert self.http is not None
         self.proxy = self.backend.start_proxy(self.http.to_json())
+        self._proxy_ready_at = None
         self._spawn(self._watch_proxy(self.proxy))
 
     async def _watch_proxy(self, host: ReplicaHost) -> None:
         code = await host.wait()
-        if self.stopping or self.proxy_error is not None:
+        if self.stopping or self.proxy_error is not None or host is not self.proxy:
             return
-        logger.warning("the HTTP proxy exited (code %s); restarting it", code)
-        await asyncio.sleep(_PROXY_RESTART_DELAY_S)
+        reason = exit_reason(code)
+        if self._proxy_ready_at is None:
+            self._proxy_start_failures += 1
+            if self._proxy_start_failures >= _PROXY_MAX_START_FAILURES:
+                self.proxy_error = (
+                    f"the HTTP proxy exited {self._proxy_start_failures} times in a row before "
+                    f"it was ready ({reason}); its log is in {self.backend.log_location()}"
+                )
+                logger.error("%s; not restarting it", self.proxy_error)
+                self._proxy_notify()
+                return
+        elif time.monotonic() - self._proxy_ready_at >= _PROXY_STABLE_S:
+            self._proxy_restarts = 0
+        delay = min(_PROXY_RESTART_DELAY_S * 2**self._proxy_restarts, _PROXY_MAX_RESTART_DELAY_S)
+        self._proxy_restarts += 1
+        logger.warning("the HTTP proxy exited (%s); restarting it in %.1fs", reason, delay)
+        await asyncio.sleep(delay)
         if not self.stopping:
             self._start_proxy()
 
@@ -128,6 +155,9 @@ class Controller:
 
     def rpc_proxy_ready(self, peer: RpcPeer, error: str | None) -> None:
         self.proxy_error = error
+        if error is None:
+            self._proxy_ready_at = time.monotonic()
+            self._proxy_start_failures = 0
         self._proxy_notify()
 
     def rpc_proxy_ack(self, peer: RpcPeer, version: int) -> None:
@@ -259,6 +289,17 @@ class Controller:
             self.proxy.kill()
         self.stopped.set()
 
+    async def owner_gone(self) -> None:
+        """The owner died without a shutdown: kill the proxy and every replica known here
+        (adopted ones too: by pid), and wait for them to exit."""
+        self.stopping = True  # nothing is restarted or replaced from now on
+        hosts = [rec.host for _, _, rec in self._replicas.values()]
+        if self.proxy is not None:
+            hosts.append(self.proxy)
+        for host in hosts:
+            host.kill()
+        await asyncio.gather(*(h.wait() for h in hosts))
+
     # -- RPC: replicas ---------------------------------------------------------------------------
 
     def rpc_register(self, peer: RpcPeer, replica_id: str) -> dict[str, Any]:
@@ -314,7 +355,7 @@ class Controller:
     # -- reconciliation --------------------------------------------------------------------------
 
     def _reconcile(self, app: AppState, dep: DeploymentState) -> None:
-        if app.deleting or dep.failed_message:
+        if app.deleting or dep.failed_message or self.stopping:
             return
         current = dep.current()
         for _ in range(dep.target - len(current)):
