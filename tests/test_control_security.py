@@ -1,13 +1,22 @@
 """Security of a local cluster: its runtime directory is private (0700, ours) and holds the
 control channel as Unix sockets; no process of the cluster listens anywhere else, except the
-HTTP proxy on 127.0.0.1 (and not even that when HTTP is disabled)."""
+HTTP proxy on 127.0.0.1 (and not even that when HTTP is disabled). Another Unix user cannot
+reach it, and is told "permission denied", not that there is no cluster."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +25,7 @@ import pytest
 
 import serval as serve
 from conftest import free_port, serval_processes
+from serval import cli
 from serval._private import runtime
 from serval._private.cluster import make_private_dir
 from serval.exceptions import ServalError
@@ -196,3 +206,119 @@ def test_an_existing_runtime_dir_that_is_not_private_is_refused(tmp_path: Path) 
     fresh = tmp_path / "fresh"
     assert make_private_dir(str(fresh)) == str(fresh)
     assert stat.S_IMODE(os.lstat(fresh).st_mode) == 0o700
+
+
+# -- another Unix user ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_user() -> Iterator[str]:
+    """A throwaway Unix user, deleted afterwards (needs root and useradd)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a throwaway user needs root")
+    if not (shutil.which("useradd") and shutil.which("userdel")):
+        pytest.skip("creating a throwaway user needs useradd and userdel")
+    name = f"svt{os.getpid()}{secrets.token_hex(3)}"
+    for _ in range(20):  # /etc/passwd is locked while another useradd runs
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/bin/false", name],
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        for _ in range(20):
+            if subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6):
+                break  # (6: no such user)
+            time.sleep(0.2)
+
+
+def _as_user(user: str, fn: Callable[[], int]) -> tuple[int, str]:
+    """Run ``fn`` as ``user`` in a forked child (the interpreter, under /root, may not be
+    this user's to start); its exit code and output."""
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become the user, run, leave without any clean-up of the parent's
+        code = 99
+        try:
+            os.close(read_end)
+            sys.stdout = sys.stderr = os.fdopen(write_end, "w")
+            os.setgroups([])
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            code = fn()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write_end)
+    output = b""
+    deadline = time.monotonic() + 30
+    with os.fdopen(read_end, "rb") as f:
+        while time.monotonic() < deadline and (chunk := f.read1(65536)):
+            output += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def _cli_status(address: str) -> Callable[[], int]:
+    return lambda: cli.main(["status", "--address", address])
+
+
+def _api_start(address: str) -> int:
+    runtime.set_address(None)  # the parent's cluster, in this child's copy of its memory
+    try:
+        serve.start(address=address)
+    except ServalError as exc:
+        print(f"ServalError {exc}")
+        return 1
+    return 0
+
+
+def test_another_users_cluster_is_permission_denied_not_absent(
+    serve_instance: Any, other_user: str
+) -> None:
+    _deploy_something()
+    address = runtime.address()
+    assert address is not None
+    socket_path = os.path.join(address, "controller.sock")
+
+    code, output = _as_user(other_user, _cli_status(address))
+    assert code == 1, output
+    assert "permission denied" in output and socket_path in output, output
+    assert "no serval cluster" not in output and "Traceback" not in output, output
+
+    code, output = _as_user(other_user, lambda: _api_start(address))
+    assert code == 1 and output.startswith("ServalError permission denied: "), output
+    assert socket_path in output
+
+    # Where the other user can see the directory (a `serval start` cluster under /tmp), the
+    # error names its owner.
+    base = tempfile.mkdtemp(prefix="sec-", dir="/tmp")
+    os.chmod(base, 0o755)
+    cluster = os.path.join(base, "c")
+    command = [sys.executable, "-m", "serval"]
+    port = str(free_port())
+    started = subprocess.run(
+        [*command, "start", "--address", cluster, "--port", port], capture_output=True, text=True
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        code, output = _as_user(other_user, _cli_status(cluster))
+        assert code == 1 and "permission denied" in output, output
+        assert "belongs to user 'root' (uid 0)" in output, output
+    finally:
+        subprocess.run(
+            [*command, "shutdown", "-y", "--address", cluster], capture_output=True, timeout=60
+        )
+        shutil.rmtree(base, ignore_errors=True)

@@ -196,7 +196,8 @@ class LocalBackend(Backend):
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         label = os.path.basename(self.address)
         args = ["--http-options", http_options_json]
-        return self._spawn("proxy", label, "serval::proxy", args, system_env(self.user_pythonpath))
+        # (no user PYTHONPATH to carry on: the proxy starts nothing)
+        return self._spawn("proxy", label, "serval::proxy", args, system_env(None))
 
     def _spawn(
         self,
