@@ -34,6 +34,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A terminal's foreground job gets Ctrl-C. A job a shell starts in the background (as a
+    # test runner may be started) inherits SIGINT ignored, and Python then never turns it into
+    # KeyboardInterrupt: the quickstart would ignore our Ctrl-C. Give it the terminal's.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_quickstart_serves_http_and_stops_on_ctrl_c() -> None:
     if not _port_free(PORT):
         pytest.skip(f"port {PORT} is in use (another run or service); the quickstart needs it")
@@ -44,6 +51,7 @@ def test_quickstart_serves_http_and_stops_on_ctrl_c() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,  # (only signal(): safe after fork)
     )
     lines: queue.Queue[str | None] = queue.Queue()
 

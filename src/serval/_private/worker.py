@@ -35,7 +35,7 @@ logger = logging.getLogger("serval")
 _GC_GEN0_THRESHOLD = 20_000  # default 700
 # When the owner is gone: how long the controller waits for the processes it killed (and any
 # other naming the runtime directory), and when it leaves whatever is left to do.
-_REAP_TIMEOUT_S = 2.0
+_REAP_TIMEOUT_S = 1.5
 _OWNER_GONE_DEADLINE_S = 4.0
 
 
