@@ -245,6 +245,11 @@ class Call:
     def label(self) -> str:
         return f"{self.deployment}.{self.method}"
 
+    def credit(self, nbytes: int, send_input: Callable[[Call, Any], None]) -> None:
+        """The replica's app took ``nbytes`` more of this call's streamed input (0: it has
+        started the call); ``send_input`` sends it more. Only the HTTP proxy's uploads stream
+        input this way (``http_protocol.UploadCall``); other calls get no credit."""
+
 
 class StreamBuffer:
     """Items of a streaming call, produced on the owner loop, consumed from any thread.

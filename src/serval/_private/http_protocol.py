@@ -1,23 +1,34 @@
 """The proxy's HTTP/1.1 connections: uvicorn's protocol with serval's own request cycle.
 
-uvicorn's ``HttpToolsProtocol`` still does the connection's work: httptools parsing, keep-alive
-and its timeout, flow control, graceful shutdown, the 400 for malformed requests, and upgrading
-websockets (which then run through the ASGI app, ``ProxyApp``). What changes is the cycle of
-an ordinary request. Through ASGI, a request costs a scope dict, a ``RequestResponseCycle``, a
-Task, an Event and four message dicts before the proxy does its own work of routing and
-forwarding. Here ``on_headers_complete`` routes the request, the body collects as it arrives,
-the request leaves for a replica as one message once it is whole, and the reply is written with
-one ``transport.write`` by the callback that delivers it. Only a streamed reply gets a task.
+uvicorn's ``HttpToolsProtocol`` still does part of the connection's work: httptools parsing,
+flow control, graceful shutdown, the 400 for malformed requests, and upgrading websockets
+(which then run through the ASGI app, ``ProxyApp``). What changes is the cycle of an ordinary
+request. Through ASGI, a request costs a scope dict, a ``RequestResponseCycle``, a Task, an
+Event and four message dicts before the proxy does its own work of routing and forwarding.
+Here ``on_headers_complete`` routes the request, the body collects as it arrives, the request
+leaves for a replica as one message once it is whole, and the reply is written with one
+``transport.write`` by the callback that delivers it. Only a streamed reply gets a task.
+
+A large body that is not whole when its request's turn comes leaves as it arrives instead
+(``_Upload``): the request with the body so far, then the rest as input messages, under a
+credit window the replica's acknowledgements open, so an upload holds about one window here.
 
 Pipelined requests are answered in order: while one is answered the next waits, and reading
 pauses, as uvicorn does.
+
+The connection's limits (see ``HTTPOptions``) cost the common request no timer of its own:
+one timer per connection, re-armed only when it fires, serves the header, body and
+keep-alive timeouts from timestamps the connection notes as it goes; header bytes are counted
+per read while a head is incomplete, so an endless header stops being read at the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import http
 import logging
+import math
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,6 +42,7 @@ from serval.exceptions import (
     BackPressureError,
     DeploymentNotFoundError,
     DeploymentUnavailableError,
+    ReplicaDiedError,
     RequestCancelledError,
 )
 
@@ -65,11 +77,114 @@ def text_reply(status: int, text: str) -> Reply:
     return status, list(_TEXT), text.encode()
 
 
+def close_with(transport: asyncio.BaseTransport, status: int, text: str) -> None:
+    """Write a whole text response that ends the connection, and close it."""
+    body = text.encode()
+    transport.write(  # type: ignore[attr-defined]
+        b"".join(
+            (
+                _STATUS_LINES[status],
+                b"content-type: text/plain; charset=utf-8\r\n",
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+                body,
+            )
+        )
+    )
+    transport.close()
+
+
 class _TimedOut(Exception):
     pass
 
 
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing a connection that is being closed."""
+
+
 _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, DeploymentNotFoundError)
+_NEVER = math.inf
+
+
+class UploadCall(Call):
+    """The call of a request whose body streams after it (see ``_Upload``)."""
+
+    __slots__ = ("upload",)
+
+    def __init__(
+        self, upload: _Upload, app: str, ingress: str, args: tuple[Any, ...], meta: dict[str, Any]
+    ) -> None:
+        super().__init__(app, ingress, "__call__", args, {}, meta, stream=True)
+        self.upload = upload
+
+    def credit(self, nbytes: int, send_input: Callable[[Call, Any], None]) -> None:
+        self.upload.credited(nbytes, send_input)
+
+
+class _Upload:
+    """A request body on its way to the replica while it still arrives from the client.
+
+    The request left with the body so far; the rest follows as input messages, once the
+    replica has started the request (its first credit, of 0 bytes: before that a refusal
+    would send the request elsewhere, and a replica that has not started it has nowhere to
+    put its input). The replica credits the bytes its app has taken; while more than a window
+    is on its way uncredited, the client is not read. So this side holds at most about a
+    window (plus one read) per upload, and so does the replica.
+    """
+
+    __slots__ = ("ended", "ex", "held", "send_input", "unacked", "waiting", "window")
+
+    def __init__(self, ex: Exchange, first: int, window: int) -> None:
+        self.ex = ex
+        self.window = window
+        self.unacked = first  # bytes sent or waiting, not yet credited
+        self.waiting: list[bytes] | None = []  # chunks until the replica starts; then None
+        self.send_input: Callable[[Call, Any], None] | None = None
+        self.ended = False
+        self.held = False  # reading the client is paused for credit
+        self._hold_if_full()
+
+    def add(self, chunk: bytes) -> None:
+        self.unacked += len(chunk)
+        if self.waiting is not None:
+            self.waiting.append(chunk)
+        else:
+            self._send({"type": "http.request", "body": chunk, "more_body": True})
+        self._hold_if_full()
+
+    def end(self) -> None:
+        self.ended = True
+        if self.waiting is None:
+            self._send(_BODY_END)
+
+    def credited(self, nbytes: int, send_input: Callable[[Call, Any], None]) -> None:
+        ex = self.ex
+        if ex.complete:
+            return
+        self.send_input = send_input  # the replica's own connection, even once it is retired
+        waiting = self.waiting
+        if waiting is not None:  # the replica has started the request: send what waited
+            self.waiting = None
+            for chunk in waiting:
+                self._send({"type": "http.request", "body": chunk, "more_body": True})
+            if self.ended:
+                self._send(_BODY_END)
+        self.unacked -= nbytes
+        if self.held and self.unacked <= self.window // 2:
+            self.held = False
+            ex.conn.resume_body()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        call = self.ex.call
+        if call is not None and self.send_input is not None and not self.ex.complete:
+            self.send_input(call, message)
+
+    def _hold_if_full(self) -> None:
+        if not self.held and self.unacked >= self.window:
+            self.held = True
+            self.ex.conn.flow.pause_reading()
+
+
+_BODY_END: dict[str, Any] = {"type": "http.request", "body": b"", "more_body": False}
 
 
 class Exchange:
@@ -95,6 +210,7 @@ class Exchange:
         "target",
         "task",
         "timer",
+        "upload",
         "wants_continue",
         "wire",
     )
@@ -123,33 +239,51 @@ class Exchange:
         self.started = False  # its turn on the connection has come
         self.complete = False
         self.call: Call | None = None
+        self.upload: _Upload | None = None  # a body that streams (see _Upload)
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- the request ---------------------------------------------------------------------------
 
     def refuse(self, status: int, text: str) -> None:
-        """Answer at once, without the body, and close the connection after it."""
+        """Answer at once, without (the rest of) the body, and close the connection after it;
+        a request already on its way to a replica is cancelled."""
+        if self.complete:
+            return
         self.reply = text_reply(status, text)
         self.target = None
         self.close_after = True
+        self.body = []
+        call = self.call
         if self.started:
             self._answer()
+        if call is not None and not call.done.fired:  # (answered first: the cancel is no error)
+            self.conn.proxy.client.cancel(call)
 
     def add_body(self, chunk: bytes) -> None:
-        if self.complete or self.reply is not None:
-            return  # answered already: the rest of the body is read and dropped
-        self.size += len(chunk)
-        limit = self.conn.proxy.options.max_request_body_bytes
-        if self.size > limit:
-            self.body = []
-            self.refuse(413, f"Request body larger than {limit} bytes")
+        if self.complete or self.target is None:
+            return  # answered already, or answered without it: the body is read and dropped
+        size = self.size + len(chunk)
+        self.size = size
+        conn = self.conn
+        if size > conn.max_body:
+            self.refuse(413, f"Request body larger than {conn.max_body} bytes")
+            return
+        upload = self.upload
+        if upload is not None:
+            upload.add(chunk)
             return
         self.body.append(chunk)
+        if size > conn.window and self.started:
+            self._forward(streamed=True)
 
     def end_body(self) -> None:
         self.body_done = True
-        if self.started and not self.complete:
+        upload = self.upload
+        if upload is not None:
+            if not self.complete:
+                upload.end()
+        elif self.started and not self.complete:
             self._go()
 
     def start(self) -> None:
@@ -157,8 +291,11 @@ class Exchange:
         self.started = True
         if self.close_after or self.body_done:
             self._go()
-        elif self.wants_continue and self.target is not None:
+            return
+        if self.wants_continue and self.target is not None:
             self.conn.transport.write(_CONTINUE)
+        if self.size > self.conn.window and self.target is not None:
+            self._forward(streamed=True)
 
     def _go(self) -> None:
         if self.target is not None:
@@ -181,13 +318,20 @@ class Exchange:
         assert reply is not None
         self.respond(*reply)
 
-    def _forward(self) -> None:
+    def _forward(self, streamed: bool = False) -> None:
         assert self.target is not None
         app, ingress, meta = self.target
         body = self.body
         payload = body[0] if len(body) == 1 else b"".join(body)
         self.body = []
-        call = Call(app, ingress, "__call__", (self.wire, payload), {}, meta, stream=True)
+        args = (self.wire, payload)
+        call: Call
+        if streamed:
+            meta["more_body"] = True  # the replica takes the rest as input (see _Upload)
+            upload = self.upload = _Upload(self, len(payload), self.conn.window)
+            call = UploadCall(upload, app, ingress, args, meta)
+        else:
+            call = Call(app, ingress, "__call__", args, {}, meta, stream=True)
         call.plain = True
         self.call = call
         proxy = self.conn.proxy
@@ -232,6 +376,11 @@ class Exchange:
         elif isinstance(exc, _UNAVAILABLE):
             # (not found: the app was deleted between this request's routing and its sending)
             self.respond(*text_reply(503, str(exc)))
+        elif isinstance(exc, ReplicaDiedError):
+            # The replica, not the request, failed: 502 (a gateway's upstream broke off), which
+            # clients and load balancers retry; 503 says the service refused, which it did not.
+            logger.warning("request %s: %s", self.request_id, exc)
+            self.respond(*text_reply(502, "Bad Gateway: the replica serving it died"))
         elif isinstance(exc, RequestCancelledError) and self.conn.transport.is_closing():
             self.complete = True  # the client went away; nobody to answer
         else:
@@ -272,11 +421,14 @@ class Exchange:
             transport.write(b"".join(out))
         self._done(close)
 
-    def _done(self, close: bool) -> None:
-        self.complete = True
+    def _count(self) -> None:
         counts = self.conn.proxy.http_requests
         key = (self.route, self.method, self.status)
         counts[key] = counts.get(key, 0) + 1
+
+    def _done(self, close: bool) -> None:
+        self.complete = True
+        self._count()
         if self.timer is not None:
             self.timer.cancel()
         if close:
@@ -336,7 +488,8 @@ class Exchange:
         if not started:
             self._fail(stream.error or RuntimeError("the replica streamed no response start"))
         elif stream.error is not None:
-            # Too late for an error status: cut the response short so the client sees it broke.
+            # Too late for an error status: cut the response short so the client sees it broke
+            # (no last chunk), as uvicorn does.
             logger.error(
                 "stream of request %s broke off: %s",
                 self.request_id,
@@ -344,6 +497,7 @@ class Exchange:
                 exc_info=stream.error,
             )
             self.complete = True
+            self._count()
             self.conn.transport.close()
         else:
             if chunked:
@@ -363,17 +517,90 @@ class Exchange:
 
 
 class ProxyHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, answering ordinary requests through ``Exchange``."""
+    """uvicorn's httptools protocol, answering ordinary requests through ``Exchange``, with
+    serval's limits (``HTTPOptions``) on what a connection may take and for how long."""
 
-    proxy: ProxyApp  # set on the subclass that ``protocol_for`` makes
+    # Set on the subclass that ``protocol_for`` makes (no per-connection copies).
+    proxy: ProxyApp
+    max_connections: int
+    max_head: int
+    max_body: int
+    window: int
+    header_timeout: float
+    body_timeout: float
+    keep_alive_timeout: float
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        now = self.loop.time()
         self._current: Exchange | None = None  # the request being parsed
         self._active: Exchange | None = None  # the request being answered
         self._queued: deque[Exchange] = deque()  # pipelined requests waiting their turn
-        self._idle_since: float | None = None  # see _arm_keep_alive
-        self._keep_alive_timer: asyncio.TimerHandle | None = None
+        self._free_since = now  # when it last had nothing to answer: the idle go first
+        self._stopped = False  # being closed by us: the rest of what it sends is dropped
+        # Where the parser is: in a head (``_begun``: some of it is here), or in a body.
+        self._in_head = True
+        self._begun = False
+        self._body_pending = False
+        self._head_bytes = 0  # read while the head was incomplete (see data_received)
+        # What the timer watches, each None when it does not apply: the head must be whole
+        # by ``_head_since`` + header timeout, the body's next bytes come by ``_body_since`` +
+        # body timeout, and a connection waiting between requests closes at ``_wait_since`` +
+        # keep-alive timeout.
+        self._head_since: float | None = now
+        self._body_since: float | None = None
+        self._wait_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = _NEVER
+        self._wake_by(now + self.header_timeout)
+        if len(self.connections) > self.max_connections:
+            self._make_room()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self._wait_since = None  # (a new request begins: the keep-alive wait is over)
+        if self._in_head:
+            # httptools keeps a partial header to itself, so its callbacks cannot tell how
+            # much a head has grown: count here, before an endless header fills the memory.
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if self._stopped:
+                return  # a callback stopped the parser: the connection is being closed
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            self._stopped = True
+            return
+        if self._in_head:
+            if self._head_bytes > self.max_head:
+                self._stop(431, f"Request header fields larger than {self.max_head} bytes")
+            elif self._begun and self._head_since is None and self._active is None:
+                # A head begun after a wait between requests, not whole yet: its clock starts.
+                self._head_since = now = self.loop.time()
+                self._wake_by(now + self.header_timeout)
+        elif self._body_pending:
+            self._body_since = now = self.loop.time()
+            self._wake_by(now + self.body_timeout)
+
+    def resume_body(self) -> None:
+        """Read the client again after holding it back for credit (see ``_Upload``)."""
+        if self._stopped or self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self._body_pending:  # the time held back does not count against it
+            self._body_since = now = self.loop.time()
+            self._wake_by(now + self.body_timeout)
 
     # -- parser callbacks ----------------------------------------------------------------------
 
@@ -382,13 +609,23 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
+        self._begun = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = self._begun = False
+        self._head_since = None
+        if self._head_bytes > self.max_head:  # the count is of whole reads: measure the head
+            self._head_bytes = 0
+            if _head_size(self.url, self.headers) > self.max_head:
+                self._stop(431, f"Request header fields larger than {self.max_head} bytes")
+                raise _Stop
+        self._head_bytes = 0
         parser = self.parser
         if parser.should_upgrade() and self._should_upgrade():
             self._asgi_scope()
             super().on_headers_complete()  # uvicorn upgrades to its websocket protocol
             return
+        self._body_pending = True  # until on_message_complete, at once when there is none
         version = parser.get_http_version()
         ex = self.proxy.exchange(
             self,
@@ -413,6 +650,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             ex.add_body(body)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
+        self._body_since = None
+        self._in_head = True  # the next request's (the rest of this read is not counted)
         ex = self._current
         if ex is not None and not (self.parser.should_upgrade() and self._should_upgrade()):
             self._current = None
@@ -431,6 +671,11 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             "state": self.app_state.copy(),
         }
 
+    def handle_websocket_upgrade(self) -> None:
+        self._cancel_timer()  # the websocket protocol has the connection from here on
+        self._stopped = True
+        super().handle_websocket_upgrade()
+
     # -- answers -------------------------------------------------------------------------------
 
     def exchange_done(self, ex: Exchange) -> None:
@@ -441,40 +686,115 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
         self.flow.resume_reading()
         if self._queued:
             self._active = self._queued.popleft()
             self._active.start()
-        elif self._current is None or self._current.complete:
-            self._arm_keep_alive()
+            return
+        now = self._free_since = self.loop.time()
+        if self._in_head:
+            if self._begun:  # the next head has begun: it has the header timeout from now
+                self._head_since = now
+                self._wake_by(now + self.header_timeout)
+            else:
+                self._wait_since = now
+                self._wake_by(now + self.keep_alive_timeout)
+        elif self._body_pending:  # answered before its body was all here: it is read on
+            self._body_since = now
+            self._wake_by(now + self.body_timeout)
 
-    # -- keep-alive ----------------------------------------------------------------------------
-    # uvicorn arms a timer after every response and cancels it on the next request: two heap
-    # operations per request. Here the connection notes when it went idle, and one timer per
-    # connection, re-armed only when it fires, closes the connection once it has been idle for
-    # the whole keep-alive timeout.
+    def _stop(self, status: int, text: str) -> None:
+        """Read no more of this connection; answer ``status`` and close (after the answers
+        already under way, if any)."""
+        self._stopped = True
+        self._cancel_timer()
+        if self._active is None:
+            close_with(self.transport, status, text)
+            return
+        self.flow.pause_reading()
+        last = self._queued[-1] if self._queued else self._active
+        last.keep_alive = False
 
-    def _arm_keep_alive(self) -> None:
-        self._idle_since = self.loop.time()
-        if self._keep_alive_timer is None:
-            self._keep_alive_timer = self.loop.call_at(
-                self._idle_since + self.timeout_keep_alive, self._check_idle
-            )
+    # -- the timer -----------------------------------------------------------------------------
+    # uvicorn arms a keep-alive timer after every response and cancels it on the next request:
+    # two heap operations per request. Here one timer per connection, due at the earliest
+    # deadline known when it was armed, looks at the timestamps when it fires, and acts or
+    # re-arms for the deadline they give then; a request that comes and goes in the meantime
+    # only notes the time (or not even that).
 
-    def _check_idle(self) -> None:
-        self._keep_alive_timer = None
-        if self._idle_since is None or self.transport.is_closing():
-            return  # busy: the next response re-arms it
-        due = self._idle_since + self.timeout_keep_alive
-        if self.loop.time() >= due:
-            self.transport.close()
+    def _wake_by(self, due: float) -> None:
+        if due < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(due, self._on_timer)
+            self._timer_due = due
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_due = _NEVER
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due = _NEVER
+        if self._stopped or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._head_since is not None:
+            due = self._head_since + self.header_timeout
+            if now >= due:
+                if self._begun:
+                    self._stop(408, "Request header timed out")
+                else:  # nothing came: nobody to tell
+                    self._stopped = True
+                    self.transport.close()
+                return
+        elif self._body_pending and self._body_since is not None:
+            if self.flow.read_paused:  # held back by this side (credit, pipelining)
+                due = now + self.body_timeout
+            else:
+                due = self._body_since + self.body_timeout
+                if now >= due:
+                    self._body_timed_out()
+                    return
+        elif self._wait_since is not None:
+            due = self._wait_since + self.keep_alive_timeout
+            if now >= due:
+                self.transport.close()
+                return
         else:
-            self._keep_alive_timer = self.loop.call_at(due, self._check_idle)
+            return  # answering: exchange_done arms it again
+        self._wake_by(due)
 
-    def _unset_keepalive_if_required(self) -> None:
-        # Called by uvicorn's data_received for every read: data means not idle.
-        self._idle_since = None
+    def _body_timed_out(self) -> None:
+        ex = self._current
+        if ex is not None and ex.started and not ex.complete:
+            ex.refuse(408, "Request body timed out")  # (cancels it if it had left already)
+        self._stopped = True
+        self._cancel_timer()
+        if not self.transport.is_closing():
+            self.transport.close()  # answered already: just end it
+
+    # -- the number of connections -------------------------------------------------------------
+
+    def _make_room(self) -> None:
+        """More connections than allowed: close those idle longest, this new one excepted, or
+        refuse this one when none is idle. A batch of them, so the connections that come
+        next find room without this scan."""
+        live = [c for c in self.connections if not c.transport.is_closing()]
+        excess = len(live) - self.max_connections
+        if excess <= 0:
+            return
+        idle = [c for c in live if type(c) is type(self) and c is not self and c._active is None]
+        if not idle:
+            logger.warning("%d connections open and none idle: refusing a new one", len(live))
+            self._stop(503, "Too many connections, try again")
+            return
+        count = min(len(idle), max(excess, self.max_connections // 64))
+        for conn in heapq.nsmallest(count, idle, key=lambda c: c._free_since):
+            conn._stopped = True
+            conn.transport.close()
 
     # -- the connection's end ------------------------------------------------------------------
 
@@ -484,8 +804,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
                 ex.abandon()
         self._active = self._current = None
         self._queued.clear()
-        if self._keep_alive_timer is not None:
-            self._keep_alive_timer.cancel()
+        self._cancel_timer()
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
@@ -497,9 +816,26 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             ex.keep_alive = False
 
 
-def protocol_for(proxy: ProxyApp) -> type[ProxyHttpProtocol]:
-    """The protocol class uvicorn instantiates per connection, bound to ``proxy``."""
-    return type("ServalHttpProtocol", (ProxyHttpProtocol,), {"proxy": proxy})
+def _head_size(url: bytes, headers: Headers) -> int:
+    """About the size of a parsed request head (the method and version are left out)."""
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def protocol_for(proxy: ProxyApp, max_connections: int) -> type[ProxyHttpProtocol]:
+    """The protocol class uvicorn instantiates per connection, bound to ``proxy`` and its
+    limits."""
+    options = proxy.options
+    limits = {
+        "proxy": proxy,
+        "max_connections": max_connections,
+        "max_head": options.max_request_header_bytes,
+        "max_body": options.max_request_body_bytes,
+        "window": options.request_body_window_bytes,
+        "header_timeout": options.request_header_timeout_s,
+        "body_timeout": options.request_body_timeout_s,
+        "keep_alive_timeout": options.keep_alive_timeout_s,
+    }
+    return type("ServalHttpProtocol", (ProxyHttpProtocol,), limits)
 
 
 def unquote_path(raw_path: bytes) -> str:

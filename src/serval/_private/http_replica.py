@@ -1,23 +1,31 @@
 """HTTP and WebSocket requests inside a replica.
 
-The proxy sends the request's ASGI scope and its whole body. The replica answers by running the
+The proxy sends the request's ASGI scope and its body: whole, or (a large upload) the part
+that had come, with the rest following as input messages that ``BodyStream`` hands to the app
+and credits back to the proxy as the app takes them. The replica answers by running the
 deployment's ASGI app (``@serve.ingress``) or calling its ``__call__(request)`` with a Starlette
 ``Request``. A response that fits in one body message goes back as one reply
 ``(status, headers, body)``; anything longer (streaming, SSE, websockets) goes back message by
-message as it is produced, so the first chunk arrives long before the last.
+message as it is produced, so the first chunk arrives long before the last. A response that
+breaks off after it began streaming ends the call with an error, so the proxy breaks the
+connection off too instead of ending the body as if it were whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serval._private import request_context
+from serval._private import protocol, request_context
+
+logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 Emit = Callable[[Message], None]
+Receive = Callable[[], Awaitable[Message]]
 ASGIApp = Callable[
     [Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
     Awaitable[None],
@@ -79,6 +87,9 @@ class ResponseCollector:
         self.streaming = False
         self.complete: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self.started = False
+        # The client has (or will have) its whole answer: the last body message was sent, or
+        # the websocket began. An error after that cannot change the answer; one before can.
+        self.answered = False
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -86,19 +97,22 @@ class ResponseCollector:
             self._start = message
             self.started = True
             return
-        if kind == "http.response.body" and not self.streaming and self._start is not None:
+        if kind == "http.response.body":
             if not message.get("more_body", False):
-                start = self._start
-                self.complete = (
-                    start["status"],
-                    list(start.get("headers", [])),
-                    bytes(message.get("body", b"")),
-                )
-                return
-            self.streaming = True
-            self._emit(_plain(self._start))
+                self.answered = True
+            if not self.streaming and self._start is not None:
+                if self.answered:
+                    start = self._start
+                    self.complete = (
+                        start["status"],
+                        list(start.get("headers", [])),
+                        bytes(message.get("body", b"")),
+                    )
+                    return
+                self.streaming = True
+                self._emit(_plain(self._start))
         elif kind.startswith("websocket."):
-            self.started = True
+            self.started = self.answered = True
         self._emit(_plain(message))
 
     def outcome(self) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
@@ -107,7 +121,50 @@ class ResponseCollector:
             return self.complete
         if not self.started:
             raise RuntimeError("the ASGI app returned without sending a response")
+        if not self.answered:
+            raise RuntimeError("the ASGI app returned without completing its response")
         return None
+
+
+class BodyStream:
+    """``receive`` for a request whose body streams in after it: first the part that came
+    with the request, then the input messages that ``inputs`` collects. Each part the app
+    takes is credited to the proxy (``credit``), which sends more as credit allows: so at most
+    about a window of the body waits here, whatever its size."""
+
+    __slots__ = ("_credit", "_ended", "_first", "_inputs")
+
+    def __init__(
+        self, first: bytes, inputs: asyncio.Queue[Message], credit: Callable[[int], None]
+    ) -> None:
+        self._first: bytes | None = first
+        self._inputs = inputs
+        self._credit = credit
+        self._ended = False
+
+    async def receive(self) -> Message:
+        first = self._first
+        if first is not None:
+            self._first = None
+            self._credit(len(first))
+            return {"type": "http.request", "body": first, "more_body": True}
+        if self._ended:  # as http_receive: the client leaving cancels the request instead
+            await asyncio.Event().wait()
+        message = await self._inputs.get()
+        if not message.get("more_body", False):
+            self._ended = True
+        size = len(message.get("body", b""))
+        if size:
+            self._credit(size)
+        return message
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while True:
+            message = await self.receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
 
 def _plain(message: Message) -> Message:
@@ -139,25 +196,29 @@ async def respond(
     asgi_app: ASGIApp | None,
     scope: Message,
     body: bytes,
+    receive: Receive | None,
     collector: ResponseCollector,
-    inputs: asyncio.Queue[Message] | None,
     call_user: Callable[..., Awaitable[Any]],
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
-    """Serve one request; returns the whole response, or None if it was streamed."""
+    """Serve one request; returns the whole response, or None if it was streamed.
+    ``receive``: a websocket's events, or a streamed body's; None when ``body`` is whole."""
     if scope["type"] == "websocket":
-        assert inputs is not None
+        assert receive is not None
         if asgi_app is None:
             raise TypeError("websockets need a FastAPI app (@serve.ingress)")
-        await asgi_app(scope, inputs.get, collector.send)
+        await asgi_app(scope, receive, collector.send)
         return None
-    receive = http_receive(body)
+    whole = receive is None
+    if receive is None:
+        receive = http_receive(body)
     if asgi_app is not None:
         await asgi_app(scope, receive, collector.send)
     else:
         from starlette.requests import Request
 
         request = Request(scope, receive)
-        request._body = body  # so sync __call__ methods can read it too
+        if whole:
+            request._body = body  # so sync __call__ methods can read it too
         result = await call_user(user.__call__, request)
         plain = plain_response(result)
         if plain is not None:
@@ -169,12 +230,13 @@ async def respond(
 class Unfinished:
     """What a sync ``__call__`` returned that is not a plain response: finished on the loop."""
 
-    __slots__ = ("body", "result", "scope")
+    __slots__ = ("body", "meta", "result", "scope")
 
-    def __init__(self, result: Any, scope: Message, body: bytes) -> None:
+    def __init__(self, result: Any, scope: Message, body: bytes, meta: Message) -> None:
         self.result = result
         self.scope = scope
         self.body = body
+        self.meta = meta
 
     async def finish(
         self, collector: ResponseCollector
@@ -196,7 +258,7 @@ def serve_http_sync(
     request._body = body
     result = user.__call__(request)
     plain = plain_response(result)
-    return plain if plain is not None else Unfinished(result, scope, body)
+    return plain if plain is not None else Unfinished(result, scope, body, meta)
 
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
@@ -237,5 +299,14 @@ def to_response(result: Any) -> Any:
         return Response(b"", status_code=200)
     try:
         return JSONResponse(result)
-    except (TypeError, ValueError):
-        return PlainTextResponse(json.dumps(result, default=str))
+    except (TypeError, ValueError) as exc:
+        # Not the client's doing, and no text of it is the answer: a 500, the reason logged.
+        meta = request_context.current_request() or {}
+        logger.error(
+            "request %s: the response %s is not JSON-serialisable: %s: %s",
+            meta.get("request_id", "?"),
+            protocol.describe(result),
+            type(exc).__name__,
+            exc,  # (json's own error: its text is safe to take)
+        )
+        return PlainTextResponse("Internal Server Error", status_code=500)

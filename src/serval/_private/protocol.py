@@ -28,13 +28,16 @@ BUFLEN = struct.Struct("<Q")
 # Data plane: caller → replica.
 REQUEST = 0  # (REQUEST, rid, method, args, kwargs, meta)
 CANCEL = 1  # (CANCEL, rid)
-INPUT = 6  # (INPUT, rid, asgi_message): more input for a running request (websockets)
+INPUT = 6  # (INPUT, rid, asgi_message): more input for a running request (websockets, bodies)
 # Data plane: replica → caller. The last item is the replica's number of ongoing requests.
 RESULT = 2  # (RESULT, rid, value, ongoing)
 ERROR = 3  # (ERROR, rid, exc_or_error_payload, ongoing)
 STREAM_ITEM = 4  # (STREAM_ITEM, rid, item)
 STREAM_END = 5  # (STREAM_END, rid, None, ongoing)
 REJECT = 7  # (REJECT, rid, None, ongoing): draining, not run; the caller routes it elsewhere
+# (CREDIT, rid, nbytes): the app took nbytes more of the request's streamed body (0: the
+# request has started, its body may follow); the caller sends more as credit allows.
+CREDIT = 8
 # Control plane, either direction.
 CALL = 10  # (CALL, cid, method, kwargs)
 REPLY = 11  # (REPLY, cid, ok, value)

@@ -1,10 +1,13 @@
 """The HTTP proxy's routing: which application a request goes to, and what it carries there.
 
-Longest ``route_prefix`` match picks the app; the request (scope and whole body) goes straight
-to a replica of the app's ingress deployment through this process's router, and the response
-comes back in one piece or message by message. System routes live under ``/-/``: ``healthz``,
-``routes`` and ``metrics`` (every replica's and the proxy's, in Prometheus's text format).
-Every response carries ``x-request-id``; errors never show a traceback to the client.
+Longest ``route_prefix`` match picks the app; the request (scope and body) goes straight to a
+replica of the app's ingress deployment through this process's router, and the response comes
+back in one piece or message by message. System routes live under ``/-/``: ``healthz``,
+``routes`` and ``metrics`` (every replica's and the proxy's, in Prometheus's text format; the
+replicas' part gathered at most once a second); the last two answer only a ``Host`` that names
+the proxy itself (an IP literal, ``localhost``, ``http_options.system_route_hosts``). An
+HTTP/1.1 request without exactly one ``Host`` is a 400. Every response carries
+``x-request-id``; errors never show a traceback to the client.
 
 HTTP requests are answered by ``http_protocol.Exchange`` (see there why not through ASGI);
 websockets, which uvicorn hands over after the upgrade, by this ASGI app.
@@ -12,6 +15,9 @@ websockets, which uvicorn hands over after the upgrade, by this ASGI app.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -48,6 +54,8 @@ class ProxyApp:
         self._routes_of: dict[str, tuple[str, str]] | None = None
         # (route prefix, method, status) -> requests answered, for /-/metrics
         self.http_requests: dict[tuple[str, str, int], int] = {}
+        self._metrics_cache: tuple[float, metrics.Snapshot] | None = None  # (when, snapshot)
+        self._metrics_task: asyncio.Task[metrics.Snapshot] | None = None
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -75,16 +83,26 @@ class ProxyApp:
         keep_alive: bool,
     ) -> Exchange:
         """A parsed request head, turned into what to do with it."""
-        given_id, length, model = _scan_headers(headers)
+        given_id, length, model, host, hosts = _scan_headers(headers)
         ex = Exchange(conn, given_id or _new_request_id(), keep_alive, method)
         ex.head_only = method == "HEAD"
+        if hosts != 1 and (hosts or http_version != "1.0"):
+            # RFC 9112 3.2: HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it, not repeat it.
+            ex.refuse(400, "Bad Request: a request needs exactly one Host header")
+            return ex
         raw_path: bytes = url.path
         path = unquote_path(raw_path)
-        if path == "/-/metrics":
-            ex.fetch = self._metrics
-            return ex
         if path.startswith("/-/"):
-            ex.reply = self._system(path)
+            if path != "/-/healthz" and host and not self._own_host(host):
+                ex.reply = text_reply(
+                    403,
+                    f"Host {host.decode('latin-1')!r} is not allowed for {path}; "
+                    "see http_options.system_route_hosts",
+                )
+            elif path == "/-/metrics":
+                ex.fetch = self._metrics
+            else:
+                ex.reply = self._system(path)
             return ex
         match = self._match(path)
         if match is None:
@@ -122,6 +140,25 @@ class ProxyApp:
         ex.target = (app, ingress, meta)
         return ex
 
+    def _own_host(self, host: bytes) -> bool:
+        """Whether ``Host: host`` names this proxy for its system routes: an IP literal,
+        ``localhost``, or a name in ``system_route_hosts``. A page in a browser can only
+        reach 127.0.0.1 under a name of its own (DNS rebinding), never under these."""
+        allowed = self.options.system_route_hosts
+        if "*" in allowed:
+            return True
+        name = host.decode("latin-1").strip().lower()
+        if name.startswith("["):  # [v6] or [v6]:port
+            literal, bracket, port = name[1:].partition("]")
+            port_ok = not port or (port[0] == ":" and port[1:].isdigit())
+            return bool(bracket) and port_ok and _is_ip(literal)
+        if name.count(":") == 1:
+            name, _, port = name.partition(":")
+            if not port.isdigit():
+                return False
+        name = name.removesuffix(".")
+        return name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name in allowed
+
     def _system(self, path: str) -> Reply:
         if path == "/-/healthz":
             return text_reply(200, "success")
@@ -131,11 +168,46 @@ class ProxyApp:
         return text_reply(404, f"Path '{path}' not found.")
 
     async def _metrics(self) -> Reply:
-        """Every replica's metrics (gathered by the controller), in Prometheus's text format."""
-        replicas = await self.client.call_controller("collect_metrics")
+        """Every replica's metrics (gathered by the controller), in Prometheus's text format;
+        the proxy's own counts as they are now."""
+        replicas = await self._replica_metrics()
         own = metrics.http_snapshot(self.http_requests)
         body = metrics.render(metrics.merge([own, replicas])).encode()
         return 200, [(b"content-type", _PROMETHEUS_TEXT)], body
+
+    async def _replica_metrics(self) -> metrics.Snapshot:
+        """The replicas' snapshot, gathered at most once per ``_METRICS_MAX_AGE_S``: scrapes
+        that come together share one gathering (each asks every replica), later ones its
+        result while it is fresh."""
+        loop = self.client.loop
+        cached = self._metrics_cache
+        if cached is not None and loop.time() - cached[0] < _METRICS_MAX_AGE_S:
+            return cached[1]
+        task = self._metrics_task
+        if task is None:
+            task = self._metrics_task = loop.create_task(self._gather_metrics())
+            task.add_done_callback(_seen)  # its error reaches the scrapers, if any are left
+        # (shielded: a scraper that leaves does not cancel the others' gathering)
+        return await asyncio.shield(task)
+
+    async def _gather_metrics(self) -> metrics.Snapshot:
+        try:
+            started = self.client.loop.time()
+            snapshot: metrics.Snapshot = await asyncio.wait_for(
+                self.client.call_controller("collect_metrics"), _METRICS_GATHER_TIMEOUT_S
+            )
+            self._metrics_cache = (started, snapshot)
+            return snapshot
+        finally:
+            self._metrics_task = None
+
+    async def close(self) -> None:
+        """Stop the work this app started on its own (a metrics gathering under way)."""
+        task = self._metrics_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     # -- websockets (ASGI, after uvicorn's upgrade) ----------------------------------------------
 
@@ -146,7 +218,7 @@ class ProxyApp:
             return
         if kind != "websocket":
             raise RuntimeError(f"HTTP requests are served by ProxyHttpProtocol, not {kind!r}")
-        _, _, model = _scan_headers(scope["headers"])
+        model = _scan_headers(scope["headers"])[2]
         path: str = scope["path"]
         match = self._match(path)
         if match is None:
@@ -206,6 +278,11 @@ class ProxyApp:
                 return
 
 
+# A scrape within this long of the last gathering gets its replicas' part (the proxy's own
+# counts are always fresh): scrapers poll every 10-60 s, but many of them, or a dashboard
+# refreshing fast, would otherwise each make the controller ask every replica.
+_METRICS_MAX_AGE_S = 1.0
+_METRICS_GATHER_TIMEOUT_S = 10.0
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
 _ids = itertools.count(1)
@@ -217,19 +294,39 @@ def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
-def _scan_headers(headers: Any) -> tuple[str | None, str | None, str | None]:
-    """x-request-id, content-length and the multiplexed model id, in one pass (ASGI servers
-    give header names in lower case)."""
+def _scan_headers(
+    headers: Any,
+) -> tuple[str | None, str | None, str | None, bytes | None, int]:
+    """x-request-id, content-length, the multiplexed model id, the Host and how many Host
+    headers came, in one pass (ASGI servers give header names in lower case)."""
     request_id = length = model = None
+    host = None
+    hosts = 0
     for key, value in headers:
-        if key == b"content-length":
+        if key == b"host":
+            host = value
+            hosts += 1
+        elif key == b"content-length":
             length = value.decode("latin-1")
         elif key == b"x-request-id":
             if _SAFE_ID.fullmatch(value):  # it is echoed back: never a byte that breaks a header
                 request_id = value.decode("ascii")
         elif key == b"serve_multiplexed_model_id":
             model = value.decode("latin-1")
-    return request_id, length, model
+    return request_id, length, model, host, hosts
+
+
+def _seen(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 
 from serval._private.client import ClusterClient
@@ -12,6 +13,37 @@ from serval._private.proxy import ProxyApp
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval.proxy")
+
+
+# Descriptors the proxy keeps for itself beyond its clients' connections: the listening
+# socket, the controller's link, one per ingress replica, the event loop's own, the lifeline.
+_OWN_FDS_MIN = 128
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling then
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open files limit to %d: %s", target, exc)
+            return soft
+        return target
+    return target if soft == resource.RLIM_INFINITY else soft
+
+
+def default_max_connections(fd_limit: int) -> int:
+    """Client connections the proxy takes with ``fd_limit`` descriptors, leaving room for its
+    own (a tenth, at least ``_OWN_FDS_MIN``)."""
+    return max(1, fd_limit - max(_OWN_FDS_MIN, fd_limit // 10))
 
 
 def _bind(options: HTTPOptions) -> socket.socket:
@@ -51,9 +83,20 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     await client.wait_ready()
     ack(client.table_version)
     app = ProxyApp(client, options)
+    fd_limit = raise_fd_limit()
+    max_connections = default_max_connections(fd_limit)
+    if options.max_connections is not None:
+        if options.max_connections > max_connections:
+            logger.warning(
+                "http_options.max_connections=%d is more than %d open files allow; "
+                "connections past that fail as the proxy runs out of descriptors",
+                options.max_connections,
+                fd_limit,
+            )
+        max_connections = options.max_connections
     config = uvicorn.Config(
         app,
-        http=protocol_for(app),
+        http=protocol_for(app, max_connections),
         ws="websockets-sansio",
         lifespan="off",
         access_log=False,
@@ -64,5 +107,13 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     )
     server = uvicorn.Server(config)
     await client.call_controller("proxy_ready", error=None)
-    logger.info("HTTP proxy listening on http://%s:%s", options.host, options.port)
-    await server.serve(sockets=[sock])
+    logger.info(
+        "HTTP proxy listening on http://%s:%s (at most %d connections)",
+        options.host,
+        options.port,
+        max_connections,
+    )
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await app.close()

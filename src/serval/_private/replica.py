@@ -28,6 +28,7 @@ import cloudpickle
 from serval._private import metrics, protocol, request_context, runtime, transport
 from serval._private.client import controller_path
 from serval._private.http_replica import (
+    BodyStream,
     ResponseCollector,
     Unfinished,
     respond,
@@ -318,15 +319,13 @@ class Replica:
         try:
             fut: asyncio.Future[Any]
             if asgi and self._sync_http and args[0][1] == "http":
-                assert self._pool is not None
-                fut = self._pool.run(
-                    self._reply_from_thread,
-                    conn,
-                    rid,
-                    serve_http_sync,
-                    (self.user, args[0], args[1], meta),
-                    then=done,
-                )
+                if meta.get("more_body"):  # a streamed body: whole first, on the loop
+                    fut = self.loop.create_task(self._whole_body(conn, rid, args[1]))
+                    fut.add_done_callback(
+                        partial(self._serve_http_sync, conn, rid, args[0], meta, done)
+                    )
+                else:
+                    fut = self._serve_http_sync(conn, rid, args[0], meta, done, args[1])
             elif asgi:
                 fut = self.loop.create_task(self._serve_http(conn, rid, args[0], args[1], meta))
                 fut.add_done_callback(done)
@@ -433,6 +432,37 @@ class Replica:
         if not conn.closed:
             conn.send((protocol.STREAM_ITEM, rid, item), rid)
 
+    def _serve_http_sync(
+        self,
+        conn: transport.Connection,
+        rid: int,
+        wire: Any,
+        meta: Any,
+        done: Callable[[asyncio.Future[Any]], None],
+        body: bytes | asyncio.Future[bytes],
+    ) -> asyncio.Future[Any]:
+        """An HTTP request to a sync ``__call__``, on a worker thread; ``body`` is whole, or
+        the finished task that gathered a streamed one."""
+        running = None
+        if isinstance(body, asyncio.Future):
+            running = self._running.get(conn)
+            if body.cancelled() or body.exception() is not None or running is None:
+                done(body)  # cancelled, or the client left, while the body came
+                return body
+            body = body.result()
+        assert self._pool is not None
+        fut = self._pool.run(
+            self._reply_from_thread,
+            conn,
+            rid,
+            serve_http_sync,
+            (self.user, wire, body, meta),
+            then=done,
+        )
+        if running is not None:
+            running[rid] = fut  # cancelling the request now cancels the thread's job
+        return fut
+
     async def _serve_http(
         self, conn: transport.Connection, rid: int, wire: Any, body: Any, meta: Any
     ) -> Any:
@@ -440,26 +470,56 @@ class Replica:
         scope = unpack_scope(wire)
         collector = ResponseCollector(partial(self._send_item, conn, rid))
         inputs: asyncio.Queue[Any] | None = None
+        receive = None
         if scope["type"] == "websocket":
             inputs = self._inputs[(conn, rid)] = asyncio.Queue()
             inputs.put_nowait(body)  # the websocket.connect event
+            receive = inputs.get
+        elif meta.get("more_body"):
+            inputs = self._inputs[(conn, rid)] = asyncio.Queue()
+            receive = self._body_stream(conn, rid, body, inputs).receive
         try:
             return await respond(
-                self.user, self.asgi_app, scope, body, collector, inputs, self._call_user
+                self.user, self.asgi_app, scope, body, receive, collector, self._call_user
             )
         except Exception:
-            if not collector.started:
+            if not collector.answered:
                 raise
-            # The app already answered (FastAPI sends its 500 and re-raises): log, keep it.
-            logger.exception("request %s failed after its response started", meta.get("request_id"))
-            return collector.complete
+            return _answered_despite(collector, meta)
         finally:
             if inputs is not None:
                 self._inputs.pop((conn, rid), None)
 
     async def _finish_http(self, conn: transport.Connection, rid: int, left: Unfinished) -> Any:
+        request_context.set_request(left.meta)
         collector = ResponseCollector(partial(self._send_item, conn, rid))
-        return await left.finish(collector)
+        try:
+            return await left.finish(collector)
+        except Exception:
+            if not collector.answered:
+                raise
+            return _answered_despite(collector, left.meta)
+
+    def _body_stream(
+        self, conn: transport.Connection, rid: int, first: bytes, inputs: asyncio.Queue[Any]
+    ) -> BodyStream:
+        """The body of a request that streams in: tell the proxy the request has started
+        (credit 0), so it sends the rest as input messages to ``inputs``."""
+        stream = BodyStream(first, inputs, partial(self._send_credit, conn, rid))
+        self._send_credit(conn, rid, 0)
+        return stream
+
+    async def _whole_body(self, conn: transport.Connection, rid: int, first: bytes) -> bytes:
+        inputs: asyncio.Queue[Any] = asyncio.Queue()
+        self._inputs[(conn, rid)] = inputs
+        try:
+            return await self._body_stream(conn, rid, first, inputs).read_all()
+        finally:
+            self._inputs.pop((conn, rid), None)
+
+    def _send_credit(self, conn: transport.Connection, rid: int, nbytes: int) -> None:
+        if not conn.closed:
+            conn.send((protocol.CREDIT, rid, nbytes), rid, True)
 
     def _method(self, name: str) -> tuple[Callable[..., Any], _Kind]:
         found = self._methods.get(name)
@@ -592,6 +652,15 @@ class Replica:
         if destructor is not None:
             with contextlib.suppress(Exception):
                 destructor(self.user)
+
+
+def _answered_despite(collector: ResponseCollector, meta: Any) -> Any:
+    """An HTTP request's app raised after the client had its whole answer (FastAPI sends its
+    500, then re-raises): log it, keep the answer. (Raised before that, the error goes to the
+    proxy, which answers 500, or breaks the connection off when the response had begun
+    streaming: never ends it as if it were whole.)"""
+    logger.exception("request %s failed after its response was sent", meta.get("request_id"))
+    return collector.complete
 
 
 def _ignore_result(task: asyncio.Task[Any]) -> None:

@@ -171,6 +171,11 @@ class ReplicaSlot:
             if call is not None and call.stream is not None:
                 call.stream.put(msg[2])
             return
+        if kind == protocol.CREDIT:  # an HTTP upload's flow control (http_protocol._Upload)
+            call = self.calls.get(rid)
+            if call is not None:
+                call.credit(msg[2], self.send_input)
+            return
         call = self._pop(rid)
         self.reported = msg[3]
         if kind == protocol.REJECT:
