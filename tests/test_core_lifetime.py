@@ -1,9 +1,10 @@
 """Lifetime: shutdown and interpreter exit leave nothing behind; SIGKILL of the owner takes
-the whole cluster down; every process names its role."""
+the whole cluster down, its runtime directory with it; every process names its role."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import serval as serve
-from conftest import free_port, serval_descendants, serval_processes
+from conftest import free_port, poll, serval_descendants, serval_processes
 
 KILL_DEADLINE_S = 5.0
 
@@ -34,6 +35,13 @@ def _wait_gone(pids, timeout: float) -> float:
             )
         time.sleep(0.02)
     return time.monotonic() - start
+
+
+def _address(procs: dict[int, str]) -> str:
+    """The runtime directory the cluster's command lines name."""
+    found = {m.group(1) for c in procs.values() if (m := re.search(r"--address (\S+)", c))}
+    (address,) = found
+    return address
 
 
 def _check_roles(cmds: list[str], replicas: list[str]) -> None:
@@ -169,6 +177,7 @@ def test_driver_exiting_leaves_nothing_behind(tmp_path: Path, mode: str) -> None
     assert proc.returncode == (0 if mode == "exit" else 1), err
     assert "Traceback" not in err or mode == "raise", err
     _wait_gone(procs, timeout=KILL_DEADLINE_S)
+    assert not os.path.exists(_address(procs))
 
 
 def test_driver_sigkill_takes_the_cluster_down(tmp_path: Path) -> None:
@@ -177,6 +186,12 @@ def test_driver_sigkill_takes_the_cluster_down(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         elapsed = _wait_gone(procs, timeout=KILL_DEADLINE_S)
+        # The runtime directory too (sockets, and the checkpoint with the pickled code).
+        poll(
+            lambda: not os.path.exists(_address(procs)),
+            KILL_DEADLINE_S - elapsed,
+            "the runtime directory to be removed",
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
