@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import serval as serve
 from chaos.rawhttp import HttpConn
@@ -78,13 +78,23 @@ def cluster_processes(address: str, role: str = "") -> dict[int, str]:
     """pid -> command line of the live processes of the cluster at ``address`` whose role
     starts with ``role``: "controller", "proxy", "replica", "replica app.Dep#", ... ("" for
     all)."""
+    return _serval_processes(lambda a: a == address, role)
+
+
+def processes_under(prefix: str) -> dict[int, str]:
+    """pid -> command line of the live serval processes of every cluster whose runtime
+    directory lies under ``prefix``."""
+    return _serval_processes(lambda a: a.startswith(prefix), "")
+
+
+def _serval_processes(address_matches: Callable[[str], bool], role: str) -> dict[int, str]:
     found = {}
     for pid in _pids():
         argv = _argv(pid)
         if not argv or "--address" not in argv:
             continue
         i = argv.index("--address")
-        if i + 1 >= len(argv) or argv[i + 1] != address:
+        if i + 1 >= len(argv) or not address_matches(argv[i + 1]):
             continue
         for j, arg in enumerate(argv):
             if arg.startswith("serval::"):
@@ -221,8 +231,11 @@ class Cluster:
 # -- load ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
+class Outcome(NamedTuple):
+    """One completed call. A tuple of plain values, so the garbage collector soon stops
+    tracking it: tens of thousands of records must not make this process's collections (and
+    with them the load's own pauses) longer."""
+
     kind: str  # "handle" or "http"
     caller: int  # which caller thread
     start: float  # monotonic
@@ -235,8 +248,8 @@ class Load:
     """Callers in background threads, each with one call in flight at a time: ``handles`` threads
     calling ``call()`` (a handle call; what it returns is recorded as the value) and ``conns``
     threads each on its own keep-alive HTTP connection GETting ``path``. Every completion is
-    recorded with its monotonic time. ``http_ok`` decides which HTTP statuses count as
-    success (200 by default)."""
+    recorded with its monotonic time; an HTTP call succeeds with a 200. A heartbeat thread
+    notes when this process itself stood still (see ``longest_stall``)."""
 
     def __init__(
         self,
@@ -246,8 +259,10 @@ class Load:
         handles: int = 2,
         conns: int = 2,
         timeout: float = 10.0,
+        pause_s: float = 0.0,
     ) -> None:
         self.stop = threading.Event()
+        self.pause_s = pause_s  # between a caller's calls: leaves the CPUs some idle time
         self.records: list[list[Outcome]] = []
         self.threads = []
         self.timeout = timeout
@@ -255,6 +270,23 @@ class Load:
             self.threads.append(self._thread(self._handle_loop, i, call))
         for i in range(conns):
             self.threads.append(self._thread(self._http_loop, handles + i, (port, path)))
+        self.stalls: list[tuple[float, float]] = []  # (from, how long) beyond 5 ms
+        self.threads.append(threading.Thread(target=self._heartbeat, daemon=True))
+
+    def _heartbeat(self) -> None:
+        """Sleep 1 ms at a time: waking late means every thread of this process stood still
+        (the GIL held, a garbage collection), which tells a gap of the caller's own from one
+        of the cluster's."""
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(0.001)
+            late = time.monotonic() - t0 - 0.001
+            if late > 0.005:
+                self.stalls.append((t0, late))
+
+    def longest_stall(self, t0: float, t1: float) -> float:
+        """The longest time (s) within [t0, t1] this process stood still."""
+        return max((late for at, late in self.stalls if t0 <= at <= t1), default=0.0)
 
     def _thread(self, target: Callable[..., None], i: int, arg: Any) -> threading.Thread:
         record: list[Outcome] = []
@@ -270,6 +302,8 @@ class Load:
             except BaseException as exc:  # a SystemExit from a replica is an outcome too
                 text = f"{type(exc).__name__}: {exc}"[:300]
                 record.append(Outcome("handle", i, t0, time.monotonic(), False, text))
+            if self.pause_s:
+                time.sleep(self.pause_s)
 
     def _http_loop(self, i: int, target: tuple[int, str], record: list[Outcome]) -> None:
         port, path = target
@@ -287,6 +321,8 @@ class Load:
                 if not ok:
                     conn.close()
                     self.stop.wait(0.01)  # the proxy may be down: do not spin
+                elif self.pause_s:
+                    time.sleep(self.pause_s)
         finally:
             conn.close()
 

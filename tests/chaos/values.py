@@ -396,7 +396,14 @@ def through_handles(
                 if why:
                     wrong.append(f"{name}: {why}")
                 if after.error is not None or after.value != pid:
-                    h, pid = deploy()  # a wedged or dead one would fail every case after it
+                    try:  # a wedged or dead one would fail every case after it
+                        h, pid = deploy()
+                    except Exception as exc:
+                        wrong.append(
+                            f"after {name!r} this process's calls go unanswered, to a new "
+                            f"deployment too ({describe(exc)}): the cases after it were not run"
+                        )
+                        break
             report.check(
                 "every call answered as it should, replica kept serving",
                 not wrong,
@@ -509,6 +516,11 @@ def through_http(
                 report.figure(name, ("WRONG " + why[:150]) if why else f"ok in {ms(took):.0f} ms")
                 if why:
                     wrong.append(f"{name}: {why}")
+                if after is None:
+                    wrong.append(
+                        f"after {name!r} the proxy does not serve: the cases after it were not run"
+                    )
+                    break
             report.check(
                 "every request answered as it should, replica kept serving",
                 not wrong,
