@@ -87,7 +87,9 @@ def test_a_proxy_that_cannot_start_fails_serve_start(caplog: pytest.LogCaptureFi
             serve.start(http_options={"port": port})
         elapsed = time.monotonic() - started
     message = str(info.value)
-    assert "the HTTP proxy exited 3 times in a row before it was ready" in message, message
+    assert "the HTTP proxy could not start: it exited 3 times in a row before it was ready" in (
+        message
+    ), message
     assert "killed by SIGKILL" in message and "its log is in" in message, message
     assert len(killer.seen) == 3
     gaps = killer.gaps()  # restarts after 0.5 s, then 1 s

@@ -134,10 +134,10 @@ class Controller:
             self._proxy_start_failures += 1
             if self._proxy_start_failures >= _PROXY_MAX_START_FAILURES:
                 self.proxy_error = (
-                    f"the HTTP proxy exited {self._proxy_start_failures} times in a row before "
-                    f"it was ready ({reason}); its log is in {self.backend.log_location()}"
+                    f"it exited {self._proxy_start_failures} times in a row before it was "
+                    f"ready ({reason}); its log is in {self.backend.log_location()}"
                 )
-                logger.error("%s; not restarting it", self.proxy_error)
+                logger.error("the HTTP proxy could not start: %s", self.proxy_error)
                 self._proxy_notify()
                 return
         elif time.monotonic() - self._proxy_ready_at >= _PROXY_STABLE_S:
