@@ -175,6 +175,28 @@ def test_between_requests_the_wait_is_the_keep_alive_timeout(limited: str) -> No
         assert KEEP_ALIVE * 0.8 < time.monotonic() - answered < KEEP_ALIVE + 1.5
 
 
+def test_bare_line_ends_do_not_put_off_the_keep_alive_timeout(limited: str) -> None:
+    with raw(limited) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(get("/echo/a"))
+        assert read_response(f)[0] == 200
+        answered = time.monotonic()
+        sock.settimeout(0.3)
+        received = b""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - answered < KEEP_ALIVE + 3:
+                sock.sendall(b"\r\n")  # the parser skips these between requests
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                received += chunk
+                if not chunk:
+                    break
+        assert received == b""
+        assert time.monotonic() - answered < KEEP_ALIVE + 1.5
+
+
 def test_a_head_begun_after_a_wait_has_the_header_timeout_from_its_first_byte(
     limited: str,
 ) -> None:

@@ -223,6 +223,26 @@ def test_a_client_that_leaves_mid_upload_cancels_the_request(url: str, tmp_path:
         serve.delete("noting")
 
 
+def test_broken_framing_mid_upload_is_a_400_and_cancels_the_request(
+    url: str, tmp_path: Path
+) -> None:
+    serve.run(Noting.bind(str(tmp_path)), name="noting", route_prefix="/noting")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /noting HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n")
+            sock.sendall(b"\r\n")
+            for _ in range(3):
+                sock.sendall(b"%x\r\n%s\r\n" % (MB, BODY[:MB]))
+            poll((tmp_path / "started").exists, timeout=10, what="the upload started")
+            sock.sendall(b"not a chunk size\r\n")
+            status, headers, _ = read_response(sock.makefile("rb"))
+            assert status == 400 and headers["connection"] == "close"
+        poll((tmp_path / "cancelled").exists, timeout=5, what="the request cancelled")
+    finally:
+        serve.delete("noting")
+
+
 def _peak_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))

@@ -561,7 +561,6 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
-        self._wait_since = None  # (a new request begins: the keep-alive wait is over)
         if self._in_head:
             # httptools keeps a partial header to itself, so its callbacks cannot tell how
             # much a head has grown: count here, before an endless header fills the memory.
@@ -574,13 +573,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        except httptools.HttpParserError:
-            if self._stopped:
-                return  # a callback stopped the parser: the connection is being closed
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-            self._stopped = True
+        except httptools.HttpParserError as exc:
+            if not self._stopped:  # (else a callback stopped the parser: it is being closed)
+                self._parse_failed(exc)
             return
         if self._in_head:
             if self._head_bytes > self.max_head:
@@ -592,6 +587,17 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         elif self._body_pending:
             self._body_since = now = self.loop.time()
             self._wake_by(now + self.body_timeout)
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        cause = exc.__context__  # what a callback raised, for a callback error
+        if isinstance(exc, httptools.HttpParserCallbackError) and not isinstance(
+            cause, httptools.HttpParserError
+        ):
+            logger.error("handling a request failed", exc_info=cause)
+            self._stop(500, "Internal Server Error")
+        else:
+            self.logger.warning("Invalid HTTP request received.")
+            self._stop(400, "Invalid HTTP request received.")
 
     def resume_body(self) -> None:
         """Read the client again after holding it back for credit (see ``_Upload``)."""
@@ -610,6 +616,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         self.expect_100_continue = False
         self.headers = []
         self._begun = True
+        self._wait_since = None  # a request begins: the keep-alive wait is over (bare CRLFs
+        # between requests, which the parser skips, do not end it)
 
     def on_headers_complete(self) -> None:
         self._in_head = self._begun = False
@@ -708,6 +716,10 @@ class ProxyHttpProtocol(HttpToolsProtocol):
         already under way, if any)."""
         self._stopped = True
         self._cancel_timer()
+        current = self._current
+        if current is not None and current is self._active and not current.complete:
+            current.refuse(status, text)  # its body can never be whole now: answer it so
+            return
         if self._active is None:
             close_with(self.transport, status, text)
             return
