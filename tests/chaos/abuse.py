@@ -92,6 +92,15 @@ def malformed_cases() -> list[Case]:
         Case("space in target", b"GET /a b HTTP/1.1\r\n" + HOST + b"\r\n"),
         Case("no Host (HTTP/1.1)", b"GET / HTTP/1.1\r\n\r\n"),
         Case("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        # A page in a browser can reach 127.0.0.1 under a name of its own (DNS rebinding).
+        Case(
+            "/-/routes for a foreign Host",
+            b"GET /-/routes HTTP/1.1\r\nHost: rebind.example\r\n\r\n",
+        ),
+        Case(
+            "/-/metrics for a foreign Host",
+            b"GET /-/metrics HTTP/1.1\r\nHost: rebind.example\r\n\r\n",
+        ),
         Case(
             "TLS hello on the plain port",
             b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(64)),

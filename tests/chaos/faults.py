@@ -87,7 +87,7 @@ def replica_kill(
                     wait_for(lambda: len(cluster.replicas("Pid")) == replicas, 10, "replicas back")
                 time.sleep(max(0.0, t0 + duration_s - time.monotonic()))
                 t1 = time.monotonic()
-            _judge_replica_kill(report, load, kill_log, t0, t1, handles + conns)
+            _judge_replica_kill(report, load, kill_log, t0, t1)
         finally:
             left = cluster.close()
         report.check("no process left after shutdown", not left, len(left), first_lines(left))
@@ -121,7 +121,6 @@ def _judge_replica_kill(
     kill_log: list[tuple[float, float | None, int]],
     t0: float,
     t1: float,
-    callers: int,
 ) -> None:
     _load_figures(report, load, t0, t1)
     done = [o for o in load.outcomes() if t0 <= o.end <= t1]
@@ -166,7 +165,6 @@ def _judge_replica_kill(
         report.check("a replacement served", False, "no", f"kills: {kill_log}")
     else:
         report.below("time until a replacement serves", ms(max(replace)), ms(MAX_REPLACE_S), "ms")  # type: ignore[arg-type]
-    del callers
 
 
 # -- controller SIGKILL, stall, slow restart -------------------------------------------------

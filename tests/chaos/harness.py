@@ -187,19 +187,22 @@ class Cluster:
         return Path(self.log_path).read_text(errors="replace")
 
     def tracebacks(self, role: str = "") -> list[str]:
-        """The tracebacks in the cluster's log (of lines logged by ``role`` when given)."""
-        out, current = [], None
+        """The tracebacks in the cluster's log, each with the log line before it (which names
+        the process that logged it: "serval::proxy ..."); only those of ``role`` if given."""
+        out: list[list[str]] = []
+        current: list[str] | None = None
+        previous = ""
         for line in self.log().splitlines():
             if line.startswith("Traceback"):
-                current = [line]
+                current = [previous, line]
                 out.append(current)
-            elif current is not None and (line.startswith((" ", "\t")) or not line.strip()):
-                current.append(line)
             elif current is not None:
-                current.append(line)  # the exception line ends it
-                current = None
+                current.append(line)
+                if line.strip() and not line.startswith((" ", "\t")):
+                    current = None  # the exception's own line ends it
+            previous = line
         texts = ["\n".join(t) for t in out]
-        return [t for t in texts if role in t] if role else texts
+        return [t for t in texts if role in t.split("\n", 1)[0]] if role else texts
 
     def close(self, timeout: float = 10.0) -> list[str]:
         """Shut down; the command lines of any process still alive ``timeout`` s later (they

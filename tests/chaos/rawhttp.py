@@ -259,8 +259,10 @@ def exchange(
 
 
 def select_readable(sock: socket.socket, timeout: float) -> bool:
-    readable, _, _ = select.select([sock], [], [], timeout)
-    return bool(readable)
+    # poll, not select: a flood scenario holds thousands of sockets, so fds pass 1024
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 def http_p50(
