@@ -696,6 +696,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             return
         self.flow.resume_reading()
         if self._queued:
+            if self._body_pending:  # (its body was held back while it waited its turn)
+                self._body_since = self.loop.time()
             self._active = self._queued.popleft()
             self._active.start()
             return
