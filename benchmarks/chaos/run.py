@@ -54,6 +54,8 @@ def scenarios(duration: float) -> dict[str, Callable[[], Report]]:
         "driver-kill": lambda: hosts.driver_kill(rounds=n),
         "shadowing": lambda: hosts.shadowing(crash=False),
         "shadowing-crash": lambda: hosts.shadowing(crash=True),
+        "pythonpath": lambda: hosts.shadowing(crash=False, where="pythonpath"),
+        "pythonpath-crash": lambda: hosts.shadowing(crash=True, where="pythonpath"),
         "other-user": hosts.other_user,
         "malformed": abuse.malformed,
         "half-sent": abuse.half_sent,  # the proxy's default timeouts: about 35 s

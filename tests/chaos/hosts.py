@@ -137,20 +137,21 @@ def _times(values: list[float | None]) -> str:
     return ", ".join("never" if v is None else f"{ms(v):.0f}" for v in values)
 
 
-# -- modules planted in the current directory ---------------------------------------------------
+# -- modules planted in the current directory (or on PYTHONPATH) -----------------------------
 
 PLANTED = ("httptools", "uvloop", "http", "websockets", "cloudpickle", "serval")
 
-# A planted module notes who imported it; then either fails (crash=True) or hands over to the
-# real module, so the process it ran in keeps working and the next planted module shows too.
+# A planted module notes who imported it; then, in a serval process, either fails (crash=True)
+# or hands over to the real module, so the process keeps working and the next one shows too.
 PLANTED_SOURCE = """
 import os, sys
 with open("/proc/self/cmdline", "rb") as _f:
     _cmd = _f.read().replace(b"\\0", b" ").decode(errors="replace")
 with open(os.path.join({markers!r}, __name__ + "." + str(os.getpid())), "w") as _f:
     _f.write(_cmd)
-if {crash!r}:
-    raise RuntimeError("planted " + __name__ + ".py from the current directory was imported")
+if {crash!r} and "serval::" in _cmd:
+    _who = _cmd[_cmd.index("serval::") :]
+    raise RuntimeError("planted " + __name__ + ".py was imported by " + _who)
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 del sys.modules[__name__]
@@ -160,64 +161,103 @@ sys.modules[__name__] = importlib.import_module(__name__)
 
 SHADOW_DRIVER = textwrap.dedent(
     """
-    import json, os, sys, urllib.request
+    import json, sys, time, urllib.request
     import serval as serve
     from serval._private import runtime
 
     port = int(sys.argv[1])
-    serve.start(http_options={"port": port})
+    started = time.monotonic()
+    error = None
+    try:
+        serve.start(http_options={"port": port})
 
-    @serve.deployment
-    class Hello:
-        async def __call__(self, request=None):
-            return "hello"
+        @serve.deployment
+        class Hello:
+            async def __call__(self, request=None):
+                return "hello"
 
-        def sync(self):
-            return "sync hello"
+            def sync(self):
+                return "sync hello"
 
-    handle = serve.run(Hello.bind())
-    assert handle.remote().result(timeout_s=10) == "hello"
-    assert handle.sync.remote().result(timeout_s=10) == "sync hello"
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
-    assert body == b"hello", body
-    print("READY", runtime.address(), flush=True)
+        handle = serve.run(Hello.bind())
+        assert handle.remote().result(timeout_s=10) == "hello"
+        assert handle.sync.remote().result(timeout_s=10) == "sync hello"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        assert body == b"hello", body
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:3000]
+    took = time.monotonic() - started
+    outcome = {"address": runtime.address(), "error": error, "took": took}
+    print("READY", json.dumps(outcome), flush=True)
     sys.stdin.readline()
     serve.shutdown()
     """
 )
 
 
-def shadowing(crash: bool = False, start_timeout_s: float = 30.0) -> Report:
-    """Start a cluster from a directory holding httptools.py, uvloop.py, http.py, websockets.py,
-    cloudpickle.py and serval.py (the driver script lives elsewhere): no serval process imports
-    any of them, and the cluster serves handles and HTTP. With ``crash`` the planted modules
-    raise: the cluster must still start (they are not imported), never hang."""
-    title = "planted modules in the cwd" + (" (crashing ones)" if crash else "")
-    with scenario(title, ", ".join(f"{m}.py" for m in PLANTED)) as report:
+def shadowing(crash: bool = False, where: str = "cwd", start_timeout_s: float = 30.0) -> Report:
+    """Start a cluster with httptools.py, uvloop.py, http.py, websockets.py, cloudpickle.py and
+    serval.py planted ``where``: "cwd" (the directory the driver runs in; its script lives
+    elsewhere) or "pythonpath" (a directory on the driver's PYTHONPATH).
+
+    From the cwd no serval process imports any of them, and the cluster serves handles and
+    HTTP; with ``crash`` (the planted modules raise in serval processes) too. PYTHONPATH is the
+    user's code path, so replicas may import from it, but the controller and the proxy never
+    do: the cluster serves (passing-through modules), or (crashing ones) ``serve.run`` fails
+    with a clear error naming the planted module, promptly, never a hang."""
+    kind = "crashing ones" if crash else "passing through"
+    place = "in the cwd" if where == "cwd" else "on PYTHONPATH"
+    with scenario(
+        f"planted modules {place} ({kind})", ", ".join(f"{m}.py" for m in PLANTED)
+    ) as report:
         work = Path(tempfile.mkdtemp(prefix="chaos-shadow-"))
-        cwd, markers, scripts = work / "cwd", work / "markers", work / "script"
-        for d in (cwd, markers, scripts):
+        cwd, path, markers, scripts = (work / d for d in ("cwd", "path", "markers", "script"))
+        for d in (cwd, path, markers, scripts):
             d.mkdir()
+        planted = cwd if where == "cwd" else path
         for name in PLANTED:
-            source = PLANTED_SOURCE.format(markers=str(markers), crash=crash)
-            (cwd / f"{name}.py").write_text(source)
-        started = time.monotonic()
+            (planted / f"{name}.py").write_text(
+                PLANTED_SOURCE.format(markers=str(markers), crash=crash)
+            )
+        env = {"PYTHONPATH": str(path)} if where == "pythonpath" else {}
         driver = Driver(
             SHADOW_DRIVER,
             [str(free_port())],
             cwd=str(cwd),
+            env=env,
             timeout=start_timeout_s,
             script_dir=str(scripts),
         )
-        address = driver.ready
+        outcome = json.loads(driver.ready) if driver.ready else None
+        address = outcome["address"] if outcome else None
         try:
-            report.check(
-                "the cluster starts and serves (handle, def, HTTP)",
-                address is not None,
-                f"{ms(time.monotonic() - started):.0f} ms" if address else "no",
-                driver.stderr()[-3000:],
-            )
-            if address is not None:
+            if outcome is None:
+                report.check(
+                    f"serve.start + serve.run answer within {start_timeout_s:g} s",
+                    False,
+                    "hung",
+                    driver.stderr()[-3000:],
+                )
+            elif where == "pythonpath" and crash:
+                error = outcome["error"] or ""
+                report.check(
+                    "serve.run fails (DeploymentFailedError), never hangs",
+                    error.startswith("DeploymentFailedError"),
+                    f"{outcome['took']:.1f} s",
+                    error or "no error",
+                )
+                said = error + driver.stderr()
+                report.check(
+                    "the error or the log names the planted module", "planted" in said, detail=error
+                )
+            else:
+                report.check(
+                    "the cluster starts and serves (handle, def, HTTP)",
+                    outcome["error"] is None,
+                    f"{ms(outcome['took']):.0f} ms",
+                    outcome["error"] or "",
+                )
+            if outcome is not None:
                 assert driver.proc.stdin is not None
                 driver.proc.stdin.write("\n")
                 driver.proc.stdin.flush()
@@ -225,23 +265,39 @@ def shadowing(crash: bool = False, start_timeout_s: float = 30.0) -> Report:
         finally:
             driver.stop()
             left = kill_all(address) if address else []
-        imports = []
-        for marker in sorted(markers.iterdir()):
-            module = marker.name.rsplit(".", 1)[0]
-            cmd = marker.read_text()
-            who = cmd[cmd.index("serval::") :].split(" --", 1)[0] if "serval::" in cmd else cmd
-            imports.append(f"{module}.py imported by {who}")
-        serval_imports = [i for i in imports if "serval::" in i]
-        report.figure("planted modules imported (by any process)", len(imports))
-        report.check(
-            "no serval process imports a planted module",
-            not serval_imports,
-            len(serval_imports),
-            first_lines(sorted(set(serval_imports)), 12),
+        _judge_imports(
+            report, markers, allowed="serval::replica" if where == "pythonpath" else None
         )
         report.check("no process left", not left, len(left), first_lines(left))
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _judge_imports(report: Report, markers: Path, allowed: str | None) -> None:
+    imports = []
+    for marker in sorted(markers.iterdir()):
+        module = marker.name.rsplit(".", 1)[0]
+        cmd = marker.read_text()
+        if "serval::" in cmd:
+            imports.append((module, cmd[cmd.index("serval::") :].split(" --", 1)[0]))
+    ok = {
+        f"{m}.py by {who.split('#')[0]}"
+        for m, who in imports
+        if allowed and who.startswith(allowed)
+    }
+    bad = sorted(
+        {
+            f"{m}.py imported by {who}"
+            for m, who in imports
+            if not (allowed and who.startswith(allowed))
+        }
+    )
+    if allowed:
+        report.figure(
+            "imported by replicas (the user's path: allowed)", ", ".join(sorted(ok)) or "none"
+        )
+    target = "no serval process" if allowed is None else "neither the controller nor the proxy"
+    report.check(f"{target} imports a planted module", not bad, len(bad), first_lines(bad, 12))
 
 
 # -- another Unix user ----------------------------------------------------------------------

@@ -13,12 +13,14 @@ def test_driver_sigkill_with_blocked_replicas() -> None:
     hosts.driver_kill(rounds=1).assert_goals()
 
 
-def test_planted_modules_in_the_cwd_are_not_imported() -> None:
-    hosts.shadowing(crash=False).assert_goals()
+@pytest.mark.parametrize("crash", [False, True], ids=["passing-through", "crashing"])
+def test_planted_modules_in_the_cwd_are_not_imported(crash: bool) -> None:
+    hosts.shadowing(crash=crash, where="cwd", start_timeout_s=20).assert_goals()
 
 
-def test_crashing_planted_modules_do_not_stop_the_cluster() -> None:
-    hosts.shadowing(crash=True, start_timeout_s=20).assert_goals()
+@pytest.mark.parametrize("crash", [False, True], ids=["passing-through", "crashing"])
+def test_planted_modules_on_pythonpath_reach_replicas_only(crash: bool) -> None:
+    hosts.shadowing(crash=crash, where="pythonpath", start_timeout_s=30).assert_goals()
 
 
 def test_another_unix_user_is_kept_out() -> None:
