@@ -83,8 +83,8 @@ def _controller_exits_with_owner(
 async def _end_cluster(controller: Controller, address: str) -> None:
     """The owner died without shutting the cluster down: no process of it may stay, and no
     file. The replicas and the proxy see the lifeline too, but one stuck in C code (holding the
-    GIL) cannot act on it, so kill them; then remove the runtime directory, last."""
-    logger.warning("the cluster's owner is gone; stopping every process of the cluster")
+    GIL) cannot act on it, so kill them; then remove the runtime directory, last. Logging
+    waits till the end: with the owner gone, a write to its stderr may block for good."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(controller.owner_gone(), _REAP_TIMEOUT_S)
     deadline = time.monotonic() + _REAP_TIMEOUT_S
@@ -92,6 +92,7 @@ async def _end_cluster(controller: Controller, address: str) -> None:
     while procs.naming(address, exclude=(os.getpid(),)) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
     rundir.remove(address)
+    logger.warning("the cluster's owner is gone: stopped every process of the cluster")
     os._exit(0)
 
 

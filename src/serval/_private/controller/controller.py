@@ -293,7 +293,10 @@ class Controller:
         """The owner died without a shutdown: kill the proxy and every replica known here
         (adopted ones too: by pid), and wait for them to exit."""
         self.stopping = True  # nothing is restarted or replaced from now on
-        hosts = [rec.host for _, _, rec in self._replicas.values()]
+        hosts = []
+        for _, _, rec in self._replicas.values():
+            rec.state = ReplicaState.STOPPING  # an exit asked for: nothing to report
+            hosts.append(rec.host)
         if self.proxy is not None:
             hosts.append(self.proxy)
         for host in hosts:
