@@ -203,3 +203,16 @@ def test_a_controller_that_dies_at_start_up_is_an_error_naming_its_log() -> None
     assert "the serval controller exited at start-up (killed by SIGKILL)" in message, message
     assert "its log is in" in message
     assert runtime.address() is None
+
+
+def test_a_proxy_that_can_no_longer_start_fails_serve_run(http_url: str) -> None:
+    handle = serve.run(Hello.bind(), name="first", route_prefix="/first")
+    port = int(http_url.rsplit(":", 1)[1])
+    # The proxy that served dies, and each restart of it dies before it is ready.
+    with Killer(_with_port("proxy", port)) as killer:
+        poll(lambda: len(killer.seen) == 4, 30, "the proxy and three restarts of it to die")
+        with pytest.raises(ServalError, match="the HTTP proxy could not start: it exited 3 times"):
+            serve.run(Hello.bind(), name="second", route_prefix="/second")
+    # Handles do not need the proxy.
+    assert handle.remote().result(timeout_s=10) == "hello"
+    assert killer.gaps()[2] >= 2.0  # restarts after 0.5 s, 1 s, 2 s
