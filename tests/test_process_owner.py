@@ -205,3 +205,27 @@ def test_replicas_leave_on_their_own_and_the_next_start_removes_what_is_left(
     live.proc.stdin.close()
     assert live.proc.wait(timeout=30) == 0
     poll(lambda: not os.path.exists(live.address), 10, "the live driver's directory to go")
+
+
+def test_a_sigkilled_serval_start_daemon_leaves_nothing_but_its_log() -> None:
+    address = os.path.join(tempfile.mkdtemp(prefix="own-"), "c")  # short: socket paths
+    serval = os.path.join(os.path.dirname(sys.executable), "serval")
+    port = str(free_port())
+    started = subprocess.run(
+        [serval, "start", "--address", address, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        assert started.returncode == 0, started.stderr
+        processes = dict(serval_processes(address))
+        (daemon,) = [p for p, c in processes.items() if "serval::daemon " in c]
+        assert len(processes) == 3  # daemon, controller, proxy
+        os.kill(daemon, signal.SIGKILL)
+        poll(lambda: not serval_processes(address), KILL_DEADLINE_S, "the cluster to exit")
+        poll(lambda: not os.path.exists(address), KILL_DEADLINE_S, "its directory to go")
+        assert os.path.exists(f"{address}.log")  # the log stays, for whoever looks for it
+    finally:
+        for pid, _ in serval_processes(address):
+            os.kill(pid, signal.SIGKILL)
