@@ -219,7 +219,11 @@ def shadowing(crash: bool = False, where: str = "cwd", start_timeout_s: float = 
             (planted / f"{name}.py").write_text(
                 PLANTED_SOURCE.format(markers=str(markers), crash=crash)
             )
-        env = {"PYTHONPATH": str(path)} if where == "pythonpath" else {}
+        env = {}
+        if where == "pythonpath":  # first on the user's path, which may hold more already
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(path), os.environ.get("PYTHONPATH")) if p
+            )
         driver = Driver(
             SHADOW_DRIVER,
             [str(free_port())],
