@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,16 @@ def driver_factory(tmp_path: Path) -> Iterator[list[Driver]]:
         d.cleanup()
 
 
+def _answers(address: str) -> bool:
+    """Whether anything accepts connections on the cluster's controller socket."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(os.path.join(address, "controller.sock"))
+        except OSError:
+            return False
+    return True
+
+
 def _all_gone(driver: Driver) -> float:
     """Seconds until no process of the driver's cluster is left and its directory is gone."""
     start = time.monotonic()
@@ -179,7 +190,12 @@ def test_replicas_leave_on_their_own_and_the_next_start_removes_what_is_left(
         "the replicas and the proxy to exit without their controller",
     )
     os.kill(controller, signal.SIGKILL)
-    poll(lambda: not driver.processes(), 5, "the frozen controller to die")
+    # (Its main thread shows as a zombie before its other threads are gone with its sockets.)
+    poll(
+        lambda: not driver.processes() and not _answers(driver.address),
+        5,
+        "the frozen controller to die",
+    )
     # Nobody was left to remove the directory, with the checkpoint (the user's code) in it.
     assert os.path.exists(os.path.join(driver.address, "controller.ckpt"))
 
