@@ -51,9 +51,18 @@ def start_time(pid: int) -> int | None:
 def is_alive(pid: int, started: int | None = None) -> bool:
     """Whether ``pid`` runs (not a zombie) and, given ``started``, is the same process."""
     fields = _stat_fields(pid)
-    if fields is None or not fields or fields[0] == b"Z":
+    if fields is None or not fields or (fields[0] == b"Z" and not _threads_left(pid)):
         return False
     return started is None or (len(fields) >= 20 and int(fields[19]) == started)
+
+
+def _threads_left(pid: int) -> bool:
+    # A zombie main thread may leave other threads running (and holding the process's files)
+    # for a moment, or for good if it exited alone.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def _names(cmd: bytes, marker: bytes) -> bool:
