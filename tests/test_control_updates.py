@@ -5,6 +5,7 @@ others serving."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 
 import serval as serve
 from conftest import BackgroundThreads, pid_alive, poll, replica_pids
-from serval.exceptions import ApplicationNotFoundError
+from serval.exceptions import ApplicationNotFoundError, RequestCancelledError
 
 
 def replica_states(app: str, deployment: str) -> dict[str, int]:
@@ -241,3 +242,40 @@ def test_several_apps_side_by_side_and_deleting_one(http_url: str) -> None:
     serve.run(Named.bind("delta"), name="delta", route_prefix="/beta")
     r = httpx.get(f"{http_url}/beta", timeout=10)
     assert (r.status_code, r.text) == (200, "delta")
+
+
+def test_cancelling_a_call_on_a_replica_being_replaced_reaches_it(
+    serve_instance: Any, tmp_path: Any
+) -> None:
+    # A rolling update takes the old replica out of the callers' table while it still serves
+    # the calls sent before; cancelling one of those must still reach it (it then drains at
+    # once, instead of waiting out its graceful shutdown).
+    started, cancelled = tmp_path / "started", tmp_path / "cancelled"
+
+    def make(version: str) -> Any:
+        @serve.deployment(name="Waits", graceful_shutdown_timeout_s=30)
+        class Waits:
+            async def __call__(self) -> str:
+                if version != "v1":
+                    return version
+                started.touch()
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    cancelled.touch()
+                    raise
+                return version
+
+        return Waits
+
+    handle = serve.run(make("v1").bind())
+    (old_pid,) = replica_pids("default", "Waits").values()
+    response = handle.remote()
+    poll(started.exists, 10, "the call to start")
+    serve.run(make("v2").bind())  # returns once the new replica runs; the old one drains
+    response.cancel()
+    poll(cancelled.exists, 10, "the old replica to see the cancellation")
+    poll(lambda: not pid_alive(old_pid), 10, "the old replica to finish draining")
+    with pytest.raises(RequestCancelledError):
+        response.result(timeout_s=10)
+    assert handle.remote().result(timeout_s=10) == "v2"

@@ -220,5 +220,5 @@ class ClusterClient:
         if self._controller is not None:
             self._controller.close()
         for router in self.routers.values():
-            for slot in router.slots.values():
+            for slot in [*router.slots.values(), *router.retiring.values()]:
                 slot.close()

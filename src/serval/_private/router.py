@@ -230,6 +230,8 @@ class ReplicaSlot:
     def _finished(self) -> None:
         if self.router.slots.get(self.info.replica_id) is not self:
             if not self.calls and not self.released:  # removed from the table and now idle
+                if self.router.retiring.get(self.info.replica_id) is self:
+                    del self.router.retiring[self.info.replica_id]
                 self.close()
             return
         self.router.dispatch()
@@ -287,6 +289,9 @@ class Router:
     def __init__(self, info: DeploymentInfo, on_queued: Callable[[], None] | None = None) -> None:
         self.info = info
         self.slots: dict[str, ReplicaSlot] = {}
+        # Gone from the table but still serving calls sent before: a cancellation or more
+        # input for those must still reach them (a rolling update retires replicas this way).
+        self.retiring: dict[str, ReplicaSlot] = {}
         self.queue: deque[Call] = deque()
         self.deleted = False
         self._on_queued = on_queued  # told when requests start waiting (for the autoscaler)
@@ -315,6 +320,8 @@ class Router:
                     slot = self.slots.pop(rid)
                     if not slot.calls and not slot.released:
                         slot.close()
+                    else:
+                        self.retiring[rid] = slot
             for rid, rinfo in wanted.items():
                 known = self.slots.get(rid)
                 if known is None:
@@ -381,8 +388,14 @@ class Router:
         replica still enforces the limit itself (more work waits there), and a late reply is
         still delivered. True if a slot was freed (then ``dispatch`` on the loop)."""
         with self.lock:
-            slot = self.slots.get(call.replica) if call.replica is not None else None
+            slot = self.slot_of(call)
             return slot is not None and slot.release(call)
+
+    def slot_of(self, call: Call) -> ReplicaSlot | None:
+        """The replica ``call`` was sent to, in the table or retiring from it."""
+        if call.replica is None:
+            return None
+        return self.slots.get(call.replica) or self.retiring.get(call.replica)
 
     def cancel(self, call: Call) -> None:
         with self.lock:
@@ -392,13 +405,13 @@ class Router:
                 except ValueError:
                     pass
             else:
-                slot = self.slots.get(call.replica)
+                slot = self.slot_of(call)
                 if slot is not None:
                     slot.cancel(call)
         call.set_exception(RequestCancelledError(f"request to {call.label} was cancelled"))
 
     def send_input(self, call: Call, message: Any) -> None:
-        slot = self.slots.get(call.replica) if call.replica is not None else None
+        slot = self.slot_of(call)
         if slot is not None:
             slot.send_input(call, message)
 
@@ -444,6 +457,8 @@ class Router:
         with self.lock:
             if self.slots.get(slot.info.replica_id) is slot:
                 del self.slots[slot.info.replica_id]
+            if self.retiring.get(slot.info.replica_id) is slot:
+                del self.retiring[slot.info.replica_id]
             for call in reversed(reroute):
                 self._first_in_line(call)
             self.dispatch()
