@@ -401,13 +401,15 @@ def half_sent(
 # -- the fuzzer -------------------------------------------------------------------------------
 
 
-def fuzz(examples: int = 10_000, seed: int | None = None) -> Report:
+def fuzz(examples: int = 10_000, derandomize: bool = False) -> Report:
     """Raw request bytes from hypothesis (request-shaped, mutated, or plain random), each on a
-    fresh connection, half-closed after sending: no 5xx, no crash, the proxy keeps serving."""
+    fresh connection, half-closed after sending: no 5xx, no crash, the proxy keeps serving.
+    ``derandomize``: the same examples every run (the short form), else new ones each time."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
-    with scenario("fuzzed raw requests", f"{examples:,} examples") as report:
+    setting = f"{examples:,} examples, " + ("the same each run" if derandomize else "new ones")
+    with scenario("fuzzed raw requests", setting) as report:
         cluster = start_target()
         try:
             proxy = cluster.pid("proxy")
@@ -420,7 +422,7 @@ def fuzz(examples: int = 10_000, seed: int | None = None) -> Report:
                 max_examples=examples,
                 deadline=None,
                 database=None,
-                derandomize=seed is None,
+                derandomize=derandomize,
                 suppress_health_check=list(HealthCheck),
                 phases=[Phase.generate],
             )

@@ -16,7 +16,7 @@ def test_half_sent_requests_are_closed_in_time() -> None:
 
 
 def test_fuzzed_raw_requests() -> None:
-    abuse.fuzz(examples=2000).assert_goals()
+    abuse.fuzz(examples=2000, derandomize=True).assert_goals()
 
 
 def test_slowloris() -> None:
