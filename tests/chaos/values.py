@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -455,8 +456,13 @@ def http_deployment() -> Any:
                 "keyboard-interrupt": lambda: _raise(KeyboardInterrupt("interrupted")),
                 "object": lambda: object(),
                 "bad-dict": lambda: {"a": object()},
-                "bad-status": lambda: Response(b"x", status_code=1000),
-                "header-injection": lambda: Response(b"x", headers={"x-a": "a\r\nInjected: yes"}),
+                "status-1000": lambda: Response(b"x", status_code=1000),
+                "status-99": lambda: Response(b"x", status_code=99),
+                "value-crlf": lambda: Response(b"x", headers={"x-a": "a\r\nInjected: yes"}),
+                "value-lf": lambda: Response(b"x", headers={"x-a": "a\nInjected: yes"}),
+                "value-nul": lambda: Response(b"x", headers={"x-a": "a\x00b"}),
+                "name-crlf": lambda: Response(b"x", headers={"x-a: b\r\ninjected": "yes"}),
+                "name-space": lambda: Response(b"x", headers={"x a": "b"}),
                 "stream-raises": lambda: StreamingResponse(chunks(ValueError("mid-way"))),
                 "stream-bad-item": lambda: StreamingResponse(chunks(object())),
                 "stream-system-exit": lambda: StreamingResponse(chunks(SystemExit("exit"))),
@@ -486,8 +492,13 @@ def through_http(
                 ("KeyboardInterrupt in async def", "keyboard-interrupt", _status(500)),
                 ("return object()", "object", _status(500)),
                 ("a dict that is not JSON-serialisable", "bad-dict", _status(500)),
-                ("status code 1000", "bad-status", _status(500)),
-                ("CR LF in a response header", "header-injection", _no_injection),
+                ("status code 1000", "status-1000", _status(500)),
+                ("status code 99", "status-99", _status(500)),
+                ("CR LF in a response header's value", "value-crlf", _clean_head),
+                ("LF in a response header's value", "value-lf", _clean_head),
+                ("NUL in a response header's value", "value-nul", _clean_head),
+                ("CR LF in a response header's name", "name-crlf", _clean_head),
+                ("space in a response header's name", "name-space", _clean_head),
                 ("stream raising mid-way", "stream-raises", _truncated),
                 ("stream yielding an object() mid-way", "stream-bad-item", _truncated),
                 ("stream raising SystemExit mid-way", "stream-system-exit", _truncated),
@@ -563,13 +574,21 @@ def _status(expected: int) -> Callable[[Any], str]:
     return check
 
 
-def _no_injection(ex: Any) -> str:
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _clean_head(ex: Any) -> str:
+    """A response header the app made invalid is a 500, never bytes that split the response or
+    break its framing (RFC 9110 §5.5: no CR, LF or NUL in a field; names are tokens)."""
     if not ex.responses:
         return f"no response ({ex.summary()})"
     r = ex.responses[0]
-    if r.header("injected") is not None or b"\r\nInjected" in ex.leftover:
-        return "the header's CR LF reached the wire (response splitting)"
-    return "" if r.status == 500 or "\r" not in (r.header("x-a") or "") else f"{ex.summary()}"
+    if r.status == 500:
+        return ""
+    if r.header("injected") is not None or b"njected" in ex.leftover:
+        return f"{r.status}, and the app's CR LF reached the wire (response splitting)"
+    bad = [(k, v) for k, v in r.headers if not _TOKEN.fullmatch(k) or any(c in v for c in "\r\n\0")]
+    return f"{r.status} with invalid header lines {bad}" if bad else f"{r.status}, expected a 500"
 
 
 def _truncated(ex: Any) -> str:
