@@ -463,6 +463,9 @@ def http_deployment() -> Any:
                 "value-nul": lambda: Response(b"x", headers={"x-a": "a\x00b"}),
                 "name-crlf": lambda: Response(b"x", headers={"x-a: b\r\ninjected": "yes"}),
                 "name-space": lambda: Response(b"x", headers={"x a": "b"}),
+                "stream-value-crlf": lambda: StreamingResponse(
+                    chunks(b"third chunk\n"), headers={"x-a": "a\r\nInjected: yes"}
+                ),
                 "stream-raises": lambda: StreamingResponse(chunks(ValueError("mid-way"))),
                 "stream-bad-item": lambda: StreamingResponse(chunks(object())),
                 "stream-system-exit": lambda: StreamingResponse(chunks(SystemExit("exit"))),
@@ -499,6 +502,7 @@ def through_http(
                 ("NUL in a response header's value", "value-nul", _clean_head),
                 ("CR LF in a response header's name", "name-crlf", _clean_head),
                 ("space in a response header's name", "name-space", _clean_head),
+                ("CR LF in a streamed response's header", "stream-value-crlf", _clean_head),
                 ("stream raising mid-way", "stream-raises", _truncated),
                 ("stream yielding an object() mid-way", "stream-bad-item", _truncated),
                 ("stream raising SystemExit mid-way", "stream-system-exit", _truncated),
