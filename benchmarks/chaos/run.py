@@ -58,6 +58,7 @@ def scenarios(duration: float) -> dict[str, Callable[[], Report]]:
         "pythonpath-crash": lambda: hosts.shadowing(crash=True, where="pythonpath"),
         "other-user": hosts.other_user,
         "malformed": abuse.malformed,
+        "pipelined": lambda: abuse.pipelined(requests=50_000),
         "half-sent": abuse.half_sent,  # the proxy's default timeouts: about 35 s
         "fuzz": lambda: abuse.fuzz(examples=round(duration * 700)),
         "slowloris": lambda: floods.slowloris(connections=4000),

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import serval as serve
-from chaos.harness import Cluster, Report, first_lines, ms, scenario, wait_for
+from chaos.harness import Cluster, Report, first_lines, memory_kb, ms, scenario, wait_for
 from chaos.rawhttp import Exchange, HttpConn, exchange, http_p50
 from serval.config import HTTPOptions
 
@@ -37,6 +38,8 @@ def target_deployment() -> Any:
                 return SMUGGLED
             if path == "/fold":
                 return request.headers.get("x-fold", "")
+            if "n" in request.query_params:  # pipelining: which request this answers
+                return "n=" + request.query_params["n"]
             body = await request.body()
             return f"ok {len(body)}"
 
@@ -235,6 +238,11 @@ def oversize_cases() -> list[Case]:
             _post(b"Content-Length: %d\r\n" % (200 << 20), b""),
             expect=413,
         ),
+        Case(  # the 413 comes first: no 100 Continue inviting 200 MB the proxy will refuse
+            "Expect: 100-continue with Content-Length: 200 MB",
+            _post(b"Expect: 100-continue\r\nContent-Length: %d\r\n" % (200 << 20), b""),
+            expect=413,
+        ),
     ]
 
 
@@ -321,6 +329,59 @@ def _proxy_checks(report: Report, cluster: Cluster, proxy: int | None) -> None:
     report.figure("tracebacks in the proxy's log", len(crashes))
     if crashes:
         report.note("first proxy traceback:\n" + crashes[0][-1500:])
+
+
+# -- pipelining ---------------------------------------------------------------------------------
+
+
+def pipelined(requests: int = 20_000, timeout_s: float = 60.0) -> Report:
+    """``requests`` GETs written at once on one connection: every one answered, in order,
+    while the proxy's memory stays about where it was (it reads no further ahead than it
+    answers)."""
+    with scenario("pipelined requests", f"{requests:,} in one write") as report:
+        cluster = start_target()
+        try:
+            proxy = cluster.pid("proxy")
+            assert proxy is not None
+            idle = memory_kb(proxy)["VmRSS"]
+            data = b"".join(
+                b"GET /?n=%d HTTP/1.1\r\n" % i + HOST + b"\r\n" for i in range(requests)
+            )
+            started = time.monotonic()
+            conn = HttpConn(cluster.port, timeout=timeout_s)
+            statuses: collections.Counter[int] = collections.Counter()
+            disorder: list[str] = []
+            try:
+                conn.sock = conn._connect()
+                sender = threading.Thread(target=conn.sock.sendall, args=(data,), daemon=True)
+                sender.start()
+                for i in range(requests):
+                    r = conn._read(head_only=False)
+                    statuses[r.status] += 1
+                    if r.status == 200 and r.text != f"n={i}":
+                        disorder.append(f"answer {i} was {r.text[:40]!r}")
+                sender.join(timeout_s)
+            except OSError as exc:
+                report.note(f"the connection failed after {sum(statuses.values())}: {exc}")
+            finally:
+                conn.close()
+            took = time.monotonic() - started
+            peak = memory_kb(proxy)["VmHWM"]
+            answered = statuses[200]
+            report.figure("answered", f"{answered:,} in {took:.1f} s ({answered / took:,.0f}/s)")
+            report.figure("proxy RSS idle, peak", f"{idle / 1024:.0f} MB, {peak / 1024:.0f} MB")
+            report.check(
+                "every pipelined request answered with a 200",
+                answered == requests,
+                f"{answered:,}/{requests:,}",
+                str(dict(statuses)),
+            )
+            report.check("answered in order", not disorder, len(disorder), first_lines(disorder))
+            _proxy_checks(report, cluster, proxy)
+        finally:
+            left = cluster.close()
+        report.check("no process left after shutdown", not left, len(left), first_lines(left))
+    return report
 
 
 # -- half-sent requests ---------------------------------------------------------------------------

@@ -11,6 +11,10 @@ def test_malformed_smuggled_and_oversize_requests() -> None:
     abuse.malformed().assert_goals()
 
 
+def test_pipelined_requests() -> None:
+    abuse.pipelined(requests=5000).assert_goals()
+
+
 def test_half_sent_requests_are_closed_in_time() -> None:
     abuse.half_sent(header_timeout_s=2.0, body_timeout_s=2.0).assert_goals()
 
