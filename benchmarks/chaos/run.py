@@ -64,6 +64,7 @@ def scenarios(duration: float) -> dict[str, Callable[[], Report]]:
         "slowloris": lambda: floods.slowloris(connections=4000),
         "fd-exhaustion": lambda: floods.fd_exhaustion(measure_s=min(duration / 3, 10)),
         "uploads": lambda: floods.uploads(count=10, size_mb=90, rounds=max(1, n // 2)),
+        "slow-readers": lambda: floods.slow_readers(count=10, size_mb=200),
         "values-handles": lambda: values.through_handles(huge_mb=256),
         "values-http": lambda: values.through_http(huge_mb=256),
     }

@@ -352,11 +352,10 @@ def pipelined(requests: int = 20_000, timeout_s: float = 60.0) -> Report:
             statuses: collections.Counter[int] = collections.Counter()
             disorder: list[str] = []
             try:
-                conn.sock = conn._connect()
-                sender = threading.Thread(target=conn.sock.sendall, args=(data,), daemon=True)
+                sender = threading.Thread(target=conn.connect().sendall, args=(data,), daemon=True)
                 sender.start()
                 for i in range(requests):
-                    r = conn._read(head_only=False)
+                    r = conn.read_response()
                     statuses[r.status] += 1
                     if r.status == 200 and r.text != f"n={i}":
                         disorder.append(f"answer {i} was {r.text[:40]!r}")

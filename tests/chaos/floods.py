@@ -385,10 +385,95 @@ def _upload(port: int, size_mb: int, chunked: bool, results: list[str]) -> None:
                 )
                 for _ in range(size_mb):
                     s.sendall(block)
-            conn = HttpConn(port)
-            conn.sock, conn.buf = s, bytearray()
-            r = conn._read(head_only=False)
+            r = HttpConn.over(s).read_response()
             results.append(r.text if r.status == 200 else f"HTTP {r.status}: {r.text[:200]}")
-            conn.sock = None
+    except OSError as exc:
+        results.append(f"{type(exc).__name__}: {exc}")
+
+
+# -- slow readers of large streamed responses --------------------------------------------------
+
+
+def streaming_deployment() -> Any:
+    from starlette.responses import StreamingResponse
+
+    @serve.deployment(name="Source", max_ongoing_requests=100)
+    class Source:
+        async def __call__(self, request: Any) -> Any:
+            mb = int(request.query_params["mb"])
+
+            async def chunks() -> Any:
+                block = b"x" * (1 << 20)
+                for _ in range(mb):
+                    yield block
+
+            return StreamingResponse(chunks())
+
+    return Source
+
+
+def slow_readers(count: int = 10, size_mb: int = 200, hold_s: float = 5.0) -> Report:
+    """``count`` clients ask for a ``size_mb`` MB streamed response and read nothing for
+    ``hold_s`` seconds, then all of it: each arrives whole, and the proxy's peak memory stays
+    within 64 MB of its idle RSS (the uploads' bound: a client that does not read must hold
+    back the stream, not fill the proxy)."""
+    with scenario(
+        "slow readers of streamed responses", f"{count} x {size_mb} MB, {hold_s:g} s unread"
+    ) as report:
+        cluster = Cluster()
+        socks: list[socket.socket] = []
+        try:
+            serve.run(streaming_deployment().bind(), route_prefix="/")
+            proxy = cluster.pid("proxy")
+            replica = next(iter(cluster.replicas("Source").values()), None)
+            assert proxy is not None and replica is not None
+            idle = memory_kb(proxy)["VmRSS"]
+            report.figure("proxy idle RSS", idle / 1024, "MB")
+            request = f"GET /?mb={size_mb} HTTP/1.1\r\n".encode() + HOST + b"\r\n"
+            for _ in range(count):
+                s = socket.create_connection(("127.0.0.1", cluster.port), timeout=60)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                s.sendall(request)
+                socks.append(s)
+            time.sleep(hold_s)  # the point of the scenario: nobody reads meanwhile
+            held = memory_kb(proxy)
+            report.figure("proxy RSS while nobody reads", held["VmRSS"] / 1024, "MB")
+            report.figure(
+                "replica RSS while nobody reads", memory_kb(replica)["VmRSS"] / 1024, "MB"
+            )
+            results: list[str] = []
+            readers = [
+                threading.Thread(target=_drain, args=(s, size_mb << 20, results)) for s in socks
+            ]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(120)
+            wrong = [r for r in results if r != "whole"]
+            report.check(
+                "every response arrived whole",
+                len(results) == count and not wrong,
+                f"{len(results) - len(wrong)}/{count}",
+                first_lines(wrong),
+            )
+            peak = memory_kb(proxy)["VmHWM"]
+            report.figure("proxy peak (VmHWM)", peak / 1024, "MB")
+            report.at_most(
+                "proxy peak over its idle RSS", (peak - idle) / 1024, float(UPLOAD_GROWTH_MB), "MB"
+            )
+            _proxy_checks(report, cluster, proxy)
+        finally:
+            for s in socks:
+                s.close()
+            left = cluster.close()
+        report.check("no process left after shutdown", not left, len(left), first_lines(left))
+    return report
+
+
+def _drain(sock: socket.socket, size: int, results: list[str]) -> None:
+    try:
+        r = HttpConn.over(sock).read_response()
+        whole = r.status == 200 and len(r.body) == size
+        results.append("whole" if whole else f"HTTP {r.status}, {len(r.body):,} of {size:,} bytes")
     except OSError as exc:
         results.append(f"{type(exc).__name__}: {exc}")

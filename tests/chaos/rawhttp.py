@@ -36,11 +36,9 @@ class Incomplete(Exception):
     pass
 
 
-def parse_response(
-    buf: bytes | bytearray, eof: bool = False, head: bool = False
-) -> tuple[Response, int]:
-    """The first response in ``buf`` and how many bytes it took; Incomplete if it has not all
-    arrived (``eof``: nothing more will, so a body delimited by the close ends here)."""
+def parse_head(buf: bytes | bytearray) -> tuple[Response, int]:
+    """The status line and headers at the start of ``buf`` (a Response without its body), and
+    where the body starts; Incomplete if the head has not all arrived."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         raise Incomplete
@@ -48,18 +46,29 @@ def parse_response(
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
         raise ValueError(f"not a status line: {lines[0]!r}")
-    status = int(parts[1])
     headers = []
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers.append((name.strip().lower(), value.strip()))
-    pos = end + 4
-    response = Response(status, headers, b"")
-    if head or status < 200 or status in (204, 304):
-        return response, pos
+    response = Response(int(parts[1]), headers, b"")
     te = response.header("transfer-encoding")
-    if te and "chunked" in te.lower():
-        response.chunked = True
+    response.chunked = bool(te and "chunked" in te.lower())
+    return response, end + 4
+
+
+def _bodyless(response: Response, head: bool) -> bool:
+    return head or response.status < 200 or response.status in (204, 304)
+
+
+def parse_response(
+    buf: bytes | bytearray, eof: bool = False, head: bool = False
+) -> tuple[Response, int]:
+    """The first response in ``buf`` and how many bytes it took; Incomplete if it has not all
+    arrived (``eof``: nothing more will, so a body delimited by the close ends here)."""
+    response, pos = parse_head(buf)
+    if _bodyless(response, head):
+        return response, pos
+    if response.chunked:
         body = bytearray()
         while True:
             line_end = buf.find(b"\r\n", pos)
@@ -98,7 +107,8 @@ def _cut(response: Response, body: bytearray, eof: bool, used: int) -> tuple[Res
 
 
 class HttpConn:
-    """One keep-alive HTTP/1.1 connection over a plain socket (reconnects when it was closed)."""
+    """One keep-alive HTTP/1.1 connection over a plain socket (reconnects when it was closed).
+    Responses are read as they arrive (a large chunked body is not parsed again per read)."""
 
     def __init__(self, port: int, timeout: float = 10.0) -> None:
         self.port = port
@@ -106,11 +116,19 @@ class HttpConn:
         self.sock: socket.socket | None = None
         self.buf = bytearray()
 
-    def _connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        return sock
+    @classmethod
+    def over(cls, sock: socket.socket) -> HttpConn:
+        """Read responses from a socket the caller wrote its request on (and still owns)."""
+        conn = cls(0, timeout=sock.gettimeout() or 60.0)
+        conn.sock = sock
+        return conn
+
+    def connect(self) -> socket.socket:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buf = bytearray()
+        return self.sock
 
     def request(
         self,
@@ -119,16 +137,15 @@ class HttpConn:
         body: bytes = b"",
         headers: Iterable[tuple[str, str]] = (),
     ) -> Response:
-        if self.sock is None:
-            self.sock = self._connect()
+        sock = self.connect()
         head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
         for k, v in headers:
             head += f"{k}: {v}\r\n"
         if body or method in ("POST", "PUT"):
             head += f"Content-Length: {len(body)}\r\n"
         try:
-            self.sock.sendall(head.encode() + b"\r\n" + body)
-            response = self._read(head_only=method == "HEAD")
+            sock.sendall(head.encode() + b"\r\n" + body)
+            response = self.read_response(head_only=method == "HEAD")
         except BaseException:
             self.close()
             raise
@@ -136,26 +153,66 @@ class HttpConn:
             self.close()
         return response
 
-    def _read(self, head_only: bool) -> Response:
-        assert self.sock is not None
+    def read_response(self, head_only: bool = False) -> Response:
         while True:
             try:
-                response, used = parse_response(self.buf, head=head_only)
+                response, pos = parse_head(self.buf)
+                break
             except Incomplete:
-                pass
-            else:
-                del self.buf[:used]
-                return response
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                try:
-                    response, used = parse_response(self.buf, eof=True, head=head_only)
-                except Incomplete:
+                if not self._fill():
                     raise ConnectionError("connection closed before a whole response") from None
-                if not response.complete:
-                    raise ConnectionError("connection closed inside the response body")
-                return response
-            self.buf += chunk
+        del self.buf[:pos]
+        if _bodyless(response, head_only):
+            return response
+        if response.chunked:
+            response.body = self._chunked_body()
+            return response
+        length = response.header("content-length")
+        if length is None:  # delimited by the close
+            while self._fill():
+                pass
+            response.body, self.buf = bytes(self.buf), bytearray()
+            return response
+        n = int(length)
+        while len(self.buf) < n:
+            self._need()
+        response.body = bytes(self.buf[:n])
+        del self.buf[:n]
+        return response
+
+    def _chunked_body(self) -> bytes:
+        body = bytearray()
+        while True:
+            while (line_end := self.buf.find(b"\r\n")) < 0:
+                self._need()
+            size = int(bytes(self.buf[:line_end]).split(b";")[0], 16)
+            del self.buf[: line_end + 2]
+            if size == 0:
+                while True:  # trailer fields, up to an empty line
+                    while (line_end := self.buf.find(b"\r\n")) < 0:
+                        self._need()
+                    del self.buf[: line_end + 2]
+                    if line_end == 0:
+                        return bytes(body)
+            while len(self.buf) < size + 2:
+                self._need()
+            body += self.buf[:size]
+            del self.buf[: size + 2]
+
+    def _fill(self) -> bool:
+        """Read more into the buffer; False at the end of the stream."""
+        assert self.sock is not None
+        chunk = self.sock.recv(1 << 20)
+        self.buf += chunk
+        return bool(chunk)
+
+    def _need(self) -> None:
+        if not self._fill():
+            raise ConnectionError("connection closed inside the response body")
+
+    def detach(self) -> None:
+        """Forget the socket without closing it (its owner will)."""
+        self.sock = None
 
     def close(self) -> None:
         if self.sock is not None:

@@ -33,3 +33,7 @@ def test_fd_exhaustion_with_idle_connections() -> None:
 
 def test_concurrent_large_uploads() -> None:
     floods.uploads(count=10, size_mb=90).assert_goals()
+
+
+def test_slow_readers_of_streamed_responses() -> None:
+    floods.slow_readers(count=4, size_mb=100, hold_s=2.0).assert_goals()
