@@ -142,4 +142,8 @@ def leftovers() -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:  # --list, a usage error or Ctrl-C too: leave no directory behind
+        shutil.rmtree(RUN_TMP, ignore_errors=True)
+    sys.exit(code)
