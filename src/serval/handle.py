@@ -141,6 +141,16 @@ class DeploymentResponseGenerator(_Submitted):
         assert self._call.stream is not None
         return await self._call.stream.next_async()
 
+    def __del__(self) -> None:
+        # Nobody can read the rest: stop the generator instead of leaving it waiting for
+        # credit (it holds a slot of its replica while it waits).
+        try:
+            stream = self._call.stream
+            if stream is not None and not stream.ended:
+                self.cancel()
+        except Exception:  # at interpreter exit, or the loop is gone: nothing left to stop
+            pass
+
     def __repr__(self) -> str:
         return f"DeploymentResponseGenerator({self._call.app}.{self._call.label})"
 

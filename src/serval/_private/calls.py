@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from serval._private.outflow import CREDIT_EVERY
 from serval.exceptions import GetTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -257,25 +258,46 @@ class StreamBuffer:
     Lock-free like ``Signal``: the producer stores first and fires the current signal after
     swapping in a new one; the consumer takes the signal first and looks second, so a wake-up
     is never missed.
+
+    Flow control (see ``outflow``): each item comes with its size on the wire, stored before
+    the item so that a consumer that sees an item sees its size. The consumer ``take``s items;
+    every ``CREDIT_EVERY`` bytes taken it tells ``on_taken`` (which credits the replica), so the
+    replica never has more than a window of this stream unread here.
     """
 
-    __slots__ = ("_signal", "ended", "error", "items")
+    __slots__ = ("_signal", "_sizes", "_untold", "ended", "error", "items", "on_taken")
 
     def __init__(self) -> None:
         self.items: deque[Any] = deque()
+        self._sizes: deque[int] = deque()
+        self._untold = 0  # bytes taken and not yet credited
+        self.on_taken: Callable[[int], None] | None = None
         self.ended = False
         self.error: BaseException | None = None
         self._signal = Signal()
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Any, size: int = 0) -> None:
+        self._sizes.append(size)
         self.items.append(item)
         self._wake()
+
+    def take(self) -> Any:
+        """The next item (there must be one); for one consumer at a time."""
+        item = self.items.popleft()
+        self._untold += self._sizes.popleft()
+        if self._untold >= CREDIT_EVERY:
+            untold, self._untold = self._untold, 0
+            on_taken = self.on_taken
+            if on_taken is not None:
+                on_taken(untold)
+        return item
 
     def close(self, error: BaseException | None = None) -> None:
         if self.ended:
             return
         self.error = error
         self.ended = True
+        self.on_taken = None  # nothing more to credit (and it refers back to the call)
         self._wake()
 
     def _wake(self) -> None:
@@ -286,10 +308,10 @@ class StreamBuffer:
         """(True, item) when an item is there; (False, signal) to wait on; raises at the end."""
         signal = self._signal
         if self.items:
-            return True, self.items.popleft()
+            return True, self.take()
         if self.ended:
             if self.items:  # stored just before the end was
-                return True, self.items.popleft()
+                return True, self.take()
             if self.error is not None:
                 raise self.error
             raise StopIteration

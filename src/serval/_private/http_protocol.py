@@ -448,7 +448,7 @@ class Exchange:
             out: list[bytes] = []
             finished = False
             while stream.items:  # what is here already leaves in one write
-                message = stream.items.popleft()
+                message = stream.take()
                 if message["type"] == "http.response.start":
                     status: int = message["status"]
                     self.status = status

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from serval._private import protocol, request_context
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-Emit = Callable[[Message], None]
+Emit = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
 ASGIApp = Callable[
     [Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
@@ -94,6 +95,7 @@ class ResponseCollector:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
+            check_response_start(message)
             self._start = message
             self.started = True
             return
@@ -110,10 +112,10 @@ class ResponseCollector:
                     )
                     return
                 self.streaming = True
-                self._emit(_plain(self._start))
+                await self._emit(_plain(self._start))
         elif kind.startswith("websocket."):
             self.started = self.answered = True
-        self._emit(_plain(message))
+        await self._emit(_plain(message))
 
     def outcome(self) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         """The whole response, or None if it was streamed."""
@@ -165,6 +167,28 @@ class BodyStream:
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+# RFC 9110 §5.1: a field name is a token; §5.5: a value holds no control character but HTAB.
+# The proxy writes the head as the app gave it, so a CR or LF here would split the response.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_response_start(message: Message) -> None:
+    """Refuse a response head the proxy must not write: a status that is not a final one
+    (200-599; 1xx are interim, and anything else is no status), or a header whose name is
+    not a token or whose value holds a control character (response splitting)."""
+    status = message.get("status")
+    if type(status) is not int or not 200 <= status <= 599:
+        raise ValueError(f"invalid HTTP response status {status!r}: a final status is 200-599")
+    for name, value in message.get("headers", ()):
+        if not isinstance(name, (bytes, bytearray)) or not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"HTTP response header {name!r}: names and values must be bytes")
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid HTTP response header name {bytes(name)!r}")
+        if _BAD_VALUE_CHAR.search(value):
+            raise ValueError(f"invalid value of HTTP response header {bytes(name)!r}")
 
 
 def _plain(message: Message) -> Message:

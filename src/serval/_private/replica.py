@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -35,6 +36,7 @@ from serval._private.http_replica import (
     serve_http_sync,
     unpack_scope,
 )
+from serval._private.outflow import Outflow, frame_bytes
 from serval._private.rpc import RpcPeer
 from serval._private.sync_runner import SyncRunner, unwrap
 from serval.config import DeploymentConfig
@@ -117,6 +119,7 @@ class Replica:
         # (connection, request id) of calls whose reply a worker thread sent itself
         self._replied: set[tuple[transport.Connection, int]] = set()
         self._inputs: dict[tuple[transport.Connection, int], asyncio.Queue[Any]] = {}
+        self._outflows: dict[tuple[transport.Connection, int], Outflow] = {}
         self.asgi_app: Any = None
         # A sync __call__(request) and no ASGI app: HTTP requests run whole on a worker thread.
         self._sync_http = False
@@ -277,16 +280,23 @@ class Replica:
         return conn
 
     def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
-        # The caller went away: cancel what it was waiting for.
+        # The caller went away: cancel what it was waiting for, drop what it queued here.
         for fut in self._running.pop(conn, {}).values():
             fut.cancel()
+        for key in [k for k in self._outflows if k[0] is conn]:
+            self._outflows.pop(key).cancel()
+        if self._backlog:
+            self._backlog = deque(entry for entry in self._backlog if entry[0] is not conn)
 
     def _on_message(self, conn: transport.Connection, msg: Any) -> None:
         if isinstance(msg, transport.Undecodable):
             self._reply_error(
                 conn,
                 msg.tag,
-                SerializationError(f"the replica could not deserialize the request: {msg.error!r}"),
+                SerializationError(
+                    "the replica could not deserialize the request: "
+                    f"{type(msg.error).__name__}: {protocol.safe_str(msg.error)}"
+                ),
             )
             return
         kind = msg[0]
@@ -298,14 +308,40 @@ class Replica:
                 self._backlog.append((conn, rid, method, args, kwargs, meta))
             else:
                 self._run(conn, rid, method, args, kwargs, meta)
+        elif kind == protocol.CREDIT:
+            flow = self._outflows.get((conn, msg[1]))
+            if flow is not None:
+                flow.credit(msg[2])
         elif kind == protocol.CANCEL:
-            fut = self._running.get(conn, {}).get(msg[1])
-            if fut is not None:
-                fut.cancel()
+            self._cancel(conn, msg[1])
         elif kind == protocol.INPUT:
             queue = self._inputs.get((conn, msg[1]))
             if queue is not None:
                 queue.put_nowait(msg[2])
+
+    def _cancel(self, conn: transport.Connection, rid: int) -> None:
+        fut = self._running.get(conn, {}).get(rid)
+        if fut is not None:
+            fut.cancel()
+            flow = self._outflows.get((conn, rid))
+            if flow is not None:
+                flow.cancel()  # a sync generator waiting for credit stops now
+            return
+        for entry in self._backlog:  # not started yet: it never will be
+            if entry[0] is conn and entry[1] == rid:
+                self._backlog.remove(entry)
+                self._reply_error(
+                    conn, rid, RequestCancelledError(f"{self.deployment}.{entry[2]} was cancelled")
+                )
+                return
+
+    def _outflow(self, conn: transport.Connection, rid: int, label: str) -> Outflow:
+        """The flow control of call ``rid``'s streamed output (made on first use)."""
+        key = (conn, rid)
+        flow = self._outflows.get(key)
+        if flow is None:
+            flow = self._outflows[key] = Outflow(self.loop, f"{self.deployment}.{label}")
+        return flow
 
     def _run(
         self, conn: transport.Connection, rid: int, method: str, args: Any, kwargs: Any, meta: Any
@@ -365,9 +401,15 @@ class Replica:
                 self._reply_from_thread, conn, rid, _sync_with_context, call, then=done
             )
         if kind is _Kind.SYNC_GEN:
-            return self._pool.run(self._stream_sync, conn, rid, meta, fn, args, kwargs, then=done)
+            flow = self._outflow(conn, rid, getattr(fn, "__name__", "method"))
+            return self._pool.run(
+                self._stream_sync, conn, rid, meta, fn, args, kwargs, flow, then=done
+            )
         if kind is _Kind.ASYNC_GEN:
-            task = self.loop.create_task(self._stream_async(conn, rid, meta, fn, args, kwargs))
+            flow = self._outflow(conn, rid, getattr(fn, "__name__", "method"))
+            task = self.loop.create_task(
+                self._stream_async(conn, rid, meta, fn, args, kwargs, flow)
+            )
         elif meta is None:  # no request context to set: no wrapper coroutine either
             task = self.loop.create_task(fn(*args, **kwargs))
         else:
@@ -398,22 +440,46 @@ class Replica:
         return value
 
     async def _stream_async(
-        self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
+        self,
+        conn: transport.Connection,
+        rid: int,
+        meta: Any,
+        fn: Any,
+        args: Any,
+        kwargs: Any,
+        flow: Outflow,
     ) -> None:
         request_context.set_request(meta)
         index = 0
         async for item in fn(*args, **kwargs):
             if not conn.closed:
-                conn.send_pieces(self._item_frame(rid, item, index, fn))
+                pieces = self._item_frame(rid, item, index, fn)
+                conn.send_pieces(pieces)
+                if flow.add(frame_bytes(pieces)):
+                    await flow.wait()  # the caller has a window of this stream unread
             index += 1
 
     def _stream_sync(
-        self, conn: transport.Connection, rid: int, meta: Any, fn: Any, args: Any, kwargs: Any
+        self,
+        conn: transport.Connection,
+        rid: int,
+        meta: Any,
+        fn: Any,
+        args: Any,
+        kwargs: Any,
+        flow: Outflow,
     ) -> None:
         request_context.set_request(meta)
-        for index, item in enumerate(fn(*args, **kwargs)):
-            pieces = self._item_frame(rid, item, index, fn)
-            self.loop.call_soon_threadsafe(_send_pieces, conn, pieces)
+        sent = False
+        try:
+            for index, item in enumerate(fn(*args, **kwargs)):
+                pieces = self._item_frame(rid, item, index, fn)
+                self.loop.call_soon_threadsafe(_send_pieces, conn, pieces)
+                sent = True
+                flow.add_from_thread(frame_bytes(pieces))  # waits while a window is unread
+        finally:
+            if sent:
+                _loop_caught_up(self.loop)
 
     def _item_frame(
         self, rid: int, item: Any, index: int, fn: Callable[..., Any]
@@ -428,9 +494,16 @@ class Replica:
                 f"item {index} streamed by {self.deployment}.{name}", item, err
             ) from None
 
-    def _send_item(self, conn: transport.Connection, rid: int, item: Any) -> None:
-        if not conn.closed:
-            conn.send((protocol.STREAM_ITEM, rid, item), rid)
+    async def _emit(self, conn: transport.Connection, rid: int, message: Any) -> None:
+        """A message of a streamed HTTP response (or websocket) of request ``rid``; waits
+        while the caller has a window of this response unread (a slow client)."""
+        if conn.closed:
+            return
+        pieces = protocol.dumps((protocol.STREAM_ITEM, rid, message), rid, True)
+        conn.send_pieces(pieces)
+        flow = self._outflow(conn, rid, "__call__")
+        if flow.add(frame_bytes(pieces)):
+            await flow.wait()
 
     def _serve_http_sync(
         self,
@@ -468,7 +541,7 @@ class Replica:
     ) -> Any:
         request_context.set_request(meta)
         scope = unpack_scope(wire)
-        collector = ResponseCollector(partial(self._send_item, conn, rid))
+        collector = ResponseCollector(partial(self._emit, conn, rid))
         inputs: asyncio.Queue[Any] | None = None
         receive = None
         if scope["type"] == "websocket":
@@ -492,7 +565,7 @@ class Replica:
 
     async def _finish_http(self, conn: transport.Connection, rid: int, left: Unfinished) -> Any:
         request_context.set_request(left.meta)
-        collector = ResponseCollector(partial(self._send_item, conn, rid))
+        collector = ResponseCollector(partial(self._emit, conn, rid))
         try:
             return await left.finish(collector)
         except Exception:
@@ -542,6 +615,8 @@ class Replica:
         running = self._running.get(conn)
         if running is not None:
             running.pop(rid, None)
+        if self._outflows:
+            self._outflows.pop((conn, rid), None)
         if self._replied:
             key = (conn, rid)
             if key in self._replied:  # the worker thread sent the reply (even if cancelled)
@@ -671,6 +746,19 @@ def _ignore_result(task: asyncio.Task[Any]) -> None:
 def _send_pieces(conn: transport.Connection, pieces: list[bytes | memoryview]) -> None:
     if not conn.closed:
         conn.send_pieces(pieces)
+
+
+def _loop_caught_up(loop: asyncio.AbstractEventLoop) -> None:
+    """From a worker thread: return once ``loop`` has run every callback this thread gave it
+    before (they run in order). A sync generator's items are sent by such callbacks; its end is
+    reported through the worker pool's batched completions, which may already be due on the
+    loop: without this the end could overtake the last items."""
+    caught_up = threading.Event()
+    try:
+        loop.call_soon_threadsafe(caught_up.set)
+    except RuntimeError:  # the loop is closed: the process is exiting
+        return
+    caught_up.wait()
 
 
 async def _with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:

@@ -24,6 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from serval._private import protocol, transport
@@ -77,7 +78,8 @@ class ReplicaSlot:
         self.dead = False
         self.draining = False  # the replica refused work: it is shutting down
         self.conn = transport.Connection(self._on_message, self._on_lost, thread_writes=True)
-        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+        self.loop = asyncio.get_running_loop()
+        self._connect_task = self.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +129,19 @@ class ReplicaSlot:
         if (call.rid in self.calls or call.rid in self.released) and not self.conn.closed:
             self.conn.send((protocol.CANCEL, call.rid))
 
+    def _credit(self, call: Call, nbytes: int) -> None:
+        """``call``'s consumer (any thread) took ``nbytes`` more of its stream: the replica may
+        send more. Sent from the loop."""
+        if asyncio._get_running_loop() is self.loop:
+            self._send_credit(call, nbytes)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to credit
+                self.loop.call_soon_threadsafe(self._send_credit, call, nbytes)
+
+    def _send_credit(self, call: Call, nbytes: int) -> None:
+        if (call.rid in self.calls or call.rid in self.released) and not self.conn.closed:
+            self.conn.send((protocol.CREDIT, call.rid, nbytes), call.rid, True)
+
     def send_input(self, call: Call, message: Any) -> None:
         if call.rid in self.calls and not self.conn.closed:
             self.conn.send((protocol.INPUT, call.rid, message), call.rid)
@@ -169,7 +184,9 @@ class ReplicaSlot:
         if kind == protocol.STREAM_ITEM:
             call = self.calls.get(rid) or self.released.get(rid)
             if call is not None and call.stream is not None:
-                call.stream.put(msg[2])
+                if call.stream.on_taken is None:  # its first item: credit this replica from now
+                    call.stream.on_taken = partial(self._credit, call)
+                call.stream.put(msg[2], self.conn.frame_size)
             return
         if kind == protocol.CREDIT:  # an HTTP upload's flow control (http_protocol._Upload)
             call = self.calls.get(rid)

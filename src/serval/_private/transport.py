@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pickle
 import socket
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from serval._private import protocol
+
+logger = logging.getLogger(__name__)
 
 _NO_BUFFERS: list[int] = []
 _SMALL = 64 * 1024  # frames above this are read into a buffer of their own
@@ -49,6 +52,8 @@ class Connection(asyncio.BufferedProtocol):
         self._outbox: list[bytes | memoryview] = []
         self._flush_scheduled = False
         self.closed = False
+        # The size on the wire of the message being delivered (for streams' flow control).
+        self.frame_size = 0
         self.closed_future: asyncio.Future[None] = self._loop.create_future()
         # Writes from other threads (see write_from_thread): a lock every write holds, a
         # descriptor of our own (the transport's may be closed and its number reused while a
@@ -187,6 +192,7 @@ class Connection(asyncio.BufferedProtocol):
             if self._big_filled == len(self._big):
                 frame, (hlen, mlen, blens) = self._big, self._big_shape
                 self._big = None
+                self.frame_size = len(frame)
                 self._deliver(memoryview(frame), hlen, mlen, blens)
             return
         self._filled += nbytes
@@ -210,6 +216,7 @@ class Connection(asyncio.BufferedProtocol):
                 total = hlen + meta_len
             have = end - pos
             if have >= total:
+                self.frame_size = total
                 if nbufs:
                     # Copy out of the reusable buffer: decoded buffers must own their memory.
                     frame = bytearray(buf[pos : pos + total])
@@ -239,14 +246,20 @@ class Connection(asyncio.BufferedProtocol):
             # of it as an undecodable message carrying the frame's tag (the request id).
             tag = protocol.HEADER.unpack_from(frame, 0)[2]
             message = Undecodable(tag, exc)
-        self._on_message(self, message)
+        try:
+            self._on_message(self, message)
+        except Exception:  # a handler's bug must not lose the messages after this one
+            logger.exception("handling a message failed")
 
     def _deliver_plain(self, pickled: bytearray, tag: int) -> None:
         try:
             message = pickle.loads(pickled)
         except Exception as exc:
             message = Undecodable(tag, exc)
-        self._on_message(self, message)
+        try:
+            self._on_message(self, message)
+        except Exception:  # (as in _deliver)
+            logger.exception("handling a message failed")
 
     def eof_received(self) -> bool | None:
         return None
