@@ -17,6 +17,7 @@ import serval as serve
 from serval.exceptions import (
     BackPressureError,
     GetTimeoutError,
+    RequestCancelledError,
     SerializationError,
     UserCodeError,
 )
@@ -192,6 +193,8 @@ class Slow:
     until the test lets go (a request to let go would queue behind the waiting ones)."""
 
     def wait(self, path: str) -> str:
+        with open(f"{path}.runs", "a") as runs:
+            runs.write("run\n")
         deadline = time.monotonic() + 30
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -232,3 +235,21 @@ def test_expired_get_frees_the_legacy_handles_slot(apps: None, tmp_path: Any) ->
     second = legacy.wait.remote(go)  # assigned to the replica, not refused at the caller
     open(go, "w").close()
     assert serve.get([ref, second], timeout=10) == ["waited", "waited"]
+
+
+def test_cancelling_a_call_queued_at_the_replica_drops_it(apps: None, tmp_path: Any) -> None:
+    handle = serve.run(Slow.bind(), name="slow_cancel", route_prefix=None)
+    go, runs = str(tmp_path / "go"), tmp_path / "go.runs"
+    first = handle.wait.remote(go)
+    with pytest.raises(GetTimeoutError):
+        first.result(timeout_s=0.3)
+    queued = handle.wait.remote(go)  # sent; it waits in the replica's queue behind `first`
+    with pytest.raises(GetTimeoutError):
+        queued.result(timeout_s=0.3)
+    queued.cancel()
+    with pytest.raises(RequestCancelledError):
+        queued.result(timeout_s=10)
+    open(go, "w").close()
+    assert first.result(timeout_s=10) == "waited"
+    assert handle.wait.remote(go).result(timeout_s=10) == "waited"
+    assert runs.read_text() == "run\nrun\n"  # the cancelled one never ran
