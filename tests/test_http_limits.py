@@ -286,8 +286,14 @@ def test_a_streamed_upload_that_goes_quiet_gets_408_and_is_cancelled(
             reply = read_until_closed(sock)
             assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
             assert time.monotonic() - start < BODY_TIMEOUT + 1.5
-        poll((tmp_path / "q.cancelled").exists, timeout=5, what="the replica's request cancelled")
-        assert int((tmp_path / "q.cancelled").read_text()) <= 3_000_000
+        cancelled = tmp_path / "q.cancelled"
+        # (written, not only created: write_text creates the file before it writes)
+        size = poll(
+            lambda: cancelled.exists() and cancelled.read_text(),
+            timeout=5,
+            what="the replica's request cancelled",
+        )
+        assert int(size) <= 3_000_000
     finally:
         serve.delete("consumer")
 
