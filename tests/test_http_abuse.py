@@ -140,6 +140,8 @@ ABUSE = {
     b"dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     "pipelined-flood": b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n" * 500,
     "absolute-uri": b"GET http://evil.example/-/routes HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    # an absolute-form target without a path (the fuzzer's find: its path is None, a 500)
+    "absolute-uri-no-path": b"HEAD http://127.0.0.1E HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
 }
 
 

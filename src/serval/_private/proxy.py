@@ -90,7 +90,8 @@ class ProxyApp:
             # RFC 9112 3.2: HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it, not repeat it.
             ex.refuse(400, "Bad Request: a request needs exactly one Host header")
             return ex
-        raw_path: bytes = url.path
+        # An absolute-form target may have no path (RFC 9112 3.2.2: then it is "/").
+        raw_path: bytes = url.path or b"/"
         path = unquote_path(raw_path)
         if path.startswith("/-/"):
             if path != "/-/healthz" and host and not self._own_host(host):
