@@ -177,3 +177,30 @@ def test_reconfigure_that_raises_on_redeploy_is_reported(serve_instance: Any) ->
     with pytest.raises(DeploymentFailedError, match="config rejected by reconfigure"):
         serve.run(BadReconfigure.options(user_config={"ok": False}).bind())
     assert time.monotonic() - start < DEADLINE_S
+
+
+class ConfigRejected(Exception):
+    """A user's own exception class: importable by replicas (this module is on the driver's
+    path), not by the controller, which has none of the user's code on its path."""
+
+
+@serve.deployment(user_config={"ok": False})
+class RejectsWithOwnError:
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        if not config["ok"]:
+            raise ConfigRejected("rejected with a class of the user's")
+        self.config = config
+
+    def __call__(self) -> Any:
+        return self.config
+
+
+def test_reconfigure_raising_a_users_exception_class_is_reported(serve_instance: Any) -> None:
+    # The replica's reply carried the exception itself; the controller could not unpickle it
+    # and the deploy waited for ever.
+    handle = serve.run(RejectsWithOwnError.options(user_config={"ok": True}).bind())
+    assert _get(handle) == {"ok": True}
+    start = time.monotonic()
+    with pytest.raises(DeploymentFailedError, match="ConfigRejected: rejected with a class"):
+        serve.run(RejectsWithOwnError.options(user_config={"ok": False}).bind())
+    assert time.monotonic() - start < DEADLINE_S

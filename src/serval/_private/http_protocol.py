@@ -38,6 +38,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serval._private.calls import Call, StreamBuffer
+from serval._private.protocol import safe_str
 from serval.exceptions import (
     BackPressureError,
     DeploymentNotFoundError,
@@ -309,7 +310,7 @@ class Exchange:
         try:
             reply = await fetch()
         except Exception as exc:  # the controller is away (restarting, say): try again later
-            logger.warning("%s could not be answered: %r", self.request_id, exc)
+            logger.warning("%s could not be answered: %s", self.request_id, _describe(exc))
             reply = text_reply(503, "Not available now, try again")
         self.respond(*reply)
 
@@ -385,7 +386,9 @@ class Exchange:
             self.complete = True  # the client went away; nobody to answer
         else:
             target = self.target[0] if self.target is not None else "?"
-            logger.error("request %s to %s failed: %s", self.request_id, target, exc, exc_info=exc)
+            logger.error(
+                "request %s to %s failed: %s", self.request_id, target, _describe(exc), exc_info=exc
+            )
             self.respond(*text_reply(500, "Internal Server Error"))
 
     def _head(self, status: int, headers: Headers, length: int | None) -> tuple[list[bytes], bool]:
@@ -828,6 +831,11 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             return
         for ex in (self._active, *self._queued):
             ex.keep_alive = False
+
+
+def _describe(exc: BaseException) -> str:
+    # A user's exception reaches the proxy as itself: its __str__ may raise.
+    return f"{type(exc).__name__}: {safe_str(exc)}"
 
 
 def _head_size(url: bytes, headers: Headers) -> int:

@@ -37,6 +37,7 @@ from serval._private.http_protocol import (
     unquote_path,
 )
 from serval._private.http_replica import pack_scope
+from serval._private.protocol import safe_str
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval.proxy")
@@ -260,7 +261,8 @@ class ProxyApp:
                 await send(message)
             call.outcome()
         except Exception as exc:
-            logger.error("websocket to %s failed: %s", app, exc, exc_info=exc)
+            reason = f"{type(exc).__name__}: {safe_str(exc)}"
+            logger.error("websocket to %s failed: %s", app, reason, exc_info=exc)
             try:
                 await send({"type": "websocket.close", "code": 1011})
             except Exception:

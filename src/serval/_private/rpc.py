@@ -104,13 +104,14 @@ class RpcPeer:
         except Exception as exc:
             if not isinstance(exc, ConnectionError):
                 logger.debug("rpc %s failed", method, exc_info=True)
-            reply = (protocol.REPLY, cid, False, exc)
+            reply = (protocol.REPLY, cid, False, _portable(exc, method))
         if self.conn is None or self.conn.closed:
             return
         try:
             self.conn.send(reply)
-        except Exception as exc:  # an unpicklable exception or value: say so instead
-            self.conn.send((protocol.REPLY, cid, False, RuntimeError(f"{method}: {exc}")))
+        except BaseException as exc:  # an unpicklable exception or value: say so instead
+            error = RuntimeError(f"{method}: {type(exc).__name__}: {protocol.safe_str(exc)}")
+            self.conn.send((protocol.REPLY, cid, False, error))
 
     def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
         for fut in self._pending.values():
@@ -120,3 +121,13 @@ class RpcPeer:
             task.cancel()
         if self.on_close is not None:
             self.on_close(self)
+
+
+def _portable(exc: Exception, method: str) -> Exception:
+    """``exc`` as the other side can unpickle it. The controller must never need the user's
+    code (it has none on its path), so an exception of a user's class, from ``check_health``
+    or ``reconfigure`` say, crosses as a ``RuntimeError`` that names it."""
+    module = type(exc).__module__
+    if module == "builtins" or module == "serval" or module.startswith("serval."):
+        return exc
+    return RuntimeError(f"{method} raised {type(exc).__qualname__}: {protocol.safe_str(exc)}")

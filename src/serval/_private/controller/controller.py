@@ -477,8 +477,9 @@ class Controller:
             assert rec.peer is not None
             await rec.peer.call("reconfigure", user_config=user_config)
         except Exception as exc:
-            logger.error("reconfigure of replica %s failed: %s", rec.replica_id, exc)
-            dep.failed_message = f"reconfigure() raised {type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {protocol.safe_str(exc)}"
+            logger.error("reconfigure of replica %s failed: %s", rec.replica_id, reason)
+            dep.failed_message = f"reconfigure() raised {reason}"
         finally:
             dep.reconfiguring -= 1
             app.notify()
