@@ -164,3 +164,29 @@ def test_supported_options_are_accepted_and_kept() -> None:
     assert c.ray_actor_options["runtime_env"] == {"env_vars": {"A": "b"}}
     again = dep.options(num_replicas=1)
     assert again.config.max_ongoing_requests == 7 and again.config.num_replicas == 1
+
+
+def test_user_config_must_be_json_serializable() -> None:
+    # As in Ray Serve; the controller, which keeps it, has none of the user's code to read
+    # an object of the user's class with (a deploy used to wait for ever on one).
+    class Settings:
+        pass
+
+    with pytest.raises(ValueError, match="user_config must be JSON-serializable"):
+
+        @serve.deployment(user_config=Settings())
+        class Configured:
+            def reconfigure(self, config: Any) -> None:
+                pass
+
+    @serve.deployment
+    class Later:
+        def reconfigure(self, config: Any) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="user_config must be JSON-serializable"):
+        Later.options(user_config={"threshold": {1, 2}})
+    assert Later.options(user_config={"threshold": [1, 2], "on": True}).user_config == {
+        "threshold": [1, 2],
+        "on": True,
+    }

@@ -89,6 +89,12 @@ class DeploymentConfig:
                 isinstance(value, (int, float)) and value > 0 and math.isfinite(value),
                 f"{name} must be a positive number, got {value!r}",
             )
+        # Ray Serve's rule, and the controller's need: it keeps the config but none of the
+        # user's code, so an object of a user's class there could not even be read.
+        try:
+            json.dumps(self.user_config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"user_config must be JSON-serializable: {exc}") from None
 
     def with_changes(self, **changes: Any) -> DeploymentConfig:
         if "autoscaling_config" in changes and isinstance(changes["autoscaling_config"], dict):

@@ -14,10 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 from serval._private import protocol, transport
+from serval.exceptions import SerializationError
 
 logger = logging.getLogger(__name__)
 
 PushHandler = Callable[[str, Any], None]
+
+# A frame's tag names the call it belongs to, so that one that does not unpickle can still be
+# answered: a call's own id with this bit set, a reply's the id of the call it answers.
+_CALL_TAG = 1 << 62
 
 
 class RpcPeer:
@@ -64,7 +69,7 @@ class RpcPeer:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
         try:
-            self.conn.send((protocol.CALL, cid, method, kwargs))
+            self.conn.send((protocol.CALL, cid, method, kwargs), cid | _CALL_TAG)
             return await fut
         finally:
             self._pending.pop(cid, None)
@@ -77,7 +82,7 @@ class RpcPeer:
 
     def _on_message(self, conn: transport.Connection, msg: Any) -> None:
         if isinstance(msg, transport.Undecodable):
-            logger.error("undecodable control message: %s", msg.error)
+            self._undecodable(msg)
             return
         kind = msg[0]
         if kind == protocol.REPLY:
@@ -108,10 +113,26 @@ class RpcPeer:
         if self.conn is None or self.conn.closed:
             return
         try:
-            self.conn.send(reply)
+            self.conn.send(reply, cid)
         except BaseException as exc:  # an unpicklable exception or value: say so instead
             error = RuntimeError(f"{method}: {type(exc).__name__}: {protocol.safe_str(exc)}")
-            self.conn.send((protocol.REPLY, cid, False, error))
+            self.conn.send((protocol.REPLY, cid, False, error), cid)
+
+    def _undecodable(self, msg: transport.Undecodable) -> None:
+        """A call or reply that did not unpickle here (it holds a class this process cannot
+        import, say): answer or fail the call it belongs to, found by the frame's tag, so that
+        nobody waits for ever."""
+        reason = f"{type(msg.error).__name__}: {protocol.safe_str(msg.error)}"
+        logger.error("undecodable control message: %s", reason)
+        if msg.tag & _CALL_TAG:
+            cid = msg.tag & ~_CALL_TAG
+            error = SerializationError(f"the peer could not decode this call: {reason}")
+            if self.conn is not None and not self.conn.closed:
+                self.conn.send((protocol.REPLY, cid, False, error), cid)
+            return
+        fut = self._pending.get(msg.tag)
+        if fut is not None and not fut.done():
+            fut.set_exception(SerializationError(f"could not decode the reply: {reason}"))
 
     def _on_lost(self, conn: transport.Connection, exc: BaseException | None) -> None:
         for fut in self._pending.values():
