@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Self, TypeVar
 
 import pytest
 
 import serval as serve
+from chaos.harness import free_port, wait_for
 from serval._private import runtime
 
 T = TypeVar("T")
@@ -93,14 +92,7 @@ def replica_pids(app: str, deployment: str) -> dict[str, int]:
 def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and
     return that; raise AssertionError naming ``what`` once ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, what, interval)
 
 
 class BackgroundThreads:
@@ -135,12 +127,6 @@ SCALE_TO_ZERO: dict[str, Any] = {
     "metrics_interval_s": 0.2,
     "look_back_period_s": 1,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _current_port = [0]
