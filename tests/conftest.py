@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -181,3 +182,6 @@ def no_leaked_processes() -> Iterator[None]:
     serve.shutdown()
     leaked = serval_processes()
     assert not leaked, f"serval processes left running after the tests: {leaked}"
+    # Nothing left running: this session's temporary files go too (pytest's tmp_path among
+    # them); a session that leaked keeps them, to look at.
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
