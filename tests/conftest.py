@@ -14,7 +14,7 @@ import pytest
 
 import serval as serve
 from chaos.harness import free_port, wait_for
-from serval._private import runtime
+from serval._private.caller import runtime
 
 T = TypeVar("T")
 

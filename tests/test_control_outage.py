@@ -15,7 +15,7 @@ import pytest
 
 import serval as serve
 from conftest import poll, serval_processes
-from serval._private import runtime
+from serval._private.caller import runtime
 
 OUTAGE_S = 2.0
 

@@ -14,7 +14,7 @@ import httpx
 
 import serval as serve
 from conftest import SCALE_TO_ZERO, BackgroundThreads, poll, replica_pids, serval_processes
-from serval._private import runtime
+from serval._private.caller import runtime
 
 RECOVERY_DEADLINE_S = 10.0
 

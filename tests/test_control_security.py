@@ -26,8 +26,8 @@ import pytest
 import serval as serve
 from conftest import free_port, serval_processes
 from serval import cli
-from serval._private import runtime
-from serval._private.cluster import make_private_dir
+from serval._private.caller import runtime
+from serval._private.process.cluster import make_private_dir
 from serval.exceptions import ServalError
 
 TCP_LISTEN = "0A"

@@ -20,7 +20,7 @@ from starlette.requests import Request
 import serval as serve
 from conftest import poll
 from serval import HTTPOptions
-from serval._private.proxy import ProxyApp
+from serval._private.proxy.app import ProxyApp
 from test_http_errors import own_cluster
 from test_http_limits import NormalClient, proxy_pid
 
@@ -202,12 +202,14 @@ def test_concurrent_scrapes_make_one_gathering() -> None:
     """The sharing itself, against a stand-in for the controller (pure logic)."""
 
     class Controller:
+        """A stand-in for the cluster client: its loop, and a controller that gathers."""
+
         def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
             self.loop = loop
             self.gatherings = 0
+            self.controller = self
 
-        async def call_controller(self, method: str) -> list[object]:
-            assert method == "collect_metrics"
+        async def collect_metrics(self) -> list[object]:
             self.gatherings += 1
             await asyncio.sleep(0.1)
             return []

@@ -23,8 +23,8 @@ from starlette.requests import Request
 import serval as serve
 from conftest import BackgroundThreads, poll, serval_processes
 from serval import HTTPOptions
-from serval._private import runtime
-from serval._private.proxy_server import default_max_connections
+from serval._private.caller import runtime
+from serval._private.proxy.server import default_max_connections
 from serval.schema import ConfigError, load_config
 from test_http_errors import own_cluster
 from test_http_protocol import get, read_response

@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 import serval as serve
 from conftest import poll, serval_processes
-from serval._private import runtime
+from serval._private.caller import runtime
 from test_http_errors import own_cluster
 from test_http_protocol import read_response
 

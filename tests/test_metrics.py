@@ -15,7 +15,7 @@ import pytest
 
 import serval as serve
 from conftest import poll
-from serval._private import metrics as registry
+from serval._private.telemetry import metrics as registry
 
 # --- in-process: what is recorded and how it reads --------------------------------------------
 

@@ -25,7 +25,7 @@ import pytest
 import serval as serve
 from conftest import free_port, replica_pids, serval_processes
 
-USER_PYTHONPATH_VAR = "SERVAL_USER_PYTHONPATH"  # serval._private.settings
+USER_PYTHONPATH_VAR = "SERVAL_USER_PYTHONPATH"  # serval._private.process.settings
 
 # Each planted module records which process imported it, then fails to import.
 PLANTED = textwrap.dedent(
@@ -45,7 +45,7 @@ DRIVER = textwrap.dedent(
     """
     import json, os, sys
     import serval as serve
-    from serval._private import runtime
+    from serval._private.caller import runtime
 
     serve.start(http_options={"port": int(sys.argv[1])})
 

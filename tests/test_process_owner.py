@@ -21,7 +21,7 @@ import pytest
 
 import serval as serve
 from conftest import free_port, poll, serval_processes
-from serval._private import runtime
+from serval._private.caller import runtime
 
 KILL_DEADLINE_S = 5.0
 
@@ -29,7 +29,7 @@ DRIVER = textwrap.dedent(
     """
     import os, re, sys, time
     import serval as serve
-    from serval._private import runtime
+    from serval._private.caller import runtime
 
     markers, port, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     serve.start(http_options={"port": port})

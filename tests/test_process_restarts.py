@@ -24,7 +24,7 @@ import pytest
 
 import serval as serve
 from conftest import free_port, poll, serval_processes
-from serval._private import runtime
+from serval._private.caller import runtime
 from serval.exceptions import ServalError
 
 
@@ -137,7 +137,7 @@ def test_a_proxy_that_dies_after_serving_is_restarted_with_backoff(http_url: str
 def test_a_controller_that_keeps_dying_is_restarted_with_backoff(
     serve_instance: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="serval._private.cluster")
+    caplog.set_level(logging.WARNING, logger="serval._private.process.cluster")
     handle = serve.run(Hello.bind())
     address = runtime.address()
     assert address is not None

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from serval._private import transport
-from serval._private.rpc import RpcPeer
+from serval._private.wire import transport
+from serval._private.wire.rpc import RpcPeer
 from serval.exceptions import SerializationError
 
 

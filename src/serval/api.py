@@ -9,9 +9,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from serval._private import request_context, runtime
-from serval._private.cluster import LocalCluster, is_running
-from serval._private.settings import settings
+from serval._private.caller import control, runtime
+from serval._private.process.cluster import LocalCluster, is_running
+from serval._private.process.settings import settings
+from serval._private.replica import request_context
+from serval._private.wire.types import AppSpec
 from serval.config import HTTPOptions
 from serval.deployment import _UNSET, Application, build
 from serval.exceptions import (
@@ -86,7 +88,7 @@ def start(
     """
     started = _start(http_options, address)
     try:
-        _control("wait_proxy")
+        control.call(lambda c: c.wait_proxy())
     except BaseException:
         if started:  # (a proxy that cannot start): a cluster that could not start is no cluster
             _disconnect(stop_cluster=True)
@@ -155,11 +157,10 @@ def run(
     return handle
 
 
-async def _deploy(spec: Any) -> tuple[str, str]:
-    client = runtime.home_client()
-    await client.call_controller("deploy_app", spec=spec)
-    result: tuple[str, str] = await client.call_controller("wait_app", name=spec.name)
-    return result
+async def _deploy(spec: AppSpec) -> tuple[str, str]:
+    controller = runtime.home_client().controller
+    await controller.deploy_app(spec)
+    return await controller.wait_app(spec.name)
 
 
 def _block_forever() -> None:
@@ -172,13 +173,12 @@ def status() -> ServeStatus:
     """Applications with their status, and deployments with ``replica_states`` counts."""
     if runtime.address() is None:
         return ServeStatus()
-    result: ServeStatus = _control("status")
-    return result
+    return control.call(lambda c: c.status())
 
 
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete application ``name``: its replicas drain and exit. No error if it is not there."""
-    _control("delete_app", name=name)
+    control.call(lambda c: c.delete_app(name))
 
 
 def shutdown() -> None:
@@ -198,7 +198,7 @@ def _disconnect(stop_cluster: bool) -> None:
                     cluster.begin_shutdown()
                 # (ServalError: the controller keeps dying; the lifeline ends the rest)
                 with contextlib.suppress(ConnectionError, OSError, TimeoutError, ServalError):
-                    _control("shutdown", timeout=_SHUTDOWN_TIMEOUT_S)
+                    control.call(lambda c: c.shutdown(), timeout=_SHUTDOWN_TIMEOUT_S)
         finally:
             runtime.reset_clients()
             runtime.set_address(None)
@@ -219,8 +219,7 @@ def app_configs() -> dict[str, dict[str, Any] | None]:
     """Each running app's config-file entry (None for apps deployed from Python)."""
     if runtime.address() is None:
         return {}
-    result: dict[str, dict[str, Any] | None] = _control("app_configs")
-    return result
+    return control.call(lambda c: c.app_configs())
 
 
 def get_app_handle(name: str) -> DeploymentHandle:
@@ -230,7 +229,7 @@ def get_app_handle(name: str) -> DeploymentHandle:
             "get_app_handle() blocks; inside an async method use the handles passed to the "
             "constructor, or call it from the constructor or a sync method"
         )
-    ingress: str = _control("get_app", name=name)
+    ingress = control.call(lambda c: c.get_app(name))
     return DeploymentHandle(ingress, name)
 
 
@@ -241,31 +240,12 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
     if app_name is None:
         app_name = me.app if me is not None else "default"
     if not _in_replica_loop():
-        apps = _control("apps_with_deployment", deployment=deployment_name)
+        apps = control.call(lambda c: c.apps_with_deployment(deployment_name))
         if app_name not in apps:
             raise DeploymentNotFoundError(
                 f"no deployment {deployment_name!r} in application {app_name!r}"
             )
     return DeploymentHandle(deployment_name, app_name)
-
-
-def app_of_deployment(deployment_name: str) -> str:
-    """Which app a legacy ``Deployment.get_handle()`` means: the caller's own inside a replica;
-    otherwise the one app that has it (``"default"`` if several do)."""
-    me = runtime.replica()
-    if me is not None:
-        return me.app
-    apps: list[str] = _control("apps_with_deployment", deployment=deployment_name)
-    if len(apps) == 1:
-        return apps[0]
-    if "default" in apps:
-        return "default"
-    if not apps:
-        raise DeploymentNotFoundError(f"no running application has deployment {deployment_name!r}")
-    raise DeploymentNotFoundError(
-        f"deployment {deployment_name!r} is in several applications ({', '.join(apps)}); "
-        "use serve.get_deployment_handle(name, app_name=...)"
-    )
 
 
 def get_replica_context() -> ReplicaContext:
@@ -280,13 +260,11 @@ def _in_replica_loop() -> bool:
     return runtime.replica() is not None and runtime.running_loop() is runtime.home_loop()
 
 
-def _control(method: str, timeout: float | None = None, **kwargs: Any) -> Any:
-    address = runtime.require_address()
+def _refuse_if_controller_gone(address: str) -> None:
+    # A controller that keeps dying: fail the call now rather than wait for it.
     cluster = _owner.cluster
     if cluster is not None and cluster.controller_error and not is_running(address):
-        raise ServalError(cluster.controller_error)  # rather than wait for it
+        raise ServalError(cluster.controller_error)
 
-    async def call() -> Any:
-        return await runtime.home_client().call_controller(method, **kwargs)
 
-    return runtime.run_sync(call(), timeout)
+control.before_call = _refuse_if_controller_gone

@@ -25,6 +25,7 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
+from serval._private.wire import layout
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 from serval.schema import (
@@ -46,7 +47,7 @@ logger = logging.getLogger("serval.cli")
 
 _PROG = "serval"
 _SHUTDOWN_WAIT_S = 10.0
-_MAX_ADDRESS_BYTES = 107 - len("/r/0123456789ab.sock")
+_MAX_ADDRESS_BYTES = 107 - layout.MAX_REPLICA_SOCKET_SUFFIX
 
 
 class CLIError(Exception):
@@ -165,19 +166,21 @@ def _app_dir_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _given_address(args: argparse.Namespace) -> str | None:
-    address: str | None = args.address or os.environ.get("SERVAL_ADDRESS") or None
+    from serval._private.process.settings import settings
+
+    address: str | None = args.address or settings().address
     return os.path.abspath(address) if address else None
 
 
 def _address(args: argparse.Namespace) -> str:
-    from serval._private.cluster import default_address
+    from serval._private.process.cluster import default_address
 
     return _given_address(args) or default_address()
 
 
 def _connect(address: str) -> None:
     from serval import api
-    from serval._private.cluster import is_running
+    from serval._private.process.cluster import is_running
 
     if not is_running(address):
         raise CLIError(f"no serval cluster is running at {address} (start one with `serval start`)")
@@ -285,7 +288,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _owned_address() -> str:
-    from serval._private import runtime
+    from serval._private.caller import runtime
 
     return runtime.address() or "?"
 
@@ -417,11 +420,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from serval._private.daemon import start_detached
+    from serval._private.process.daemon import start_detached
 
     address = _address(args)
     http = _http_options(args)
-    from serval._private.cluster import is_running
+    from serval._private.process.cluster import is_running
 
     if is_running(address):
         raise CLIError(f"a serval cluster is already running at {address}")
@@ -437,7 +440,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 
 def _default_address() -> str:
-    from serval._private.cluster import default_address
+    from serval._private.process.cluster import default_address
 
     return default_address()
 
@@ -568,7 +571,7 @@ def _confirm(question: str) -> bool:
 
 def _wait_gone(address: str, timeout: float) -> bool:
     """Wait until no serval process of ``address`` is left."""
-    from serval._private import procs
+    from serval._private.process import procs
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,11 +8,13 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, TypeVar, overload
 
 import cloudpickle
 
+from serval._private.caller import control
+from serval._private.wire.types import AppSpec, DeploymentSpec
 from serval.config import AutoscalingConfig, DeploymentConfig
 from serval.handle import RayServeHandle, RayServeSyncHandle
 
@@ -93,9 +95,7 @@ class Deployment:
     def get_handle(self, sync: bool = True) -> RayServeSyncHandle | RayServeHandle:
         """A handle as in the ServeHandle guide: sync (``remote()`` → ``ObjectRef``) or asyncio
         (``await remote()`` → ``ObjectRef``). Inside a replica it targets the caller's app."""
-        from serval import api
-
-        app = api.app_of_deployment(self._name)
+        app = control.app_of_deployment(self._name)
         cls = RayServeSyncHandle if sync else RayServeHandle
         return cls(self._name, app)
 
@@ -205,29 +205,6 @@ def _normalize(options: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- building an application for the controller --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeploymentSpec:
-    """One deployment of an app as the controller receives it (code stays opaque bytes)."""
-
-    name: str
-    payload: bytes  # cloudpickle of (func_or_class, init_args, init_kwargs)
-    config: DeploymentConfig
-    version: str  # changes when new replicas are needed
-    is_function: bool
-
-
-@dataclass(frozen=True)
-class AppSpec:
-    name: str
-    route_prefix: str | None
-    ingress: str
-    deployments: tuple[DeploymentSpec, ...]
-    sys_path: tuple[str, ...]
-    cwd: str
-    # The config-file entry this app was deployed from (``serval config`` shows it).
-    source_config: dict[str, Any] | None = None
 
 
 def map_applications(value: Any, fn: Callable[[Application], Any]) -> Any:

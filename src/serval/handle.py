@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, overload
 
-from serval._private import runtime
-from serval._private.calls import Call
-from serval._private.client import ClusterClient
+from serval._private.caller import runtime
+from serval._private.caller.calls import Call
+from serval._private.caller.client import ClusterClient
 from serval.exceptions import GetTimeoutError
 
 __all__ = [

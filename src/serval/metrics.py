@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from serval._private import runtime
-from serval._private.metrics import (
+from serval._private.caller import runtime
+from serval._private.telemetry.metrics import (
     COUNTER,
     GAUGE,
     HISTOGRAM,

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from serval._private import request_context
+from serval._private.replica import request_context
 
 __all__ = ["get_multiplexed_model_id", "multiplexed"]
 

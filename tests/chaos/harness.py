@@ -9,6 +9,7 @@ Processes are found by their command lines (``serval::controller``, ``serval::pr
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import shutil
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import serval as serve
 from chaos.rawhttp import HttpConn
-from serval._private import runtime
+from serval._private.caller import runtime
 
 T = TypeVar("T")
 
@@ -330,11 +331,18 @@ class Load:
             conn.close()
 
     def __enter__(self) -> Load:
+        # The driver is a test process with a large heap (pytest, every module it imported):
+        # a full collection of it can stop every thread for 50 ms, which is the caller's own
+        # pause, not the cluster's. Freeze what is there (as serval's processes do after their
+        # imports), so that the collections during the load are the load's own.
+        gc.collect()
+        gc.freeze()
         for t in self.threads:
             t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        gc.unfreeze()
         self.stop.set()
         for t in self.threads:
             t.join(timeout=self.timeout + 5)

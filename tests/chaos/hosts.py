@@ -44,7 +44,7 @@ BLOCKED_DRIVER = textwrap.dedent(
     """
     import os, sys, time
     import serval as serve
-    from serval._private import runtime
+    from serval._private.caller import runtime
 
     markers = sys.argv[2]
     serve.start(http_options={"port": int(sys.argv[1])})
@@ -163,7 +163,7 @@ SHADOW_DRIVER = textwrap.dedent(
     """
     import json, sys, time, urllib.request
     import serval as serve
-    from serval._private import runtime
+    from serval._private.caller import runtime
 
     port = int(sys.argv[1])
     started = time.monotonic()
@@ -310,7 +310,7 @@ OWNED_DRIVER = textwrap.dedent(
     """
     import sys
     import serval as serve
-    from serval._private import runtime
+    from serval._private.caller import runtime
 
     serve.start(http_options={"port": int(sys.argv[1])})
 

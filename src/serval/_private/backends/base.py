@@ -1,37 +1,64 @@
-"""The backend interface: start a replica host, reach it, stop it, learn of its death.
+"""The backend interface: where replicas (and the HTTP proxy) run, where callers reach them,
+and how their end is learned. The controller's logic knows nothing else of them.
 
-The controller logic and the replica runtime know nothing else about where replicas run.
+A host is opaque to the controller: it persists a host's ``ref`` (plain JSON-able values) in
+its checkpoint, and a restarted controller gets the host back from ``Backend.adopt``. A host is
+stopped at once with ``kill``; a graceful stop is a message to the replica (``drain``, see
+``wire.control``), never a signal, so that it works wherever the replica runs. Callers reach a
+replica at ``replica_address`` (a Unix socket path on the local backend; other transports
+later).
+
+A backend is chosen by name (``BackendName``), mapped to the import path of its class, and
+imported only when chosen: ``load("local")``.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+__all__ = ["Backend", "BackendName", "Exit", "HostRef", "ReplicaHost", "load"]
+
+BackendName = Literal["local"]
+_IMPLEMENTATIONS: dict[BackendName, str] = {
+    "local": "serval._private.backends.local:LocalBackend",
+}
+# What a backend needs to find a host again: plain JSON-able values, kept in the checkpoint.
+HostRef = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a host ended: its exit code where there is one, and the reason in words."""
+
+    code: int | None
+    reason: str
 
 
 class ReplicaHost(ABC):
-    """A running replica, as its backend sees it."""
+    """A running replica (or proxy), as its backend sees it."""
 
-    replica_id: str
+    host_id: str
 
     @property
     @abstractmethod
-    def pid(self) -> int | None:
-        """The OS process id, where there is one."""
-
-    @abstractmethod
-    def terminate(self) -> None:
-        """Ask the replica to drain and exit."""
+    def ref(self) -> HostRef:
+        """What ``Backend.adopt`` needs to find this host again."""
 
     @abstractmethod
     def kill(self) -> None:
-        """Stop the replica at once."""
+        """Stop it at once (its in-flight requests fail)."""
 
     @abstractmethod
-    async def wait(self) -> int | None:
-        """Return when the replica has exited (its exit code, where known)."""
+    async def wait(self) -> Exit:
+        """Return once it has ended."""
 
 
 class Backend(ABC):
+    name: BackendName
+
     @abstractmethod
     def replica_address(self, replica_id: str) -> str:
         """Where callers reach this replica's data channel."""
@@ -44,13 +71,23 @@ class Backend(ABC):
         with the controller."""
 
     @abstractmethod
-    def adopt(self, host_id: str, pid: int) -> ReplicaHost | None:
-        """A host started by an earlier controller, if it is still alive."""
+    def start_proxy(self, http_options_json: str) -> ReplicaHost:
+        """Start the HTTP proxy; it will report to the controller when it listens."""
+
+    @abstractmethod
+    def adopt(self, host_id: str, ref: HostRef) -> ReplicaHost | None:
+        """A host started by an earlier controller, if it is still there."""
 
     def log_location(self) -> str:
         """Where the replicas' and the proxy's output goes, for error messages."""
         return "the backend's logs"
 
-    @abstractmethod
-    def start_proxy(self, http_options_json: str) -> ReplicaHost:
-        """Start the HTTP proxy; it will report to the controller when it listens."""
+
+def load(name: BackendName) -> type[Backend]:
+    """The backend class of that name, imported now."""
+    if name not in _IMPLEMENTATIONS:
+        known = ", ".join(get_args(BackendName))
+        raise ValueError(f"unknown backend {name!r}; the backends are {known}")
+    module, _, attr = _IMPLEMENTATIONS[name].partition(":")
+    cls: type[Backend] = getattr(importlib.import_module(module), attr)
+    return cls

@@ -20,16 +20,26 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from serval._private import procs
-from serval._private.backends.base import Backend, ReplicaHost
-from serval._private.settings import USER_PYTHONPATH_VAR
+from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
+from serval._private.process import procs
+from serval._private.process.settings import USER_PYTHONPATH_VAR
+from serval._private.wire import layout
 
 
 def worker_argv(role: str, label: str, *args: str) -> list[str]:
     """The command line of a serval process; ``ps`` shows its role and name. ``-P``: the
     current directory is not put first on ``sys.path``, as ``-m`` would."""
-    return [sys.executable, "-P", "-m", "serval._private.worker", f"serval::{role}", label, *args]
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "serval._private.process.worker",
+        f"serval::{role}",
+        label,
+        *args,
+    ]
 
 
 def system_env(user_pythonpath: str | None) -> dict[str, str]:
@@ -61,9 +71,8 @@ def own_pythonpath(pythonpath: str | None) -> str:
     absolute; a directory of the user's sources is left out."""
     if not pythonpath:
         return ""
-    import serval
-
-    home = os.path.dirname(os.path.dirname(os.path.abspath(serval.__file__)))
+    # where the serval package is found: src/serval/_private/backends/local.py, four up
+    home = str(Path(__file__).resolve().parents[3])
     kept = []
     for entry in pythonpath.split(os.pathsep):
         path = os.path.abspath(entry) if entry else ""
@@ -82,54 +91,46 @@ def _holds_distributions(path: str) -> bool:
 class LocalProcess(ReplicaHost):
     """A replica (or the proxy) as an OS process, watched through a pidfd.
 
-    Either a child this process started (``proc``), or a process adopted by pid after a
-    controller restart, whose exit code nobody here can read.
+    Either a child this process started (``proc``), or a process adopted after a controller
+    restart, whose exit code nobody here can read. Its ``ref`` is its pid with its start time
+    (a pid alone may be reused by another process).
     """
 
     def __init__(
-        self, replica_id: str, proc: subprocess.Popen[bytes] | None, pid: int | None = None
+        self, host_id: str, proc: subprocess.Popen[bytes] | None, pid: int | None = None
     ) -> None:
-        self.replica_id = replica_id
+        self.host_id = host_id
         self._proc = proc
-        self._pid = proc.pid if proc is not None else pid
-        assert self._pid is not None
-        self._done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        found = proc.pid if proc is not None else pid
+        assert found is not None
+        self._pid = found
+        self._started = procs.start_time(found)
+        self._done: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
         self._poller: asyncio.Task[None] | None = None
         self._watch()
 
-    @classmethod
-    def adopt(cls, replica_id: str, pid: int) -> LocalProcess | None:
-        """The live process ``pid`` if its command line names ``replica_id``; else None."""
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if replica_id.encode() not in f.read():
-                    return None
-        except OSError:
-            return None
-        return cls(replica_id, None, pid)
-
     @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
+    def ref(self) -> HostRef:
+        return {"pid": self._pid, "started": self._started}
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: int) -> None:
         if not self._done.done():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, sig)  # type: ignore[arg-type]
+                os.kill(self._pid, signal.SIGKILL)
 
-    async def wait(self) -> int | None:
+    def terminate(self) -> None:
+        """SIGTERM: what the owner uses to stop a controller (the others drain on message)."""
+        if not self._done.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGTERM)
+
+    async def wait(self) -> Exit:
         return await asyncio.shield(self._done)
 
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            pidfd = os.pidfd_open(self._pid)  # type: ignore[arg-type]
+            pidfd = os.pidfd_open(self._pid)
         except ProcessLookupError:
             self._reap()
             return
@@ -153,19 +154,17 @@ class LocalProcess(ReplicaHost):
     def _alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        try:
-            os.kill(self._pid, 0)  # type: ignore[arg-type]
-        except ProcessLookupError:
-            return False
-        return True
+        return procs.is_alive(self._pid, self._started)
 
     def _reap(self) -> None:
         code = self._proc.wait() if self._proc is not None else None
         if not self._done.done():
-            self._done.set_result(code)
+            self._done.set_result(Exit(code, procs.exit_reason(code)))
 
 
 class LocalBackend(Backend):
+    name = "local"
+
     def __init__(
         self, address: str, lifeline_fd: int | None, user_pythonpath: str | None = None
     ) -> None:
@@ -174,13 +173,13 @@ class LocalBackend(Backend):
         self.user_pythonpath = user_pythonpath
         # (mkdir, not makedirs: never re-create a runtime directory that is gone, unprivately)
         with contextlib.suppress(FileExistsError):
-            os.mkdir(os.path.join(address, "r"), 0o700)
+            os.mkdir(layout.replicas_dir(address), 0o700)
 
     def log_location(self) -> str:
         return procs.output_location()  # replicas and the proxy inherit our standard error
 
     def replica_address(self, replica_id: str) -> str:
-        return os.path.join(self.address, "r", f"{replica_id}.sock")
+        return layout.replica_path(self.address, replica_id)
 
     def start_replica(
         self, replica_id: str, label: str, env: dict[str, str] | None = None
@@ -188,10 +187,14 @@ class LocalBackend(Backend):
         env = replica_env(self.user_pythonpath, env)
         return self._spawn("replica", label, replica_id, ["--replica-id", replica_id], env)
 
-    def adopt(self, host_id: str, pid: int) -> ReplicaHost | None:
-        if not procs.names(pid, self.address):  # (a pid of this cluster, not a reused one)
+    def adopt(self, host_id: str, ref: HostRef) -> ReplicaHost | None:
+        pid, started = ref.get("pid"), ref.get("started")
+        if type(pid) is not int or not procs.is_alive(pid, started):
+            return None  # gone, or its pid now another process's
+        # (the same process, of this cluster, and the host it was: its command line says so)
+        if not procs.names(pid, self.address) or host_id.encode() not in procs.cmdline(pid):
             return None
-        return LocalProcess.adopt(host_id, pid)
+        return LocalProcess(host_id, None, pid)
 
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
         label = os.path.basename(self.address)

@@ -1,8 +1,9 @@
-"""The controller's checkpoint: desired state and the replicas it knew, on disk.
+"""The controller's checkpoint: desired state and the hosts it knew, on disk.
 
 Written atomically (temp file + rename) after every change, so that a controller restarted after
-a crash finds the apps it was serving and adopts the replica and proxy processes still alive,
-instead of starting them anew: traffic keeps flowing through the crash.
+a crash finds the apps it was serving and adopts the replica and proxy hosts still there,
+instead of starting them anew: traffic keeps flowing through the crash. Hosts are kept as
+their backend's opaque ``ref``, and found again through ``Backend.adopt``.
 """
 
 from __future__ import annotations
@@ -11,22 +12,20 @@ import contextlib
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import cloudpickle
 
+from serval._private.backends.base import Backend, HostRef, ReplicaHost
 from serval._private.controller.state import (
     AppState,
     DeploymentState,
     ReplicaRecord,
     ReplicaState,
 )
-from serval.deployment import AppSpec, DeploymentSpec
+from serval._private.wire import layout
+from serval._private.wire.types import AppSpec, DeploymentSpec
 
-if TYPE_CHECKING:
-    from serval._private.controller.controller import Controller
-
-FILENAME = "controller.ckpt"
+PROXY_HOST_ID = "serval::proxy"
 
 
 @dataclass
@@ -34,7 +33,7 @@ class SavedReplica:
     replica_id: str
     index: int
     version: str
-    pid: int | None
+    host: HostRef
     path: str
     state: str
     model_ids: frozenset[str]
@@ -60,19 +59,30 @@ class SavedApp:
 @dataclass
 class Checkpoint:
     table_version: int
-    proxy_pid: int | None
+    proxy: HostRef | None
     apps: list[SavedApp] = field(default_factory=list)
 
 
+@dataclass
+class Restored:
+    """What a restarted controller takes over: its apps, the replicas still alive (to watch
+    again), and the proxy if it is."""
+
+    table_version: int
+    apps: dict[str, AppState]
+    replicas: list[tuple[AppState, DeploymentState, ReplicaRecord]]
+    proxy: ReplicaHost | None
+
+
 def path_in(address: str) -> str:
-    return os.path.join(address, FILENAME)
+    return layout.checkpoint_path(address)
 
 
-def save(controller: Controller, address: str) -> None:
+def save(address: str, table_version: int, proxy: ReplicaHost | None, apps: list[AppState]) -> None:
     ckpt = Checkpoint(
-        controller.table_version,
-        controller.proxy.pid if controller.proxy is not None else None,
-        [_save_app(app) for app in controller.apps.values()],
+        table_version,
+        proxy.ref if proxy is not None else None,
+        [_save_app(app) for app in apps],
     )
     target = path_in(address)
     tmp = f"{target}.tmp"
@@ -89,7 +99,7 @@ def _save_app(app: AppState) -> SavedApp:
             dep.failed_message,
             [
                 SavedReplica(
-                    r.replica_id, r.index, r.version, r.host.pid, r.path, r.state.value, r.model_ids
+                    r.replica_id, r.index, r.version, r.host.ref, r.path, r.state.value, r.model_ids
                 )
                 for r in dep.replicas.values()
             ],
@@ -109,9 +119,10 @@ def load(address: str) -> Checkpoint | None:
     return None
 
 
-def restore(controller: Controller, ckpt: Checkpoint) -> None:
-    """Rebuild the controller's state; adopt live replicas; forget the dead ones."""
-    controller.table_version = ckpt.table_version + 1  # callers ignore versions they have seen
+def restore(ckpt: Checkpoint, backend: Backend) -> Restored:
+    """Rebuild the apps; adopt the hosts still alive; forget the dead ones."""
+    apps: dict[str, AppState] = {}
+    replicas: list[tuple[AppState, DeploymentState, ReplicaRecord]] = []
     for saved in ckpt.apps:
         app = AppState(saved.spec, {}, deployed_at=saved.deployed_at, deleting=saved.deleting)
         for sd in saved.deployments:
@@ -121,19 +132,23 @@ def restore(controller: Controller, ckpt: Checkpoint) -> None:
             dep.autoscale_target = sd.autoscale_target
             app.deployments[dep.name] = dep
             for sr in sd.replicas:
-                _adopt(controller, app, dep, sr)
-            controller.setup_autoscaling(app, dep)
-        controller.apps[saved.spec.name] = app
+                rec = _adopt(backend, sr)
+                if rec is not None:
+                    replicas.append((app, dep, rec))
+        apps[saved.spec.name] = app
+    proxy = backend.adopt(PROXY_HOST_ID, ckpt.proxy) if ckpt.proxy is not None else None
+    # callers ignore versions they have seen: the new controller's count starts past them
+    return Restored(ckpt.table_version + 1, apps, replicas, proxy)
 
 
-def _adopt(controller: Controller, app: AppState, dep: DeploymentState, sr: SavedReplica) -> None:
-    host = controller.backend.adopt(sr.replica_id, sr.pid) if sr.pid is not None else None
+def _adopt(backend: Backend, sr: SavedReplica) -> ReplicaRecord | None:
+    host = backend.adopt(sr.replica_id, sr.host)
     if host is None:
-        return  # died with (or since) the old controller: reconciliation replaces it
+        return None  # died with (or since) the old controller: reconciliation replaces it
     state = ReplicaState(sr.state)
     if state == ReplicaState.STARTING:
         host.kill()  # its constructor was reporting to a controller that is gone: start over
-        return
+        return None
     rec = ReplicaRecord(sr.replica_id, sr.index, sr.version, host, sr.path, state)
     rec.model_ids = sr.model_ids
-    controller.adopt_replica(app, dep, rec)
+    return rec

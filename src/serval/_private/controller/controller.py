@@ -12,11 +12,10 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from serval._private import metrics, protocol
-from serval._private.backends.base import Backend, ReplicaHost
-from serval._private.client import Table
+from serval._private.backends.base import Backend, Exit, ReplicaHost
 from serval._private.controller import checkpoint
 from serval._private.controller.autoscaling import AutoscalingPolicy
 from serval._private.controller.state import (
@@ -25,15 +24,19 @@ from serval._private.controller.state import (
     ReplicaRecord,
     ReplicaState,
 )
-from serval._private.procs import exit_reason
-from serval._private.router import DeploymentInfo, ReplicaInfo
-from serval._private.rpc import RpcPeer
+from serval._private.telemetry import metrics
+from serval._private.wire import protocol
+from serval._private.wire.control import ProxyCalls, ReplicaCalls
+from serval._private.wire.messages import PUSH, Push
+from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
 from serval.config import HTTPOptions
-from serval.deployment import AppSpec
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError, ServalError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
@@ -63,6 +66,7 @@ class Controller:
         self._proxy_ready_at: float | None = None  # when the running proxy said it listens
         self._proxy_start_failures = 0  # exits in a row before it was ready
         self._proxy_restarts = 0  # restarts in a row without a proxy that stayed up
+        self._proxy_peer: RpcPeer | None = None  # the proxy's control connection
         self.stopping = False
         self.apps: dict[str, AppState] = {}
         self.subscribers: set[RpcPeer] = set()
@@ -73,19 +77,26 @@ class Controller:
 
     def start(self, recover: bool = False) -> None:
         ckpt = checkpoint.load(self.address) if recover and self.address else None
-        if ckpt is not None:
-            checkpoint.restore(self, ckpt)
+        restored = checkpoint.restore(ckpt, self.backend) if ckpt is not None else None
+        if restored is not None:
+            self.table_version = restored.table_version
+            self.apps = restored.apps
+            for app, dep, rec in restored.replicas:
+                self.adopt_replica(app, dep, rec)
+            for app in self.apps.values():
+                for dep in app.deployments.values():
+                    self.setup_autoscaling(app, dep)
             logger.info("recovered %d application(s) from the checkpoint", len(self.apps))
         if self.http is not None and self.http.enabled:
-            proxy = None
-            if ckpt is not None and ckpt.proxy_pid is not None:
-                proxy = self.backend.adopt("serval::proxy", ckpt.proxy_pid)
+            proxy = restored.proxy if restored is not None else None
             if proxy is not None:
                 self.proxy = proxy
                 self._proxy_ready_at = time.monotonic()  # it served the previous controller
                 self._spawn(self._watch_proxy(proxy))
             else:
                 self._start_proxy()
+        elif restored is not None and restored.proxy is not None:
+            restored.proxy.kill()
         for app in list(self.apps.values()):
             if app.deleting:
                 self._spawn(self._delete(app))
@@ -113,7 +124,7 @@ class Controller:
         if self.address is None or self.stopping:
             return
         try:
-            checkpoint.save(self, self.address)
+            checkpoint.save(self.address, self.table_version, self.proxy, list(self.apps.values()))
         except OSError as exc:
             logger.error("could not write the checkpoint: %s", exc)
 
@@ -126,10 +137,10 @@ class Controller:
         self._spawn(self._watch_proxy(self.proxy))
 
     async def _watch_proxy(self, host: ReplicaHost) -> None:
-        code = await host.wait()
+        ended = await host.wait()
         if self.stopping or self.proxy_error is not None or host is not self.proxy:
             return
-        reason = exit_reason(code)
+        reason = ended.reason
         if self._proxy_ready_at is None:
             self._proxy_start_failures += 1
             if self._proxy_start_failures >= _PROXY_MAX_START_FAILURES:
@@ -154,6 +165,7 @@ class Controller:
         self.proxy_changed = asyncio.Event()
 
     def rpc_proxy_ready(self, peer: RpcPeer, error: str | None) -> None:
+        self._proxy_peer = peer
         self.proxy_error = error
         if error is None:
             self._proxy_ready_at = time.monotonic()
@@ -257,7 +269,10 @@ class Controller:
             if r.peer is not None and not r.peer.closed
         ]
         found = await asyncio.gather(
-            *(asyncio.wait_for(p.call("export_metrics"), _METRICS_TIMEOUT_S) for p in peers),
+            *(
+                asyncio.wait_for(ReplicaCalls(p.call).export_metrics(), _METRICS_TIMEOUT_S)
+                for p in peers
+            ),
             return_exceptions=True,
         )
         return metrics.merge(s for s in found if isinstance(s, list))
@@ -280,14 +295,22 @@ class Controller:
 
     async def rpc_shutdown(self, peer: RpcPeer) -> None:
         self.stopping = True
-        if self.proxy is not None:
-            self.proxy.terminate()
+        proxy_stopped = self._spawn(self._stop_proxy()) if self.proxy is not None else None
         await asyncio.gather(*(self._delete(app) for app in list(self.apps.values())))
-        if self.proxy is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.proxy.wait(), _KILL_AFTER_S)
-            self.proxy.kill()
+        if proxy_stopped is not None:
+            await proxy_stopped
         self.stopped.set()
+
+    async def _stop_proxy(self) -> None:
+        """Ask the proxy to finish its requests and exit; kill it if it has not in time."""
+        assert self.proxy is not None
+        peer = self._proxy_peer
+        if peer is not None and not peer.closed:
+            with contextlib.suppress(Exception):  # gone already, or not answering: killed below
+                await asyncio.wait_for(ProxyCalls(peer.call).drain(), _KILL_AFTER_S)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.proxy.wait(), _KILL_AFTER_S)
+        self.proxy.kill()
 
     async def owner_gone(self) -> None:
         """The owner died without a shutdown: kill the proxy and every replica known here
@@ -305,22 +328,22 @@ class Controller:
 
     # -- RPC: replicas ---------------------------------------------------------------------------
 
-    def rpc_register(self, peer: RpcPeer, replica_id: str) -> dict[str, Any]:
+    def rpc_register(self, peer: RpcPeer, replica_id: str) -> ReplicaInit:
         found = self._replicas.get(replica_id)
         if found is None:
             raise LookupError(f"unknown replica {replica_id}")
         app, dep, rec = found
         rec.peer = peer
         peer.info["replica_id"] = replica_id
-        return {
-            "app": app.spec.name,
-            "deployment": dep.name,
-            "payload": dep.spec.payload,
-            "is_function": dep.spec.is_function,
-            "config": dep.spec.config,
-            "sys_path": app.spec.sys_path,
-            "cwd": app.spec.cwd,
-        }
+        return ReplicaInit(
+            app=app.spec.name,
+            deployment=dep.name,
+            payload=dep.spec.payload,
+            is_function=dep.spec.is_function,
+            config=dep.spec.config,
+            sys_path=app.spec.sys_path,
+            cwd=app.spec.cwd,
+        )
 
     def rpc_reattach(self, peer: RpcPeer, replica_id: str) -> None:
         """A replica adopted after a controller restart reconnects its control channel."""
@@ -391,8 +414,8 @@ class Controller:
         self._schedule_save()
 
     async def _watch(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
-        code = await rec.host.wait()
-        self._on_exit(app, dep, rec, code)
+        ended = await rec.host.wait()
+        self._on_exit(app, dep, rec, ended)
 
     # -- autoscaling -------------------------------------------------------------------------------
 
@@ -428,7 +451,11 @@ class Controller:
     ) -> None:
         running = [r for r in dep.running() if r.peer is not None and not r.peer.closed]
         counts = await asyncio.gather(
-            *(asyncio.wait_for(r.peer.call("metrics"), interval) for r in running if r.peer),
+            *(
+                asyncio.wait_for(ReplicaCalls(r.peer.call).metrics(), interval)
+                for r in running
+                if r.peer
+            ),
             return_exceptions=True,
         )
         now = time.monotonic()
@@ -475,7 +502,7 @@ class Controller:
     ) -> None:
         try:
             assert rec.peer is not None
-            await rec.peer.call("reconfigure", user_config=user_config)
+            await ReplicaCalls(rec.peer.call).reconfigure(user_config)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {protocol.safe_str(exc)}"
             logger.error("reconfigure of replica %s failed: %s", rec.replica_id, reason)
@@ -493,7 +520,9 @@ class Controller:
             if rec.peer is None or rec.peer.closed:
                 continue  # adopted and not reattached yet, or dying: its exit is watched
             try:
-                await asyncio.wait_for(rec.peer.call("check_health"), config.health_check_timeout_s)
+                await asyncio.wait_for(
+                    ReplicaCalls(rec.peer.call).check_health(), config.health_check_timeout_s
+                )
             except Exception as exc:
                 reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
                 if rec.state != ReplicaState.RUNNING:
@@ -515,22 +544,25 @@ class Controller:
         rec.state = ReplicaState.STOPPING
         if was_running:
             self._publish()  # callers stop sending before the replica starts draining
-        if graceful:
-            rec.host.terminate()
-            timeout = dep.spec.config.graceful_shutdown_timeout_s + _KILL_AFTER_S
-            self._spawn(self._kill_later(rec, timeout))
-        else:
+        if graceful and rec.peer is not None:
+            self._spawn(self._drain(rec, dep.spec.config.graceful_shutdown_timeout_s))
+        else:  # (not registered yet: nothing runs there to finish)
             rec.host.kill()
 
-    async def _kill_later(self, rec: ReplicaRecord, delay: float) -> None:
+    async def _drain(self, rec: ReplicaRecord, grace: float) -> None:
+        """Ask the replica to finish its requests and exit; kill it if it has not in time."""
+        peer = rec.peer
+        if peer is not None and not peer.closed:
+            with contextlib.suppress(Exception):  # gone already, or not answering: killed below
+                await asyncio.wait_for(ReplicaCalls(peer.call).drain(), _KILL_AFTER_S)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(rec.host.wait(), delay)
+            await asyncio.wait_for(rec.host.wait(), grace + _KILL_AFTER_S)
             return
         logger.warning("replica %s did not exit in time; killing it", rec.replica_id)
         rec.host.kill()
 
     def _on_exit(
-        self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, code: int | None
+        self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, ended: Exit
     ) -> None:
         self._schedule_save()
         dep.replicas.pop(rec.replica_id, None)
@@ -538,20 +570,20 @@ class Controller:
         if rec.peer is not None:
             rec.peer.close()
         if rec.state == ReplicaState.RUNNING:
-            logger.warning("replica %s of %s died (exit code %s)", rec.replica_id, dep.name, code)
+            logger.warning("replica %s of %s died (%s)", rec.replica_id, dep.name, ended.reason)
             self._publish()
         elif rec.state == ReplicaState.STARTING and not dep.failed_message:
             dep.start_failures += 1
             logger.warning(
-                "replica %s of %s died while starting (exit code %s)",
+                "replica %s of %s died while starting (%s)",
                 rec.replica_id,
                 dep.name,
-                code,
+                ended.reason,
             )
             if dep.start_failures >= _MAX_START_FAILURES:
                 dep.failed_message = (
                     f"replicas died while starting, {dep.start_failures} times in a row "
-                    f"(last exit code {code}); see the log above"
+                    f"(last: {ended.reason}); see the log above"
                 )
         self._after_change(app, dep)
 
@@ -632,17 +664,19 @@ class Controller:
         self._schedule_save()
         self.table_version += 1
         table = (self.table_version, self._table(), self._routes())
-        pieces = protocol.dumps((protocol.PUSH, "table", table))
+        pieces = protocol.encode(Push(PUSH, "table", table))
         for peer in list(self.subscribers):
             if peer.closed or peer.conn is None:
                 self.subscribers.discard(peer)
                 continue
             peer.conn.send_pieces(pieces)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` as a task of the controller's (``close`` cancels and awaits them)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

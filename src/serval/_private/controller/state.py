@@ -9,8 +9,8 @@ from enum import StrEnum
 
 from serval._private.backends.base import ReplicaHost
 from serval._private.controller.autoscaling import AutoscalingPolicy
-from serval._private.rpc import RpcPeer
-from serval.deployment import AppSpec, DeploymentSpec
+from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.types import AppSpec, DeploymentSpec
 
 
 class ReplicaState(StrEnum):

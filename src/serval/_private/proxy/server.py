@@ -6,10 +6,12 @@ import asyncio
 import logging
 import resource
 import socket
+from typing import Any
 
-from serval._private.client import ClusterClient
-from serval._private.http_protocol import protocol_for
-from serval._private.proxy import ProxyApp
+from serval._private.caller.client import ClusterClient
+from serval._private.proxy.app import ProxyApp
+from serval._private.proxy.http_protocol import protocol_for
+from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval.proxy")
@@ -60,22 +62,37 @@ def _bind(options: HTTPOptions) -> socket.socket:
     return sock
 
 
+class ProxyControl:
+    """The proxy's side of the control plane (``wire.control.ProxyCalls``)."""
+
+    def __init__(self) -> None:
+        self.server: Any = None  # the uvicorn server, once it runs
+        self.draining = False
+
+    def rpc_drain(self, peer: RpcPeer) -> None:
+        """Stop listening, finish the requests in flight, then exit (uvicorn's shutdown)."""
+        self.draining = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+
 async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     import uvicorn
 
     loop = asyncio.get_running_loop()
+    control = client.handler = ProxyControl()
     try:
         sock = _bind(options)
     except OSError as exc:
-        await client.call_controller(
-            "proxy_ready", error=f"cannot listen on {options.host}:{options.port}: {exc}"
+        await client.controller.proxy_ready(
+            f"cannot listen on {options.host}:{options.port}: {exc}"
         )
         raise SystemExit(1) from exc
 
     acks: set[asyncio.Task[None]] = set()
 
     def ack(version: int) -> None:
-        task = loop.create_task(client.call_controller("proxy_ack", version=version))
+        task = loop.create_task(client.controller.proxy_ack(version))
         acks.add(task)
         task.add_done_callback(acks.discard)
 
@@ -106,7 +123,9 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
         date_header=False,
     )
     server = uvicorn.Server(config)
-    await client.call_controller("proxy_ready", error=None)
+    control.server = server
+    server.should_exit = control.draining  # (asked to stop before it started)
+    await client.controller.proxy_ready(None)
     logger.info(
         "HTTP proxy listening on http://%s:%s (at most %d connections)",
         options.host,

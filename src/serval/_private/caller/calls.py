@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from serval._private.outflow import CREDIT_EVERY
+from serval._private.wire.messages import CREDIT_EVERY
 from serval.exceptions import GetTimeoutError
 
 logger = logging.getLogger(__name__)

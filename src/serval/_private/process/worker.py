@@ -1,4 +1,4 @@
-"""Entry point of every serval process: ``python -P -m serval._private.worker serval::<role>
+"""Entry point of every serval process: ``python -P -m serval._private.process.worker serval::<role>
 <label>``.
 
 The role and label come first on the command line so that ``ps`` tells what each process is.
@@ -21,13 +21,15 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from serval._private import lifeline, procs, rundir, runtime, transport
 from serval._private.backends.local import LocalBackend
-from serval._private.client import controller_path
+from serval._private.caller import runtime
 from serval._private.controller.controller import Controller
-from serval._private.replica import Replica
-from serval._private.rpc import RpcPeer
-from serval._private.settings import settings
+from serval._private.process import lifeline, procs, rundir
+from serval._private.process.settings import settings
+from serval._private.replica.server import Replica
+from serval._private.wire import transport
+from serval._private.wire.layout import controller_path
+from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval")
@@ -129,15 +131,14 @@ async def _replica_main(args: argparse.Namespace) -> None:
     _exit_with_owner(args)
     runtime.set_address(args.address)
     replica = Replica(args.address, args.replica_id)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The controller stops a replica with a message (drain); SIGTERM does the same, for `kill`.
+    loop.add_signal_handler(signal.SIGTERM, replica.begin_drain)
     await replica.start()
-    await stop.wait()
-    await replica.drain()
+    await replica.stopped.wait()
 
 
 async def _proxy_main(args: argparse.Namespace) -> None:
-    from serval._private.proxy_server import serve_proxy
+    from serval._private.proxy.server import serve_proxy
 
     loop = asyncio.get_running_loop()
     _exit_with_owner(args)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
     if args.role == "serval::daemon":
-        from serval._private.daemon import run_daemon
+        from serval._private.process.daemon import run_daemon
 
         run_daemon(args.address, HTTPOptions.from_json(args.http_options))
         return

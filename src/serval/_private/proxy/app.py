@@ -26,18 +26,18 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serval._private import metrics
-from serval._private.calls import Call
-from serval._private.client import ClusterClient
-from serval._private.http_protocol import (
+from serval._private.caller.calls import Call
+from serval._private.caller.client import ClusterClient
+from serval._private.proxy.http_protocol import (
     Exchange,
     ProxyHttpProtocol,
     Reply,
     text_reply,
     unquote_path,
 )
-from serval._private.http_replica import pack_scope
-from serval._private.protocol import safe_str
+from serval._private.telemetry import metrics
+from serval._private.wire import asgi
+from serval._private.wire.protocol import safe_str
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval.proxy")
@@ -122,9 +122,8 @@ class ProxyApp:
             if int(length) > limit:
                 ex.refuse(413, f"Request body larger than {limit} bytes")
                 return ex
-        ex.wire = (
+        ex.wire = asgi.pack_http(
             "" if prefix == "/" else prefix,  # root_path
-            "http",
             http_version,
             method,
             conn.scheme,
@@ -134,7 +133,6 @@ class ProxyApp:
             headers,
             conn.client,
             conn.server,
-            None,
         )
         meta = {"asgi": True, "request_id": ex.request_id, "route": prefix}
         if model:
@@ -195,8 +193,8 @@ class ProxyApp:
     async def _gather_metrics(self) -> metrics.Snapshot:
         try:
             started = self.client.loop.time()
-            snapshot: metrics.Snapshot = await asyncio.wait_for(
-                self.client.call_controller("collect_metrics"), _METRICS_GATHER_TIMEOUT_S
+            snapshot = await asyncio.wait_for(
+                self.client.controller.collect_metrics(), _METRICS_GATHER_TIMEOUT_S
             )
             self._metrics_cache = (started, snapshot)
             return snapshot
@@ -230,7 +228,7 @@ class ProxyApp:
         root_path = scope.get("root_path", "")
         if prefix != "/":
             root_path += prefix
-        wire = pack_scope(scope, root_path)
+        wire = asgi.pack_scope(scope, root_path)
         meta = {"asgi": True, "request_id": _new_request_id(), "route": prefix}
         if model:
             meta["multiplexed_model_id"] = model

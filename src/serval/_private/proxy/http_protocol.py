@@ -32,13 +32,15 @@ import math
 import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from serval._private.calls import Call, StreamBuffer
-from serval._private.protocol import safe_str
+from serval._private.caller.calls import Call, StreamBuffer
+from serval._private.caller.client import ClusterClient
+from serval._private.wire.protocol import safe_str
+from serval.config import HTTPOptions
 from serval.exceptions import (
     BackPressureError,
     DeploymentNotFoundError,
@@ -47,13 +49,30 @@ from serval.exceptions import (
     RequestCancelledError,
 )
 
-if TYPE_CHECKING:
-    from serval._private.proxy import ProxyApp
-
 logger = logging.getLogger("serval.proxy")
 
 Headers = list[tuple[bytes, bytes]]
 Reply = tuple[int, Headers, bytes]
+
+
+class ProxyApp(Protocol):
+    """What the connections need of the proxy's routing (``app.ProxyApp``)."""
+
+    client: ClusterClient
+    options: HTTPOptions
+    # (route prefix, method, status) -> requests answered, for /-/metrics
+    http_requests: dict[tuple[str, str, int], int]
+
+    def exchange(
+        self,
+        conn: ProxyHttpProtocol,
+        method: str,
+        http_version: str,
+        url: Any,
+        headers: Headers,
+        keep_alive: bool,
+    ) -> Exchange: ...
+
 
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

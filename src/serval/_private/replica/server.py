@@ -26,19 +26,47 @@ from typing import Any
 
 import cloudpickle
 
-from serval._private import metrics, protocol, request_context, runtime, transport
-from serval._private.client import controller_path
-from serval._private.http_replica import (
+from serval._private.caller import runtime
+from serval._private.replica import request_context
+from serval._private.replica.http import (
     BodyStream,
     ResponseCollector,
     Unfinished,
     respond,
     serve_http_sync,
-    unpack_scope,
 )
-from serval._private.outflow import Outflow, frame_bytes
-from serval._private.rpc import RpcPeer
-from serval._private.sync_runner import SyncRunner, unwrap
+from serval._private.replica.outflow import Outflow, frame_bytes
+from serval._private.replica.sync_runner import SyncRunner, unwrap
+from serval._private.telemetry import metrics
+from serval._private.wire import layout, protocol, transport
+from serval._private.wire.asgi import scope_type, unpack_scope
+from serval._private.wire.control import ControllerCalls
+from serval._private.wire.layout import controller_path
+from serval._private.wire.messages import (
+    CREDIT,
+    DRAINING,
+    ERROR,
+    REJECT,
+    RESULT,
+    STREAM_END,
+    STREAM_ITEM,
+    Cancel,
+    Credit,
+    Drained,
+    Draining,
+    Error,
+    ErrorPayload,
+    Input,
+    Message,
+    Reject,
+    Request,
+    Result,
+    StreamEnd,
+    StreamItem,
+)
+from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.transport import Undecodable
+from serval._private.wire.types import ReplicaInit
 from serval.config import DeploymentConfig
 from serval.exceptions import RequestCancelledError, SerializationError
 
@@ -46,7 +74,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_THREADS = 512
 _CONTROL_THREADS = 2
-_DRAIN_LINGER_S = 0.05
 _REATTACH_DELAY_S = 0.1
 # Results of these types pickle identically without cloudpickle (HTTP replies are tuples).
 _PLAIN_RESULTS = frozenset({str, bytes, int, float, bool, type(None), tuple})
@@ -99,7 +126,7 @@ class Replica:
         self.address = address
         self.replica_id = replica_id
         self.loop = asyncio.get_running_loop()
-        self.path = os.path.join(address, "r", f"{replica_id}.sock")
+        self.path = layout.replica_path(address, replica_id)
         self.app = ""
         self.deployment = ""
         self.config = DeploymentConfig()
@@ -112,6 +139,10 @@ class Replica:
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self._drainer: asyncio.Task[None] | None = None
+        self._unacked: set[transport.Connection] = set()  # callers yet to say Drained
+        self._drained = asyncio.Event()
+        self.stopped = asyncio.Event()  # drained: the process may exit
         self._backlog: deque[tuple[transport.Connection, int, str, Any, Any, Any]] = deque()
         self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
         self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
@@ -132,9 +163,10 @@ class Replica:
     async def start(self) -> None:
         self._server = await transport.listen(self.path, self._new_connection)
         self.controller = await RpcPeer.connect(controller_path(self.address), handler=self)
-        init = await self.controller.call("register", replica_id=self.replica_id)
+        calls = ControllerCalls(self.controller.call)
+        init = await calls.register(self.replica_id)
         error = await self._init_user(init)
-        await self.controller.call("replica_ready", replica_id=self.replica_id, error=error)
+        await calls.replica_ready(self.replica_id, error)
         # Only now: a controller lost while starting means starting over, not reattaching.
         self.controller.on_close = self._controller_lost
 
@@ -148,7 +180,7 @@ class Replica:
         while not self.draining:
             try:
                 peer = await RpcPeer.connect(controller_path(self.address), handler=self)
-                await peer.call("reattach", replica_id=self.replica_id)
+                await ControllerCalls(peer.call).reattach(self.replica_id)
             except (OSError, ConnectionError):
                 await asyncio.sleep(_REATTACH_DELAY_S)
                 continue
@@ -160,24 +192,24 @@ class Replica:
             logger.info("reattached to the controller")
             return
 
-    async def _init_user(self, init: dict[str, Any]) -> str | None:
-        self.app, self.deployment = init["app"], init["deployment"]
-        self.config = init["config"]
+    async def _init_user(self, init: ReplicaInit) -> str | None:
+        self.app, self.deployment = init.app, init.deployment
+        self.config = init.config
         runtime.set_replica(
             runtime.ReplicaIdentity(self.app, self.deployment, self.replica_id), self.loop
         )
-        for entry in reversed(init["sys_path"]):
+        for entry in reversed(init.sys_path):
             if entry and entry not in sys.path:
                 sys.path.insert(0, entry)
         with contextlib.suppress(OSError):
-            os.chdir(init["cwd"])
+            os.chdir(init.cwd)
         self._pool = SyncRunner(
             self.loop, min(self.config.max_ongoing_requests, _MAX_THREADS), "serval-user"
         )
         self._control_pool = SyncRunner(self.loop, _CONTROL_THREADS, "serval-control")
         try:
-            target, args, kwargs = pickle.loads(init["payload"])
-            if init["is_function"]:
+            target, args, kwargs = pickle.loads(init.payload)
+            if init.is_function:
                 self.user = _FunctionDeployment(target)
             else:
                 self.user = await self._construct(target, args, kwargs)
@@ -202,9 +234,8 @@ class Replica:
     def _models_changed(self, model_ids: list[str]) -> None:
         if self.controller is None or self.controller.closed:
             return
-        task = self.loop.create_task(
-            self.controller.call("record_models", replica_id=self.replica_id, model_ids=model_ids)
-        )
+        calls = ControllerCalls(self.controller.call)
+        task = self.loop.create_task(calls.record_models(self.replica_id, model_ids))
         task.add_done_callback(_ignore_result)
 
     async def _construct(self, cls: type, args: Any, kwargs: Any) -> Any:
@@ -287,9 +318,12 @@ class Replica:
             self._outflows.pop(key).cancel()
         if self._backlog:
             self._backlog = deque(entry for entry in self._backlog if entry[0] is not conn)
+        if self._unacked:
+            self._unacked.discard(conn)
+            self._drain_progress()
 
-    def _on_message(self, conn: transport.Connection, msg: Any) -> None:
-        if isinstance(msg, transport.Undecodable):
+    def _on_message(self, conn: transport.Connection, msg: Message | Undecodable) -> None:
+        if isinstance(msg, Undecodable):
             self._reply_error(
                 conn,
                 msg.tag,
@@ -299,25 +333,27 @@ class Replica:
                 ),
             )
             return
-        kind = msg[0]
-        if kind == protocol.REQUEST:
-            _, rid, method, args, kwargs, meta = msg
+        if type(msg) is Request:
+            rid = msg.rid
             if self.draining:
-                conn.send((protocol.REJECT, rid, None, self.ongoing), rid)
+                conn.send(Reject(REJECT, rid, None, self.ongoing), rid)
             elif self.ongoing >= self.config.max_ongoing_requests:
-                self._backlog.append((conn, rid, method, args, kwargs, meta))
+                self._backlog.append((conn, rid, msg.method, msg.args, msg.kwargs, msg.meta))
             else:
-                self._run(conn, rid, method, args, kwargs, meta)
-        elif kind == protocol.CREDIT:
-            flow = self._outflows.get((conn, msg[1]))
+                self._run(conn, rid, msg.method, msg.args, msg.kwargs, msg.meta)
+        elif type(msg) is Credit:
+            flow = self._outflows.get((conn, msg.rid))
             if flow is not None:
-                flow.credit(msg[2])
-        elif kind == protocol.CANCEL:
-            self._cancel(conn, msg[1])
-        elif kind == protocol.INPUT:
-            queue = self._inputs.get((conn, msg[1]))
+                flow.credit(msg.nbytes)
+        elif type(msg) is Cancel:
+            self._cancel(conn, msg.rid)
+        elif type(msg) is Input:
+            queue = self._inputs.get((conn, msg.rid))
             if queue is not None:
-                queue.put_nowait(msg[2])
+                queue.put_nowait(msg.message)
+        elif type(msg) is Drained:
+            self._unacked.discard(conn)
+            self._drain_progress()
 
     def _cancel(self, conn: transport.Connection, rid: int) -> None:
         fut = self._running.get(conn, {}).get(rid)
@@ -354,7 +390,7 @@ class Replica:
         done = partial(self._done, conn, rid, method, stream, _clock())
         try:
             fut: asyncio.Future[Any]
-            if asgi and self._sync_http and args[0][1] == "http":
+            if asgi and self._sync_http and scope_type(args[0]) == "http":
                 if meta.get("more_body"):  # a streamed body: whole first, on the loop
                     fut = self.loop.create_task(self._whole_body(conn, rid, args[1]))
                     fut.add_done_callback(
@@ -428,8 +464,8 @@ class Replica:
         if type(value) in _PLAIN_RESULTS and self.ongoing == 1:
             try:
                 # ``ongoing`` as it will be once the loop counts this call finished
-                reply = (protocol.RESULT, rid, value, self.ongoing - 1)
-                pieces = protocol.dumps(reply, rid, True)
+                reply = Result(RESULT, rid, value, self.ongoing - 1)
+                pieces = protocol.encode(reply, rid, True)
             except BaseException:
                 return value  # the loop's path reports what failed
             if len(pieces) == 1:
@@ -487,7 +523,7 @@ class Replica:
         """A streamed item's frame; a ``SerializationError`` naming it if it does not pickle
         (raised where the generator runs, so the stream ends with it)."""
         try:
-            return protocol.dumps((protocol.STREAM_ITEM, rid, item), rid)
+            return protocol.encode(StreamItem(STREAM_ITEM, rid, item), rid)
         except BaseException as err:
             name = getattr(fn, "__name__", "method")
             raise protocol.serialization_error(
@@ -499,7 +535,7 @@ class Replica:
         while the caller has a window of this response unread (a slow client)."""
         if conn.closed:
             return
-        pieces = protocol.dumps((protocol.STREAM_ITEM, rid, message), rid, True)
+        pieces = protocol.encode(StreamItem(STREAM_ITEM, rid, message), rid, True)
         conn.send_pieces(pieces)
         flow = self._outflow(conn, rid, "__call__")
         if flow.add(frame_bytes(pieces)):
@@ -592,7 +628,7 @@ class Replica:
 
     def _send_credit(self, conn: transport.Connection, rid: int, nbytes: int) -> None:
         if not conn.closed:
-            conn.send((protocol.CREDIT, rid, nbytes), rid, True)
+            conn.send(Credit(CREDIT, rid, nbytes), rid, True)
 
     def _method(self, name: str) -> tuple[Callable[..., Any], _Kind]:
         found = self._methods.get(name)
@@ -659,9 +695,13 @@ class Replica:
         if exc is not None:
             self._reply_error(conn, rid, exc)
             return
-        kind = protocol.STREAM_END if stream else protocol.RESULT
+        reply = (
+            StreamEnd(STREAM_END, rid, None, self.ongoing)
+            if stream
+            else Result(RESULT, rid, value, self.ongoing)
+        )
         try:
-            conn.send((kind, rid, value, self.ongoing), rid, type(value) in _PLAIN_RESULTS)
+            conn.send(reply, rid, type(value) in _PLAIN_RESULTS)
         except BaseException as err:  # whatever a __reduce__ raises, the caller hears of it
             self._reply_error(
                 conn,
@@ -679,6 +719,8 @@ class Replica:
             self._run(*self._backlog.popleft())
         if self.ongoing == 0:
             self.idle.set()
+            if self.draining:
+                self._drain_progress()
 
     def _reply_error(self, conn: transport.Connection, rid: int, exc: BaseException) -> None:
         """Send ``exc`` to the caller: as itself when it survives pickling, else by its type
@@ -690,11 +732,11 @@ class Replica:
             return
         try:
             type_name, message, tb = protocol.describe_error(exc)
-            payload = (exc if _round_trips(exc) else None, type_name, message, tb)
+            payload = ErrorPayload(exc if _round_trips(exc) else None, type_name, message, tb)
             try:
-                conn.send((protocol.ERROR, rid, payload, self.ongoing), rid)
+                conn.send(Error(ERROR, rid, payload, self.ongoing), rid)
             except BaseException:
-                conn.send((protocol.ERROR, rid, (None, *payload[1:]), self.ongoing), rid)
+                conn.send(Error(ERROR, rid, payload._replace(exc=None), self.ongoing), rid)
             return
         except BaseException as err:
             if conn.closed:
@@ -703,30 +745,59 @@ class Replica:
         logger.error("could not report the error of request %s", rid, exc_info=failure)
         try:
             reason = f"{type(exc).__qualname__} (reporting it raised {type(failure).__name__})"
-            payload = (None, "ServalError", f"the replica could not report an error: {reason}", "")
-            conn.send((protocol.ERROR, rid, payload, self.ongoing), rid, True)
+            text = f"the replica could not report an error: {reason}"
+            payload = ErrorPayload(None, "ServalError", text, "")
+            conn.send(Error(ERROR, rid, payload, self.ongoing), rid, True)
         except BaseException:
             self.unanswered += 1
             logger.exception("request %s could not be answered at all", rid)
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    async def drain(self) -> None:
-        """Stop taking connections; let in-flight requests finish, within the grace period."""
+    def rpc_drain(self, peer: RpcPeer) -> None:
+        """The controller's graceful stop: finish what runs here, then exit (``stopped``)."""
+        self.begin_drain()
+
+    def begin_drain(self) -> None:
+        if self._drainer is None:
+            self._drainer = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Take no new connections; tell each caller to send nothing more (``Draining``) and
+        wait until every caller has said so (``Drained``: on an ordered connection, nothing of
+        theirs can then still be on its way) and the requests in flight have finished. What
+        arrives meanwhile is refused (``Reject``) and routed elsewhere by its caller.
+
+        A live caller answers at once; one that cannot (its event loop is gone, or blocked)
+        sends nothing more either, so it is waited for only ``graceful_shutdown_wait_loop_s``
+        (Ray Serve's wait for work that may still come). Requests in flight are waited for
+        up to ``graceful_shutdown_timeout_s``."""
         self.draining = True
         if self._server is not None:
             self._server.close()
+        self._unacked = {conn for conn in self._running if not conn.closed}
+        for conn in self._unacked:
+            conn.send(Draining(DRAINING))
+        self.loop.call_later(self.config.graceful_shutdown_wait_loop_s, self._stop_waiting_for_acks)
+        self._drain_progress()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.idle.wait(), self.config.graceful_shutdown_timeout_s)
-        # Requests already on their way (sent before the caller saw the new table) get a
-        # REJECT and are routed elsewhere; linger a moment so none is lost on the wire.
-        await asyncio.sleep(_DRAIN_LINGER_S)
+            await asyncio.wait_for(self._drained.wait(), self.config.graceful_shutdown_timeout_s)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         destructor = getattr(type(self.user), "__del__", None)
         if destructor is not None:
             with contextlib.suppress(Exception):
                 destructor(self.user)
+        self.stopped.set()
+
+    def _stop_waiting_for_acks(self) -> None:
+        self._unacked.clear()
+        self._drain_progress()
+
+    def _drain_progress(self) -> None:
+        """While draining: done once every caller has acknowledged and nothing runs."""
+        if self.draining and not self._unacked and self.ongoing == 0 and not self._backlog:
+            self._drained.set()
 
 
 def _answered_despite(collector: ResponseCollector, meta: Any) -> Any:

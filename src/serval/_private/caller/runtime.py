@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from serval._private.client import ClusterClient
+from serval._private.caller.client import ClusterClient
 from serval.exceptions import ServalError
 
 T = TypeVar("T")

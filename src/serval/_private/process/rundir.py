@@ -20,16 +20,14 @@ import stat
 import tempfile
 import time
 
-from serval._private import procs
-from serval._private.client import controller_path
+from serval._private.process import procs
+from serval._private.wire import layout
+from serval._private.wire.layout import controller_path
 from serval.exceptions import ServalError
 
-OWNER_FILE = "owner"
 _PREFIX = "serval-"
 _REMOVING = ".removing-"
 _UNOWNED_GRACE_S = 60.0
-# What a runtime directory holds (one of them at least) once its controller has started.
-_MARKS = ("controller.sock", "controller.ckpt", "r")
 
 
 def make_private(address: str | None) -> str:
@@ -77,7 +75,7 @@ def _denied(address: str, path: str) -> str:
 def record_owner(address: str) -> None:
     """Name this process the owner of the cluster at ``address``."""
     started = procs.start_time(os.getpid())
-    target = os.path.join(address, OWNER_FILE)
+    target = layout.owner_path(address)
     tmp = f"{target}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w") as f:
@@ -87,7 +85,7 @@ def record_owner(address: str) -> None:
 
 def _owner(address: str) -> tuple[int, int | None] | None:
     try:
-        with open(os.path.join(address, OWNER_FILE)) as f:
+        with open(layout.owner_path(address)) as f:
             pid, _, started = f.read().strip().partition(" ")
         return int(pid), int(started) if started else None
     except (OSError, ValueError):
@@ -119,7 +117,7 @@ def is_stale(address: str) -> bool:
     if owner is not None:
         if procs.is_alive(*owner):
             return False
-    elif not any(os.path.lexists(os.path.join(address, m)) for m in _MARKS):
+    elif not any(os.path.lexists(os.path.join(address, m)) for m in layout.MARKS):
         return False  # not a runtime directory (or one whose controller has not started)
     elif time.time() - info.st_mtime < _UNOWNED_GRACE_S:
         return False  # its owner may not have recorded itself yet

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from serval._private.wire.messages import STREAM_WINDOW
 from serval.exceptions import RequestCancelledError
 
-WINDOW = 1 << 20  # bytes of frames sent and not yet credited, at most (one item may pass it)
-CREDIT_EVERY = WINDOW // 4  # the caller credits once it has taken this many bytes
+WINDOW = STREAM_WINDOW
 
 
 class Outflow:

@@ -20,7 +20,9 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serval._private import protocol, request_context
+from serval._private.replica import request_context
+from serval._private.wire import protocol
+from serval._private.wire.asgi import unpack_scope
 
 logger = logging.getLogger(__name__)
 
@@ -31,52 +33,6 @@ ASGIApp = Callable[
     [Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
     Awaitable[None],
 ]
-
-
-# The ASGI scope crosses to the replica as a tuple of these, in this order: smaller and faster
-# to pickle than the dict (whose constant parts the replica fills in itself).
-_SCOPE_FIELDS = (
-    "type",
-    "http_version",
-    "method",
-    "scheme",
-    "path",
-    "raw_path",
-    "query_string",
-    "headers",
-    "client",
-    "server",
-    "subprotocols",
-)
-_ASGI = {"version": "3.0", "spec_version": "2.3"}
-
-
-def pack_scope(scope: Message, root_path: str) -> tuple[Any, ...]:
-    get = scope.get
-    return (
-        root_path,
-        scope["type"],
-        get("http_version"),
-        get("method"),
-        get("scheme"),
-        scope["path"],
-        get("raw_path"),
-        get("query_string"),
-        scope["headers"],
-        get("client"),
-        get("server"),
-        get("subprotocols"),
-    )
-
-
-def unpack_scope(wire: tuple[Any, ...]) -> Message:
-    scope: Message = dict(zip(_SCOPE_FIELDS, wire[1:], strict=True))
-    scope["root_path"] = wire[0]
-    scope["asgi"] = dict(_ASGI)
-    if scope["subprotocols"] is None:
-        del scope["subprotocols"]
-    scope["state"] = {}
-    return scope
 
 
 class ResponseCollector:

@@ -13,7 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from serval._private import protocol, transport
+from serval._private.wire import protocol, transport
+from serval._private.wire.messages import CALL, REPLY, Call, Message, Push, Reply
+from serval._private.wire.transport import Undecodable
 from serval.exceptions import SerializationError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class RpcPeer:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
         try:
-            self.conn.send((protocol.CALL, cid, method, kwargs), cid | _CALL_TAG)
+            self.conn.send(Call(CALL, cid, method, kwargs), cid | _CALL_TAG)
             return await fut
         finally:
             self._pending.pop(cid, None)
@@ -80,24 +82,24 @@ class RpcPeer:
 
     # -- incoming ----------------------------------------------------------------------------
 
-    def _on_message(self, conn: transport.Connection, msg: Any) -> None:
-        if isinstance(msg, transport.Undecodable):
+    def _on_message(self, conn: transport.Connection, msg: Message | Undecodable) -> None:
+        if isinstance(msg, Undecodable):
             self._undecodable(msg)
-            return
-        kind = msg[0]
-        if kind == protocol.REPLY:
-            fut = self._pending.get(msg[1])
+        elif type(msg) is Reply:
+            fut = self._pending.get(msg.cid)
             if fut is not None and not fut.done():
-                if msg[2]:
-                    fut.set_result(msg[3])
+                if msg.ok:
+                    fut.set_result(msg.value)
                 else:
-                    fut.set_exception(msg[3])
-        elif kind == protocol.CALL:
-            task = asyncio.get_running_loop().create_task(self._serve(msg[1], msg[2], msg[3]))
+                    fut.set_exception(msg.value)
+        elif type(msg) is Call:
+            task = asyncio.get_running_loop().create_task(
+                self._serve(msg.cid, msg.method, msg.kwargs)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif kind == protocol.PUSH and self._on_push is not None:
-            self._on_push(msg[1], msg[2])
+        elif type(msg) is Push and self._on_push is not None:
+            self._on_push(msg.topic, msg.value)
 
     async def _serve(self, cid: int, method: str, kwargs: dict[str, Any]) -> None:
         try:
@@ -105,20 +107,20 @@ class RpcPeer:
             value = fn(peer=self, **kwargs)
             if inspect.isawaitable(value):
                 value = await value
-            reply: tuple[Any, ...] = (protocol.REPLY, cid, True, value)
+            reply = Reply(REPLY, cid, True, value)
         except Exception as exc:
             if not isinstance(exc, ConnectionError):
                 logger.debug("rpc %s failed", method, exc_info=True)
-            reply = (protocol.REPLY, cid, False, _portable(exc, method))
+            reply = Reply(REPLY, cid, False, _portable(exc, method))
         if self.conn is None or self.conn.closed:
             return
         try:
             self.conn.send(reply, cid)
         except BaseException as exc:  # an unpicklable exception or value: say so instead
             error = RuntimeError(f"{method}: {type(exc).__name__}: {protocol.safe_str(exc)}")
-            self.conn.send((protocol.REPLY, cid, False, error), cid)
+            self.conn.send(Reply(REPLY, cid, False, error), cid)
 
-    def _undecodable(self, msg: transport.Undecodable) -> None:
+    def _undecodable(self, msg: Undecodable) -> None:
         """A call or reply that did not unpickle here (it holds a class this process cannot
         import, say): answer or fail the call it belongs to, found by the frame's tag, so that
         nobody waits for ever."""
@@ -128,7 +130,7 @@ class RpcPeer:
             cid = msg.tag & ~_CALL_TAG
             error = SerializationError(f"the peer could not decode this call: {reason}")
             if self.conn is not None and not self.conn.closed:
-                self.conn.send((protocol.REPLY, cid, False, error), cid)
+                self.conn.send(Reply(REPLY, cid, False, error), cid)
             return
         fut = self._pending.get(msg.tag)
         if fut is not None and not fut.done():

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import time
 
-from serval._private import procs, rundir
 from serval._private.backends.local import system_env, worker_argv
-from serval._private.cluster import LocalCluster, is_running, make_private_dir
-from serval._private.settings import settings
+from serval._private.process import procs, rundir
+from serval._private.process.cluster import LocalCluster, is_running, make_private_dir
+from serval._private.process.settings import settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 

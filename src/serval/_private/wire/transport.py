@@ -16,9 +16,9 @@ import pickle
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from serval._private import protocol
+from serval._private.wire import protocol
+from serval._private.wire.messages import Message, view
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _MIN_FREE = 16 * 1024
 # ones while this side still produces the rest (one write per tick made the two take turns).
 _FLUSH_AT = 16
 
-MessageHandler = Callable[["Connection", Any], None]
+MessageHandler = Callable[["Connection", "Message | Undecodable"], None]
 LostHandler = Callable[["Connection", "BaseException | None"], None]
 
 
@@ -69,9 +69,9 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, message: Any, tag: int = 0, plain: bool = False) -> None:
+    def send(self, message: Message, tag: int = 0, plain: bool = False) -> None:
         """Queue ``message``; raises if it does not pickle (nothing is queued then)."""
-        self.send_pieces(protocol.dumps(message, tag, plain))
+        self.send_pieces(protocol.encode(message, tag, plain))
 
     def send_pieces(self, pieces: list[bytes | memoryview]) -> None:
         if self.closed:
@@ -239,8 +239,9 @@ class Connection(asyncio.BufferedProtocol):
         self._filled = rest
 
     def _deliver(self, frame: memoryview, hlen: int, mlen: int, blens: list[int]) -> None:
+        message: Message | Undecodable
         try:
-            message = protocol.loads(frame, hlen, mlen, blens)
+            message = view(protocol.loads(frame, hlen, mlen, blens))
         except Exception as exc:
             # Framing is separate from pickling, so the stream stays usable; the handler learns
             # of it as an undecodable message carrying the frame's tag (the request id).
@@ -252,8 +253,9 @@ class Connection(asyncio.BufferedProtocol):
             logger.exception("handling a message failed")
 
     def _deliver_plain(self, pickled: bytearray, tag: int) -> None:
+        message: Message | Undecodable
         try:
-            message = pickle.loads(pickled)
+            message = view(pickle.loads(pickled))
         except Exception as exc:
             message = Undecodable(tag, exc)
         try:

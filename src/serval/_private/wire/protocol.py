@@ -6,9 +6,9 @@ of data-plane messages, so a message that fails to unpickle can still be answere
 Large numpy arrays and bytearrays travel as those buffers, so neither side copies them into the
 pickle stream.
 
-Messages are plain tuples whose first item is a kind constant below. cloudpickle is used for
-every dump because it ships classes defined in ``__main__`` or in a function by value; the load
-side is the standard ``pickle.loads``.
+Messages (``messages``) travel as plain tuples whose first item is their kind. cloudpickle is
+used for every dump because it ships classes defined in ``__main__`` or in a function by
+value; the load side is the standard ``pickle.loads``.
 """
 
 from __future__ import annotations
@@ -25,23 +25,11 @@ from serval.exceptions import SerializationError
 HEADER = struct.Struct("<IHQ")
 BUFLEN = struct.Struct("<Q")
 
-# Data plane: caller → replica.
-REQUEST = 0  # (REQUEST, rid, method, args, kwargs, meta)
-CANCEL = 1  # (CANCEL, rid)
-INPUT = 6  # (INPUT, rid, asgi_message): more input for a running request (websockets, bodies)
-# Data plane: replica → caller. The last item is the replica's number of ongoing requests.
-RESULT = 2  # (RESULT, rid, value, ongoing)
-ERROR = 3  # (ERROR, rid, exc_or_error_payload, ongoing)
-STREAM_ITEM = 4  # (STREAM_ITEM, rid, item)
-STREAM_END = 5  # (STREAM_END, rid, None, ongoing)
-REJECT = 7  # (REJECT, rid, None, ongoing): draining, not run; the caller routes it elsewhere
-# (CREDIT, rid, nbytes): the app took nbytes more of the request's streamed body (0: the
-# request has started, its body may follow); the caller sends more as credit allows.
-CREDIT = 8
-# Control plane, either direction.
-CALL = 10  # (CALL, cid, method, kwargs)
-REPLY = 11  # (REPLY, cid, ok, value)
-PUSH = 12  # (PUSH, topic, value)
+
+def encode(message: tuple[Any, ...], tag: int = 0, plain: bool = False) -> list[bytes | memoryview]:
+    """A message (see ``messages``) as the pieces of its frame: pickled as the plain tuple it
+    is, not as its ``NamedTuple`` class."""
+    return dumps(tuple(message), tag, plain)
 
 
 def dumps(obj: Any, tag: int = 0, plain: bool = False) -> list[bytes | memoryview]:

@@ -23,12 +23,28 @@ import random
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from serval._private import protocol, transport
-from serval._private.calls import Call
+from serval._private.caller.calls import Call
+from serval._private.wire import messages, protocol, transport
+from serval._private.wire.messages import (
+    DRAINED,
+    REQUEST,
+    Credit,
+    Drained,
+    Draining,
+    Error,
+    ErrorPayload,
+    Message,
+    Reject,
+    Request,
+    Result,
+    StreamEnd,
+    StreamItem,
+)
+from serval._private.wire.transport import Undecodable
+from serval._private.wire.types import DeploymentInfo, ReplicaInfo
 from serval.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -43,24 +59,6 @@ from serval.exceptions import (
 logger = logging.getLogger(__name__)
 
 _rids = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    """What a caller needs to reach a replica (pushed by the controller)."""
-
-    replica_id: str
-    path: str
-    model_ids: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class DeploymentInfo:
-    app: str
-    name: str
-    max_ongoing_requests: int
-    max_queued_requests: int
-    replicas: tuple[ReplicaInfo, ...]
 
 
 class ReplicaSlot:
@@ -127,7 +125,7 @@ class ReplicaSlot:
 
     def cancel(self, call: Call) -> None:
         if (call.rid in self.calls or call.rid in self.released) and not self.conn.closed:
-            self.conn.send((protocol.CANCEL, call.rid))
+            self.conn.send(messages.Cancel(messages.CANCEL, call.rid))
 
     def _credit(self, call: Call, nbytes: int) -> None:
         """``call``'s consumer (any thread) took ``nbytes`` more of its stream: the replica may
@@ -140,11 +138,11 @@ class ReplicaSlot:
 
     def _send_credit(self, call: Call, nbytes: int) -> None:
         if (call.rid in self.calls or call.rid in self.released) and not self.conn.closed:
-            self.conn.send((protocol.CREDIT, call.rid, nbytes), call.rid, True)
+            self.conn.send(messages.Credit(messages.CREDIT, call.rid, nbytes), call.rid, True)
 
     def send_input(self, call: Call, message: Any) -> None:
         if call.rid in self.calls and not self.conn.closed:
-            self.conn.send((protocol.INPUT, call.rid, message), call.rid)
+            self.conn.send(messages.Input(messages.INPUT, call.rid, message), call.rid)
 
     def close(self) -> None:
         self.conn.close()
@@ -153,23 +151,23 @@ class ReplicaSlot:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _on_message(self, conn: transport.Connection, msg: Any) -> None:
+    def _on_message(self, conn: transport.Connection, msg: Message | Undecodable) -> None:
         try:
-            if type(msg) is tuple and msg[0] == protocol.RESULT:  # the common case, first
-                _, rid, value, self.reported = msg
-                call = self.calls.pop(rid, None)
+            if type(msg) is Result:  # the common case, first
+                self.reported = msg.ongoing
+                call = self.calls.pop(msg.rid, None)
                 if call is None and self.released:
-                    call = self.released.pop(rid, None)
+                    call = self.released.pop(msg.rid, None)
                 self._finished()
                 if call is not None:
-                    call.set_result(value)
+                    call.set_result(msg.value)
                 return
             self._on_other_message(msg)
         except Exception as exc:  # the call still gets an answer, and the others theirs
             self._message_failed(msg, exc)
 
-    def _on_other_message(self, msg: Any) -> None:
-        if isinstance(msg, transport.Undecodable):
+    def _on_other_message(self, msg: Message | Undecodable) -> None:
+        if isinstance(msg, Undecodable):
             call = self._pop(msg.tag)
             if call is not None:
                 self._finished()
@@ -180,22 +178,28 @@ class ReplicaSlot:
                     )
                 )
             return
-        kind, rid = msg[0], msg[1]
-        if kind == protocol.STREAM_ITEM:
-            call = self.calls.get(rid) or self.released.get(rid)
+        if type(msg) is StreamItem:
+            call = self.calls.get(msg.rid) or self.released.get(msg.rid)
             if call is not None and call.stream is not None:
                 if call.stream.on_taken is None:  # its first item: credit this replica from now
                     call.stream.on_taken = partial(self._credit, call)
-                call.stream.put(msg[2], self.conn.frame_size)
+                call.stream.put(msg.item, self.conn.frame_size)
             return
-        if kind == protocol.CREDIT:  # an HTTP upload's flow control (http_protocol._Upload)
-            call = self.calls.get(rid)
+        if type(msg) is Draining:  # it stops: send nothing more, and say so
+            self.draining = True
+            self.conn.send(Drained(DRAINED))
+            return
+        if type(msg) is Credit:  # an HTTP upload's flow control (http_protocol._Upload)
+            call = self.calls.get(msg.rid)
             if call is not None:
-                call.credit(msg[2], self.send_input)
+                call.credit(msg.nbytes, self.send_input)
             return
-        call = self._pop(rid)
-        self.reported = msg[3]
-        if kind == protocol.REJECT:
+        if type(msg) not in (Error, StreamEnd, Reject):
+            raise TypeError(f"a replica does not send {type(msg).__name__} messages")
+        assert isinstance(msg, (Error, StreamEnd, Reject))
+        call = self._pop(msg.rid)
+        self.reported = msg.ongoing
+        if type(msg) is Reject:
             self.draining = True
             if call is not None:
                 self.router.requeue(call)
@@ -203,14 +207,12 @@ class ReplicaSlot:
         self._finished()
         if call is None:
             return
-        if kind == protocol.RESULT:
-            call.set_result(msg[2])
-        elif kind == protocol.STREAM_END:
+        if type(msg) is StreamEnd:
             assert call.stream is not None
             call.stream.close()
             call.set_result(None)
-        else:
-            call.set_exception(rebuild_error(msg[2]))
+        elif type(msg) is Error:
+            call.set_exception(rebuild_error(msg.error))
 
     def _pop(self, rid: int) -> Call | None:
         call = self.calls.pop(rid, None)
@@ -221,10 +223,8 @@ class ReplicaSlot:
     def _message_failed(self, msg: Any, exc: Exception) -> None:
         """Handling a reply raised: fail its call (if it can be told), keep the connection."""
         logger.error("could not handle a reply from replica %s", self.info.replica_id, exc_info=exc)
-        rid = msg.tag if isinstance(msg, transport.Undecodable) else None
-        if rid is None and type(msg) is tuple and len(msg) > 1 and type(msg[1]) is int:
-            rid = msg[1]
-        call = self._pop(rid) if rid is not None else None
+        rid = msg.tag if isinstance(msg, Undecodable) else getattr(msg, "rid", None)
+        call = self._pop(rid) if type(rid) is int else None
         if call is None:
             return
         call.set_exception(
@@ -276,13 +276,13 @@ class ReplicaSlot:
         self.router.replica_lost(self, reroute)
 
 
-def rebuild_error(payload: tuple[BaseException | None, str, str, str]) -> BaseException:
+def rebuild_error(payload: ErrorPayload) -> BaseException:
     """Turn the replica's error payload back into the user's exception, traceback attached."""
-    exc, type_name, message, tb = payload
+    exc = payload.exc
     if exc is None:
-        return UserCodeError(type_name, message, tb)
-    if tb:
-        exc.__cause__ = RemoteTraceback(tb)
+        return UserCodeError(payload.type_name, payload.message, payload.traceback)
+    if payload.traceback:
+        exc.__cause__ = RemoteTraceback(payload.traceback)
     return exc
 
 
@@ -290,8 +290,8 @@ def _request(call: Call) -> tuple[int, list[bytes | memoryview]]:
     """A new request id for ``call`` and its request frame; raises if an argument does not
     pickle."""
     call.rid = rid = next(_rids)
-    msg = (protocol.REQUEST, rid, call.method, call.args, call.kwargs, call.meta)
-    return rid, protocol.dumps(msg, rid, call.plain)
+    msg = Request(REQUEST, rid, call.method, call.args, call.kwargs, call.meta)
+    return rid, protocol.encode(msg, rid, call.plain)
 
 
 def _args_error(call: Call, exc: BaseException) -> SerializationError:

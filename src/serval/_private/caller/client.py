@@ -10,27 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
-from serval._private.calls import Call
-from serval._private.router import DeploymentInfo, Router
-from serval._private.rpc import RpcPeer
+from serval._private.caller.calls import Call
+from serval._private.caller.router import Router
+from serval._private.wire.control import ControllerCalls
+from serval._private.wire.layout import controller_path
+from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.types import Routes, Table
 from serval.exceptions import DeploymentNotFoundError, RequestCancelledError, ServalError
 
 logger = logging.getLogger(__name__)
 
 _RECONNECT_DELAY_S = 0.1
 _QUEUE_REPORT_INTERVAL_S = 0.5
-
-
-# (version, {(app, deployment): info}, {route_prefix: (app, ingress)})
-Table = tuple[int, dict[tuple[str, str], DeploymentInfo], dict[str, tuple[str, str]]]
-
-
-def controller_path(address: str) -> str:
-    return os.path.join(address, "controller.sock")
 
 
 class ClusterClient:
@@ -40,6 +34,8 @@ class ClusterClient:
         self.routers: dict[tuple[str, str], Router] = {}
         self.table_version = -1
         self._controller: RpcPeer | None = None
+        # The controller's calls, typed; each waits for the controller to be reachable.
+        self.controller = ControllerCalls(self.call_controller)
         # Set once the first replica table is here, and stays set: routing needs a table,
         # not the controller, so calls keep flowing on the last table while the controller
         # restarts (or hangs). Only control calls wait for it (``_connected``).
@@ -49,8 +45,10 @@ class ClusterClient:
         self._connector: asyncio.Task[None] | None = None
         self._closed = False
         # route_prefix -> (app, ingress deployment); used by the HTTP proxy
-        self.routes: dict[str, tuple[str, str]] = {}
+        self.routes: Routes = {}
         self.on_table: Callable[[int], None] | None = None
+        # Calls the controller makes to this process (the proxy's drain), if any.
+        self.handler: object | None = None
         self._reporter: asyncio.Task[None] | None = None
 
     # -- data plane ------------------------------------------------------------------------------
@@ -145,10 +143,13 @@ class ClusterClient:
         while not self._closed:
             try:
                 peer = await RpcPeer.connect(
-                    controller_path(self.address), on_push=self._on_push, on_close=self._on_close
+                    controller_path(self.address),
+                    handler=self.handler,
+                    on_push=self._on_push,
+                    on_close=self._on_close,
                 )
                 self._controller = peer
-                table = await peer.call("subscribe")
+                table = await ControllerCalls(peer.call).subscribe()
                 # A new controller's first table wins whatever its version: it may restart
                 # from a checkpoint written just before the version this client last saw.
                 self._apply_table(table, fresh=True)
@@ -205,7 +206,7 @@ class ClusterClient:
             # Also say "0" once for what was waiting before, so the controller forgets it.
             payload = {**{k: 0 for k in reported}, **counts}
             try:
-                await self.call_controller("record_queued", counts=payload)
+                await self.controller.record_queued(payload)
             except (OSError, ConnectionError):
                 pass
             if not counts:

@@ -19,11 +19,11 @@ import tempfile
 import threading
 import time
 
-from serval._private import lifeline, procs, rundir
 from serval._private.backends.local import system_env, worker_argv
-from serval._private.rundir import is_running
-from serval._private.rundir import make_private as make_private_dir
-from serval._private.settings import settings
+from serval._private.process import lifeline, procs, rundir
+from serval._private.process.rundir import is_running
+from serval._private.process.rundir import make_private as make_private_dir
+from serval._private.process.settings import settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 

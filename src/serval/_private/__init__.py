@@ -1,0 +1,25 @@
+"""serval's internals, in rooms by role. Nothing here is public: the façade is ``serval``.
+
+========== ======================================================== =========================
+room       what lives there                                         may import (of serval's)
+========== ======================================================== =========================
+wire       frames, connections, control calls, the typed messages,  telemetry (a leaf)
+           the shared types and the runtime directory's layout
+telemetry  the metrics registry, its snapshot, merge and rendering  nothing
+caller     the handle side: calls, routers, the cluster client,     wire
+           process-wide state, control calls made from code
+replica    the replica runtime: the server, sync runner, HTTP in    wire, caller, telemetry
+           the replica, request context, streams' flow control
+proxy      the HTTP proxy: its request cycle, routing, server       wire, caller, telemetry
+controller desired state, reconciliation, autoscaling, checkpoint   wire, backends.base,
+                                                                    telemetry
+backends   where replicas run: the interface and its backends       wire, process.procs,
+                                                                    process.settings
+process    entry points, the owner and its lifeline, the daemon,    everything
+           the runtime directory, /proc, settings
+========== ======================================================== =========================
+
+Every room may also import the public leaves ``serval.exceptions``, ``serval.config`` and
+``serval.status``. ``tests/test_layout.py`` checks these rules, and that no module imports
+another in a cycle.
+"""

@@ -1,0 +1,54 @@
+"""Where a local cluster's endpoints and files live in its runtime directory.
+
+The directory (mode 0700) is the cluster's address: ``controller.sock`` (the control plane),
+``r/<replica id>.sock`` (each replica's data plane), ``controller.ckpt`` (the controller's
+checkpoint, which holds the user's pickled code), ``owner`` (who owns the cluster).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CHECKPOINT",
+    "CONTROLLER_SOCKET",
+    "MARKS",
+    "MAX_REPLICA_SOCKET_SUFFIX",
+    "OWNER",
+    "REPLICAS",
+    "checkpoint_path",
+    "controller_path",
+    "owner_path",
+    "replica_path",
+    "replicas_dir",
+]
+
+CONTROLLER_SOCKET = "controller.sock"
+CHECKPOINT = "controller.ckpt"
+OWNER = "owner"
+REPLICAS = "r"
+# What a runtime directory holds (one of them at least) once its controller has started.
+MARKS = (CONTROLLER_SOCKET, CHECKPOINT, REPLICAS)
+# The longest part a replica's socket adds to the directory's path (ids are 12 hex digits):
+# a Unix socket's whole path must fit in 107 bytes.
+MAX_REPLICA_SOCKET_SUFFIX = len(f"/{REPLICAS}/0123456789ab.sock")
+
+
+def controller_path(address: str) -> str:
+    return os.path.join(address, CONTROLLER_SOCKET)
+
+
+def replicas_dir(address: str) -> str:
+    return os.path.join(address, REPLICAS)
+
+
+def replica_path(address: str, replica_id: str) -> str:
+    return os.path.join(address, REPLICAS, f"{replica_id}.sock")
+
+
+def checkpoint_path(address: str) -> str:
+    return os.path.join(address, CHECKPOINT)
+
+
+def owner_path(address: str) -> str:
+    return os.path.join(address, OWNER)
