@@ -135,7 +135,7 @@ async def async_suite(h: Any, warmup: int, seq_n: int, tput_n: int) -> dict[str,
 def cluster_address() -> str | None:
     """The runtime directory of this process's cluster (it appears in its processes' argv)."""
     try:
-        from serval._private import runtime
+        from serval._private.caller import runtime
 
         return runtime.address()
     except Exception:  # private API: the leak check is skipped if it moves
@@ -159,7 +159,7 @@ COLD_START_CODE = textwrap.dedent(
     assert h.echo.remote(1).result() == 1
     t1 = time.perf_counter()
     try:
-        from serval._private import runtime
+        from serval._private.caller import runtime
         address = runtime.address()
     except Exception:
         address = None
