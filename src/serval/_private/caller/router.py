@@ -80,9 +80,8 @@ class ReplicaSlot:
         self._connect_task = self.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.create_unix_connection(lambda: self.conn, self.info.path)
+            await transport.dial(self.info.address, lambda: self.conn)
         except OSError as exc:
             logger.debug("cannot reach replica %s: %s", self.info.replica_id, exc)
             self._on_lost(self.conn, exc)

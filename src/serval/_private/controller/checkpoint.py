@@ -34,7 +34,7 @@ class SavedReplica:
     index: int
     version: str
     host: HostRef
-    path: str
+    address: str
     state: str
     model_ids: frozenset[str]
 
@@ -99,7 +99,13 @@ def _save_app(app: AppState) -> SavedApp:
             dep.failed_message,
             [
                 SavedReplica(
-                    r.replica_id, r.index, r.version, r.host.ref, r.path, r.state.value, r.model_ids
+                    r.replica_id,
+                    r.index,
+                    r.version,
+                    r.host.ref,
+                    r.address,
+                    r.state.value,
+                    r.model_ids,
                 )
                 for r in dep.replicas.values()
             ],
@@ -149,6 +155,6 @@ def _adopt(backend: Backend, sr: SavedReplica) -> ReplicaRecord | None:
     if state == ReplicaState.STARTING:
         host.kill()  # its constructor was reporting to a controller that is gone: start over
         return None
-    rec = ReplicaRecord(sr.replica_id, sr.index, sr.version, host, sr.path, state)
+    rec = ReplicaRecord(sr.replica_id, sr.index, sr.version, host, sr.address, state)
     rec.model_ids = sr.model_ids
     return rec

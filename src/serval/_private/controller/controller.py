@@ -646,7 +646,7 @@ class Controller:
                 continue
             for dep in app.deployments.values():
                 replicas = tuple(
-                    ReplicaInfo(r.replica_id, r.path, r.model_ids)
+                    ReplicaInfo(r.replica_id, r.address, r.model_ids)
                     for r in dep.replicas.values()
                     if r.state == ReplicaState.RUNNING
                 )

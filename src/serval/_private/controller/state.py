@@ -25,7 +25,7 @@ class ReplicaRecord:
     index: int
     version: str
     host: ReplicaHost
-    path: str
+    address: str  # where callers reach it (the backend's replica_address)
     state: ReplicaState = ReplicaState.STARTING
     peer: RpcPeer | None = None
     model_ids: frozenset[str] = frozenset()

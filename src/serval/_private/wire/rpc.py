@@ -50,14 +50,13 @@ class RpcPeer:
     @classmethod
     async def connect(
         cls,
-        path: str,
+        address: str,
         handler: object | None = None,
         on_push: PushHandler | None = None,
         on_close: Callable[[RpcPeer], None] | None = None,
     ) -> RpcPeer:
         peer = cls(handler, on_push, on_close)
-        loop = asyncio.get_running_loop()
-        await loop.create_unix_connection(peer.protocol_factory, path)
+        await transport.dial(address, peer.protocol_factory)
         return peer
 
     @property

@@ -275,11 +275,12 @@ class Undecodable:
         self.error = error
 
 
-async def connect(
-    path: str, on_message: MessageHandler, on_lost: LostHandler | None = None
-) -> Connection:
+async def dial(address: str, factory: Callable[[], Connection]) -> Connection:
+    """Connect to ``address`` with the connection ``factory`` makes. An address is what a
+    backend says a replica (or the controller) listens on: a Unix socket's path on the local
+    backend (other transports are for other backends)."""
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_unix_connection(lambda: Connection(on_message, on_lost), path)
+    _, conn = await loop.create_unix_connection(factory, address)
     return conn
 
 

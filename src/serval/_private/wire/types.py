@@ -51,7 +51,7 @@ class ReplicaInfo:
     """What a caller needs to reach a replica (pushed by the controller)."""
 
     replica_id: str
-    path: str
+    address: str  # where it listens (``transport.dial``)
     model_ids: frozenset[str] = frozenset()
 
 
