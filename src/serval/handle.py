@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar, overload
 from serval._private.caller import runtime
 from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
-from serval.exceptions import GetTimeoutError
+from serval.exceptions import GetTimeoutError, ServalError
 
 __all__ = [
     "DeploymentHandle",
@@ -242,21 +242,25 @@ def _submit(call: Call) -> asyncio.AbstractEventLoop:
     if loop is not None:
         client = runtime.client(loop)
         if resolve:
-            loop.create_task(_resolve_then_submit(client, call))
+            _resolve_on_loop(client, call)
         else:
             client.submit(call)
         return loop
     home = runtime.home_loop()
     client = runtime.client(home)
     if resolve:
-        home.call_soon_threadsafe(_create_task, home, _resolve_then_submit(client, call))
+        home.call_soon_threadsafe(_resolve_on_loop, client, call)
     else:
         client.submit_from_thread(call)
     return home
 
 
-def _create_task(loop: asyncio.AbstractEventLoop, coro: Any) -> None:
-    loop.create_task(coro)
+def _resolve_on_loop(client: ClusterClient, call: Call) -> None:
+    """On the client's loop: resolve the call's arguments in a task of the client's."""
+    try:
+        client.tasks.spawn(_resolve_then_submit(client, call), client.loop)
+    except RuntimeError:  # the client is closed
+        call.set_exception(ServalError("serval has been shut down in this process"))
 
 
 class _HandleBase:

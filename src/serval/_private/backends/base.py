@@ -82,6 +82,12 @@ class Backend(ABC):
         """Where the replicas' and the proxy's output goes, for error messages."""
         return "the backend's logs"
 
+    @classmethod
+    def for_controller(cls, address: str, lifeline_fd: int | None) -> Backend:
+        """The backend of a controller process serving the cluster at ``address`` (whose
+        processes end when ``lifeline_fd`` closes)."""
+        raise TypeError(f"the {cls.name} backend does not run in a controller process")
+
 
 def load(name: BackendName) -> type[Backend]:
     """The backend class of that name, imported now."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
 from serval._private.process import procs
-from serval._private.process.settings import USER_PYTHONPATH_VAR
+from serval._private.process.settings import USER_PYTHONPATH_VAR, settings
 from serval._private.wire import layout
 
 
@@ -174,6 +174,10 @@ class LocalBackend(Backend):
         # (mkdir, not makedirs: never re-create a runtime directory that is gone, unprivately)
         with contextlib.suppress(FileExistsError):
             os.mkdir(layout.replicas_dir(address), 0o700)
+
+    @classmethod
+    def for_controller(cls, address: str, lifeline_fd: int | None) -> LocalBackend:
+        return cls(address, lifeline_fd, settings().user_pythonpath)
 
     def log_location(self) -> str:
         return procs.output_location()  # replicas and the proxy inherit our standard error

@@ -18,6 +18,7 @@ from serval._private.caller.router import Router
 from serval._private.wire.control import ControllerCalls
 from serval._private.wire.layout import controller_path
 from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import Routes, Table
 from serval.exceptions import DeploymentNotFoundError, RequestCancelledError, ServalError
 
@@ -42,6 +43,9 @@ class ClusterClient:
         self._ready = asyncio.Event()
         self._connected = asyncio.Event()
         self._waiting: list[Call] = []
+        # Every task of this client's: its connector and reporter, routers' connects, the
+        # argument resolutions of calls (``close`` cancels them, ``aclose`` awaits them too).
+        self.tasks = TaskOwner(f"the cluster client of {address}")
         self._connector: asyncio.Task[None] | None = None
         self._closed = False
         # route_prefix -> (app, ingress deployment); used by the HTTP proxy
@@ -136,7 +140,7 @@ class ClusterClient:
             raise ServalError("serval has been shut down in this process")
         if self._connector is None or self._connector.done():
             if self._controller is None or self._controller.closed:
-                self._connector = self.loop.create_task(self._connect())
+                self._connector = self.tasks.spawn(self._connect(), self.loop)
 
     async def _connect(self) -> None:
         delay = _RECONNECT_DELAY_S
@@ -166,7 +170,7 @@ class ClusterClient:
         # Keep routing with the last table; reconnect in the background.
         self._connected.clear()
         if self._connector is None or self._connector.done():
-            self._connector = self.loop.create_task(self._connect())
+            self._connector = self.tasks.spawn(self._connect(), self.loop)
 
     def _on_push(self, topic: str, value: Any) -> None:
         if topic == "table":
@@ -180,7 +184,7 @@ class ClusterClient:
         for key, info in deployments.items():
             router = self.routers.get(key)
             if router is None:
-                self.routers[key] = Router(info, self._queue_started)
+                self.routers[key] = Router(info, self._queue_started, self.tasks)
             else:
                 router.update(info)
         for key in [k for k in self.routers if k not in deployments]:
@@ -197,7 +201,7 @@ class ClusterClient:
 
     def _queue_started(self) -> None:
         if self._reporter is None or self._reporter.done():
-            self._reporter = self.loop.create_task(self._report_queues())
+            self._reporter = self.tasks.spawn(self._report_queues(), self.loop)
 
     async def _report_queues(self) -> None:
         reported: set[tuple[str, str]] = set()
@@ -215,11 +219,16 @@ class ClusterClient:
             await asyncio.sleep(_QUEUE_REPORT_INTERVAL_S)
 
     def close(self) -> None:
+        """On this client's loop: cancel its tasks, close its connections."""
         self._closed = True
-        if self._connector is not None:
-            self._connector.cancel()
+        self.tasks.cancel()
         if self._controller is not None:
             self._controller.close()
         for router in self.routers.values():
             for slot in [*router.slots.values(), *router.retiring.values()]:
                 slot.close()
+
+    async def aclose(self) -> None:
+        """``close``, and wait until its tasks have finished."""
+        self.close()
+        await self.tasks.close()

@@ -43,6 +43,7 @@ from serval._private.wire.messages import (
     StreamEnd,
     StreamItem,
 )
+from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.transport import Undecodable
 from serval._private.wire.types import DeploymentInfo, ReplicaInfo
 from serval.exceptions import (
@@ -77,7 +78,7 @@ class ReplicaSlot:
         self.draining = False  # the replica refused work: it is shutting down
         self.conn = transport.Connection(self._on_message, self._on_lost, thread_writes=True)
         self.loop = asyncio.get_running_loop()
-        self._connect_task = self.loop.create_task(self._connect())
+        self._connect_task = router.tasks.spawn(self._connect(), self.loop)
 
     async def _connect(self) -> None:
         try:
@@ -302,8 +303,15 @@ def _args_error(call: Call, exc: BaseException) -> SerializationError:
 
 
 class Router:
-    def __init__(self, info: DeploymentInfo, on_queued: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        info: DeploymentInfo,
+        on_queued: Callable[[], None] | None = None,
+        tasks: TaskOwner | None = None,
+    ) -> None:
         self.info = info
+        # Its replicas' connects belong to its client (or to itself, standing alone).
+        self.tasks = tasks if tasks is not None else TaskOwner(f"router of {info.app}.{info.name}")
         self.slots: dict[str, ReplicaSlot] = {}
         # Gone from the table but still serving calls sent before: a cancellation or more
         # input for those must still reach them (a rolling update retires replicas this way).

@@ -8,6 +8,7 @@ worker threads, so it can block on it safely).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from serval._private.caller.client import ClusterClient
 from serval.exceptions import ServalError
 
 T = TypeVar("T")
+
+_CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -143,10 +146,12 @@ def reset_clients() -> None:
     for loop, c in clients.items():
         if loop.is_closed():
             continue
-        if running_loop() is loop:
-            c.close()
-        else:
-            try:
-                loop.call_soon_threadsafe(c.close)
-            except RuntimeError:
-                pass
+        if running_loop() is loop or not loop.is_running():
+            c.close()  # (cancels its tasks; they finish when that loop runs again, if ever)
+            continue
+        try:
+            closing = asyncio.run_coroutine_threadsafe(c.aclose(), loop)
+        except RuntimeError:  # closed meanwhile
+            continue
+        with contextlib.suppress(Exception):  # (a loop blocked by user code: do not hang)
+            closing.result(_CLOSE_TIMEOUT_S)

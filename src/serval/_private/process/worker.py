@@ -19,17 +19,18 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, get_args
 
-from serval._private.backends.local import LocalBackend
+from serval._private.backends.base import BackendName
+from serval._private.backends.base import load as load_backend
 from serval._private.caller import runtime
 from serval._private.controller.controller import Controller
 from serval._private.process import lifeline, procs, rundir
-from serval._private.process.settings import settings
 from serval._private.replica.server import Replica
 from serval._private.wire import transport
 from serval._private.wire.layout import controller_path
 from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.tasks import TaskOwner
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval")
@@ -53,6 +54,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lifeline-fd", type=int)
     parser.add_argument("--http-options")
     parser.add_argument("--recover", action="store_true")
+    # the controller's backend (by name: backends.base.load)
+    parser.add_argument("--backend", default="local", choices=get_args(BackendName))
     return parser.parse_args(argv)
 
 
@@ -63,16 +66,18 @@ def _exit_with_owner(args: argparse.Namespace) -> None:
 
 
 def _controller_exits_with_owner(
-    loop: asyncio.AbstractEventLoop, args: argparse.Namespace, controller: Controller
+    loop: asyncio.AbstractEventLoop,
+    args: argparse.Namespace,
+    controller: Controller,
+    tasks: TaskOwner,
 ) -> None:
     if args.lifeline_fd is None:
         return
-    tasks: list[asyncio.Task[None]] = []  # the one task, referenced until the process ends
 
     def on_owner_gone() -> None:  # on the lifeline thread
         try:
             loop.call_soon_threadsafe(
-                lambda: tasks.append(loop.create_task(_end_cluster(controller, args.address)))
+                lambda: tasks.spawn(_end_cluster(controller, args.address), loop)
             )
         except RuntimeError:  # the loop is closed: the controller is exiting anyway
             os._exit(0)
@@ -101,8 +106,9 @@ async def _end_cluster(controller: Controller, address: str) -> None:
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     http = HTTPOptions.from_json(args.http_options) if args.http_options else None
-    backend = LocalBackend(args.address, args.lifeline_fd, settings().user_pythonpath)
+    backend = load_backend(args.backend).for_controller(args.address, args.lifeline_fd)
     controller = Controller(backend, http, args.address)
+    tasks = TaskOwner("the controller process")  # what signals and the lifeline start
     peers: set[RpcPeer] = set()
 
     def forget(peer: RpcPeer) -> None:
@@ -114,16 +120,20 @@ async def _controller_main(args: argparse.Namespace) -> None:
         peers.add(peer)
         return peer.protocol_factory()
 
-    _controller_exits_with_owner(loop, args, controller)
+    _controller_exits_with_owner(loop, args, controller, tasks)
     server = await transport.listen(controller_path(args.address), new_peer)
     controller.start(recover=args.recover)
-    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(controller.rpc_shutdown(None)))  # type: ignore[arg-type]
+    loop.add_signal_handler(
+        signal.SIGTERM,
+        lambda: tasks.spawn(controller.rpc_shutdown(None), loop),  # type: ignore[arg-type]
+    )
     await controller.stopped.wait()
     server.close()
     for peer in list(peers):
         peer.close()  # flushes the reply to the shutdown call first
     await asyncio.sleep(0)
     await controller.close()
+    await tasks.close()
 
 
 async def _replica_main(args: argparse.Namespace) -> None:

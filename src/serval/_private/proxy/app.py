@@ -38,6 +38,7 @@ from serval._private.proxy.http_protocol import (
 from serval._private.telemetry import metrics
 from serval._private.wire import asgi
 from serval._private.wire.protocol import safe_str
+from serval._private.wire.tasks import TaskOwner
 from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval.proxy")
@@ -57,6 +58,9 @@ class ProxyApp:
         self.http_requests: dict[tuple[str, str, int], int] = {}
         self._metrics_cache: tuple[float, metrics.Snapshot] | None = None  # (when, snapshot)
         self._metrics_task: asyncio.Task[metrics.Snapshot] | None = None
+        # The proxy's tasks: metrics gatherings, websockets' input pumps, requests' answers
+        # that need one (a system route's, a streamed reply's).
+        self.tasks = TaskOwner("the HTTP proxy")
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class ProxyApp:
             return cached[1]
         task = self._metrics_task
         if task is None:
-            task = self._metrics_task = loop.create_task(self._gather_metrics())
+            task = self._metrics_task = self.tasks.spawn(self._gather_metrics(), loop)
             task.add_done_callback(_seen)  # its error reaches the scrapers, if any are left
         # (shielded: a scraper that leaves does not cancel the others' gathering)
         return await asyncio.shield(task)
@@ -249,7 +253,7 @@ class ProxyApp:
         self.client.submit(call)
         stream = call.stream
         assert stream is not None
-        pump = self.client.loop.create_task(self._pump_input(receive, call))
+        pump = self.tasks.spawn(self._pump_input(receive, call), self.client.loop)
         try:
             while True:
                 try:

@@ -40,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from serval._private.caller.calls import Call, StreamBuffer
 from serval._private.caller.client import ClusterClient
 from serval._private.wire.protocol import safe_str
+from serval._private.wire.tasks import TaskOwner
 from serval.config import HTTPOptions
 from serval.exceptions import (
     BackPressureError,
@@ -60,6 +61,7 @@ class ProxyApp(Protocol):
 
     client: ClusterClient
     options: HTTPOptions
+    tasks: TaskOwner  # owns every task an exchange starts
     # (route prefix, method, status) -> requests answered, for /-/metrics
     http_requests: dict[tuple[str, str, int], int]
 
@@ -321,7 +323,9 @@ class Exchange:
         if self.target is not None:
             self._forward()
         elif self.fetch is not None and self.reply is None:
-            self.task = self.conn.proxy.client.loop.create_task(self._fetch_answer(self.fetch))
+            self.task = self.conn.proxy.tasks.spawn(
+                self._fetch_answer(self.fetch), self.conn.proxy.client.loop
+            )
         else:
             self._answer()
 
@@ -458,7 +462,9 @@ class Exchange:
         self.conn.exchange_done(self)
 
     def _stream(self, stream: StreamBuffer) -> None:
-        self.task = self.conn.proxy.client.loop.create_task(self._stream_out(stream))
+        self.task = self.conn.proxy.tasks.spawn(
+            self._stream_out(stream), self.conn.proxy.client.loop
+        )
 
     async def _stream_out(self, stream: StreamBuffer) -> None:
         """Write a reply that arrives message by message, each as soon as it comes."""

@@ -62,6 +62,14 @@ def _bind(options: HTTPOptions) -> socket.socket:
     return sock
 
 
+async def _ack(client: ClusterClient, version: int) -> None:
+    """Tell the controller the proxy routes with table ``version`` (it may be away)."""
+    try:
+        await client.controller.proxy_ack(version)
+    except (OSError, ConnectionError) as exc:
+        logger.debug("the proxy's ack of table %d failed: %s", version, exc)
+
+
 class ProxyControl:
     """The proxy's side of the control plane (``wire.control.ProxyCalls``)."""
 
@@ -89,12 +97,8 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
         )
         raise SystemExit(1) from exc
 
-    acks: set[asyncio.Task[None]] = set()
-
     def ack(version: int) -> None:
-        task = loop.create_task(client.controller.proxy_ack(version))
-        acks.add(task)
-        task.add_done_callback(acks.discard)
+        client.tasks.spawn(_ack(client, version), loop)
 
     client.on_table = ack
     await client.wait_ready()

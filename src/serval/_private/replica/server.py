@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -65,6 +65,7 @@ from serval._private.wire.messages import (
     StreamItem,
 )
 from serval._private.wire.rpc import RpcPeer
+from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.transport import Undecodable
 from serval._private.wire.types import ReplicaInit
 from serval.config import DeploymentConfig
@@ -140,6 +141,9 @@ class Replica:
         self.idle = asyncio.Event()
         self.idle.set()
         self._drainer: asyncio.Task[None] | None = None
+        # The replica's own background work (reattaching, reporting models, draining);
+        # requests' tasks belong to their connections (``_running``).
+        self.tasks = TaskOwner(f"replica {replica_id}")
         self._unacked: set[transport.Connection] = set()  # callers yet to say Drained
         self._drained = asyncio.Event()
         self.stopped = asyncio.Event()  # drained: the process may exit
@@ -173,7 +177,7 @@ class Replica:
     def _controller_lost(self, peer: RpcPeer) -> None:
         if not self.draining:
             logger.warning("lost the controller; reattaching when it is back")
-            self._reattach_task = self.loop.create_task(self._reattach())
+            self._reattach_task = self.tasks.spawn(self._reattach(), self.loop)
 
     async def _reattach(self) -> None:
         """Keep serving; reconnect the control channel to the restarted controller."""
@@ -235,8 +239,7 @@ class Replica:
         if self.controller is None or self.controller.closed:
             return
         calls = ControllerCalls(self.controller.call)
-        task = self.loop.create_task(calls.record_models(self.replica_id, model_ids))
-        task.add_done_callback(_ignore_result)
+        self.tasks.spawn(_quietly(calls.record_models(self.replica_id, model_ids)), self.loop)
 
     async def _construct(self, cls: type, args: Any, kwargs: Any) -> Any:
         if inspect.iscoroutinefunction(cls.__init__):  # type: ignore[misc]
@@ -760,7 +763,7 @@ class Replica:
 
     def begin_drain(self) -> None:
         if self._drainer is None:
-            self._drainer = self.loop.create_task(self._drain())
+            self._drainer = self.tasks.spawn(self._drain(), self.loop)
 
     async def _drain(self) -> None:
         """Take no new connections; tell each caller to send nothing more (``Draining``) and
@@ -809,9 +812,12 @@ def _answered_despite(collector: ResponseCollector, meta: Any) -> Any:
     return collector.complete
 
 
-def _ignore_result(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.debug("reporting models failed: %s", task.exception())
+async def _quietly(report: Awaitable[None]) -> None:
+    """A report to the controller that may find it away (restarting): the next one counts."""
+    try:
+        await report
+    except (OSError, ConnectionError) as exc:
+        logger.debug("a report to the controller failed: %s", exc)
 
 
 def _send_pieces(conn: transport.Connection, pieces: list[bytes | memoryview]) -> None:

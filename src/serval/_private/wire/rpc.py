@@ -15,6 +15,7 @@ from typing import Any
 
 from serval._private.wire import protocol, transport
 from serval._private.wire.messages import CALL, REPLY, Call, Message, Push, Reply
+from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.transport import Undecodable
 from serval.exceptions import SerializationError
 
@@ -39,7 +40,7 @@ class RpcPeer:
         self.on_close = on_close
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskOwner("a control connection")  # the calls it serves
         self.conn: transport.Connection | None = None
         self.info: dict[str, Any] = {}  # what the other side said about itself
 
@@ -92,11 +93,7 @@ class RpcPeer:
                 else:
                     fut.set_exception(msg.value)
         elif type(msg) is Call:
-            task = asyncio.get_running_loop().create_task(
-                self._serve(msg.cid, msg.method, msg.kwargs)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.tasks.spawn(self._serve(msg.cid, msg.method, msg.kwargs))
         elif type(msg) is Push and self._on_push is not None:
             self._on_push(msg.topic, msg.value)
 
@@ -139,8 +136,7 @@ class RpcPeer:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionResetError("control connection lost"))
-        for task in self._tasks:
-            task.cancel()
+        self.tasks.cancel()  # (finishing on the loop; nobody is left to answer)
         if self.on_close is not None:
             self.on_close(self)
 
