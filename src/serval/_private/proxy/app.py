@@ -28,13 +28,8 @@ from typing import Any
 
 from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
-from serval._private.proxy.http_protocol import (
-    Exchange,
-    ProxyHttpProtocol,
-    Reply,
-    text_reply,
-    unquote_path,
-)
+from serval._private.proxy.http_protocol import Exchange, ProxyHttpProtocol, unquote_path
+from serval._private.proxy.replies import Reply, text_reply
 from serval._private.telemetry import metrics
 from serval._private.wire import asgi
 from serval._private.wire.protocol import safe_str

@@ -10,7 +10,7 @@ leaves for a replica as one message once it is whole, and the reply is written w
 ``transport.write`` by the callback that delivers it. Only a streamed reply gets a task.
 
 A large body that is not whole when its request's turn comes leaves as it arrives instead
-(``_Upload``): the request with the body so far, then the rest as input messages, under a
+(``Upload``): the request with the body so far, then the rest as input messages, under a
 credit window the replica's acknowledgements open, so an upload holds about one window here.
 
 Pipelined requests are answered in order: while one is answered the next waits, and reading
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import http
 import logging
 import math
 import urllib.parse
@@ -39,6 +38,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serval._private.caller.calls import Call, StreamBuffer
 from serval._private.caller.client import ClusterClient
+from serval._private.proxy.replies import (
+    CONTINUE,
+    STATUS_LINES,
+    WITH_BODY,
+    Headers,
+    Reply,
+    close_with,
+    status_line,
+    text_reply,
+)
+from serval._private.proxy.upload import Upload, UploadCall
 from serval._private.wire.protocol import safe_str
 from serval._private.wire.tasks import TaskOwner
 from serval.config import HTTPOptions
@@ -51,9 +61,6 @@ from serval.exceptions import (
 )
 
 logger = logging.getLogger("serval.proxy")
-
-Headers = list[tuple[bytes, bytes]]
-Reply = tuple[int, Headers, bytes]
 
 
 class ProxyApp(Protocol):
@@ -76,45 +83,6 @@ class ProxyApp(Protocol):
     ) -> Exchange: ...
 
 
-_TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
-
-
-_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
-
-
-# The statuses whose responses carry a body (not 1xx, 204, 304), for a set lookup.
-_WITH_BODY = frozenset(s for s in range(200, 600) if s not in (204, 304))
-
-
-def text_reply(status: int, text: str) -> Reply:
-    return status, list(_TEXT), text.encode()
-
-
-def close_with(transport: asyncio.BaseTransport, status: int, text: str) -> None:
-    """Write a whole text response that ends the connection, and close it."""
-    body = text.encode()
-    transport.write(  # type: ignore[attr-defined]
-        b"".join(
-            (
-                _STATUS_LINES[status],
-                b"content-type: text/plain; charset=utf-8\r\n",
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
-                body,
-            )
-        )
-    )
-    transport.close()
-
-
 class _TimedOut(Exception):
     pass
 
@@ -125,88 +93,6 @@ class _Stop(Exception):
 
 _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, DeploymentNotFoundError)
 _NEVER = math.inf
-
-
-class UploadCall(Call):
-    """The call of a request whose body streams after it (see ``_Upload``)."""
-
-    __slots__ = ("upload",)
-
-    def __init__(
-        self, upload: _Upload, app: str, ingress: str, args: tuple[Any, ...], meta: dict[str, Any]
-    ) -> None:
-        super().__init__(app, ingress, "__call__", args, {}, meta, stream=True)
-        self.upload = upload
-
-    def credit(self, nbytes: int, send_input: Callable[[Call, Any], None]) -> None:
-        self.upload.credited(nbytes, send_input)
-
-
-class _Upload:
-    """A request body on its way to the replica while it still arrives from the client.
-
-    The request left with the body so far; the rest follows as input messages, once the
-    replica has started the request (its first credit, of 0 bytes: before that a refusal
-    would send the request elsewhere, and a replica that has not started it has nowhere to
-    put its input). The replica credits the bytes its app has taken; while more than a window
-    is on its way uncredited, the client is not read. So this side holds at most about a
-    window (plus one read) per upload, and so does the replica.
-    """
-
-    __slots__ = ("ended", "ex", "held", "send_input", "unacked", "waiting", "window")
-
-    def __init__(self, ex: Exchange, first: int, window: int) -> None:
-        self.ex = ex
-        self.window = window
-        self.unacked = first  # bytes sent or waiting, not yet credited
-        self.waiting: list[bytes] | None = []  # chunks until the replica starts; then None
-        self.send_input: Callable[[Call, Any], None] | None = None
-        self.ended = False
-        self.held = False  # reading the client is paused for credit
-        self._hold_if_full()
-
-    def add(self, chunk: bytes) -> None:
-        self.unacked += len(chunk)
-        if self.waiting is not None:
-            self.waiting.append(chunk)
-        else:
-            self._send({"type": "http.request", "body": chunk, "more_body": True})
-        self._hold_if_full()
-
-    def end(self) -> None:
-        self.ended = True
-        if self.waiting is None:
-            self._send(_BODY_END)
-
-    def credited(self, nbytes: int, send_input: Callable[[Call, Any], None]) -> None:
-        ex = self.ex
-        if ex.complete:
-            return
-        self.send_input = send_input  # the replica's own connection, even once it is retired
-        waiting = self.waiting
-        if waiting is not None:  # the replica has started the request: send what waited
-            self.waiting = None
-            for chunk in waiting:
-                self._send({"type": "http.request", "body": chunk, "more_body": True})
-            if self.ended:
-                self._send(_BODY_END)
-        self.unacked -= nbytes
-        if self.held and self.unacked <= self.window // 2:
-            self.held = False
-            ex.conn.resume_body()
-
-    def _send(self, message: dict[str, Any]) -> None:
-        call = self.ex.call
-        if call is not None and self.send_input is not None and not self.ex.complete:
-            self.send_input(call, message)
-
-    def _hold_if_full(self) -> None:
-        if not self.held and self.unacked >= self.window:
-            self.held = True
-            self.ex.conn.flow.pause_reading()
-
-
-_BODY_END: dict[str, Any] = {"type": "http.request", "body": b"", "more_body": False}
 
 
 class Exchange:
@@ -261,7 +147,7 @@ class Exchange:
         self.started = False  # its turn on the connection has come
         self.complete = False
         self.call: Call | None = None
-        self.upload: _Upload | None = None  # a body that streams (see _Upload)
+        self.upload: Upload | None = None  # a body that streams (see Upload)
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -315,7 +201,7 @@ class Exchange:
             self._go()
             return
         if self.wants_continue and self.target is not None:
-            self.conn.transport.write(_CONTINUE)
+            self.conn.transport.write(CONTINUE)
         if self.size > self.conn.window and self.target is not None:
             self._forward(streamed=True)
 
@@ -351,8 +237,8 @@ class Exchange:
         args = (self.wire, payload)
         call: Call
         if streamed:
-            meta["more_body"] = True  # the replica takes the rest as input (see _Upload)
-            upload = self.upload = _Upload(self, len(payload), self.conn.window)
+            meta["more_body"] = True  # the replica takes the rest as input (see Upload)
+            upload = self.upload = Upload(self, len(payload), self.conn.window)
             call = UploadCall(upload, app, ingress, args, meta)
         else:
             call = Call(app, ingress, "__call__", args, {}, meta, stream=True)
@@ -416,7 +302,7 @@ class Exchange:
 
     def _head(self, status: int, headers: Headers, length: int | None) -> tuple[list[bytes], bool]:
         """The status line and headers, as pieces; and whether the connection closes after."""
-        out = [_STATUS_LINES.get(status) or _status_line(status)]
+        out = [STATUS_LINES.get(status) or status_line(status)]
         has_length = False
         close = self.close_after or not self.keep_alive
         said_close = False
@@ -427,7 +313,7 @@ class Exchange:
                 close = said_close = True
             out += (name, b": ", value, b"\r\n")
         out += (b"x-request-id: ", self.request_id.encode(), b"\r\n")
-        if not has_length and length is not None and status in _WITH_BODY:
+        if not has_length and length is not None and status in WITH_BODY:
             out += (b"content-length: ", b"%d" % length, b"\r\n")
         if close and not said_close:
             out.append(b"connection: close\r\n")
@@ -440,7 +326,7 @@ class Exchange:
             return
         self.status = status
         out, close = self._head(status, headers, len(body))
-        if body and not self.head_only and status in _WITH_BODY:
+        if body and not self.head_only and status in WITH_BODY:
             out.append(body)
         transport = self.conn.transport
         if not transport.is_closing():
@@ -481,7 +367,7 @@ class Exchange:
                     status: int = message["status"]
                     self.status = status
                     headers: Headers = message.get("headers", [])
-                    chunked = not self.head_only and status in _WITH_BODY
+                    chunked = not self.head_only and status in WITH_BODY
                     chunked = chunked and all(k != b"content-length" for k, _ in headers)
                     extra = [(b"transfer-encoding", b"chunked")] if chunked else []
                     head, close = self._head(status, [*headers, *extra], None)
@@ -628,7 +514,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             self._stop(400, "Invalid HTTP request received.")
 
     def resume_body(self) -> None:
-        """Read the client again after holding it back for credit (see ``_Upload``)."""
+        """Read the client again after holding it back for credit (see ``Upload``)."""
         if self._stopped or self.transport.is_closing():
             return
         self.flow.resume_reading()

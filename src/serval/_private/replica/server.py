@@ -20,20 +20,25 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
-from enum import Enum
 from functools import partial
 from typing import Any
 
-import cloudpickle
-
 from serval._private.caller import runtime
-from serval._private.replica import request_context
+from serval._private.replica import errors, request_context
 from serval._private.replica.http import (
     BodyStream,
     ResponseCollector,
     Unfinished,
     respond,
     serve_http_sync,
+)
+from serval._private.replica.methods import (
+    FunctionDeployment,
+    Kind,
+    kind,
+    kind_cached,
+    sync_with_context,
+    with_context,
 )
 from serval._private.replica.outflow import Outflow, frame_bytes
 from serval._private.replica.sync_runner import SyncRunner, unwrap
@@ -55,7 +60,6 @@ from serval._private.wire.messages import (
     Drained,
     Draining,
     Error,
-    ErrorPayload,
     Input,
     Message,
     Reject,
@@ -78,45 +82,6 @@ _CONTROL_THREADS = 2
 _REATTACH_DELAY_S = 0.1
 # Results of these types pickle identically without cloudpickle (HTTP replies are tuples).
 _PLAIN_RESULTS = frozenset({str, bytes, int, float, bool, type(None), tuple})
-
-
-class _Kind(Enum):
-    ASYNC = "async"
-    SYNC = "sync"
-    ASYNC_GEN = "async generator"
-    SYNC_GEN = "generator"
-
-
-class _FunctionDeployment:
-    """Wraps a function deployment so that it is called as ``__call__``."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.__call__ = fn  # an instance attribute: looked up by getattr, not by type
-
-
-_kinds: dict[Any, _Kind] = {}
-
-
-def _kind_cached(fn: Callable[..., Any]) -> _Kind:
-    """``_kind`` of a bound method, cached by its function (bound methods are made anew)."""
-    key = getattr(fn, "__func__", fn)
-    found = _kinds.get(key)
-    if found is None:
-        found = _kinds[key] = _kind(fn)
-    return found
-
-
-def _kind(fn: Callable[..., Any]) -> _Kind:
-    target = inspect.unwrap(fn)
-    if inspect.isasyncgenfunction(target):
-        return _Kind.ASYNC_GEN
-    if inspect.isgeneratorfunction(target):
-        return _Kind.SYNC_GEN
-    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(target, "__call__", None)  # noqa: B004 - a callable object's async __call__
-    ):
-        return _Kind.ASYNC
-    return _Kind.SYNC
 
 
 _clock = time.perf_counter
@@ -148,7 +113,7 @@ class Replica:
         self._drained = asyncio.Event()
         self.stopped = asyncio.Event()  # drained: the process may exit
         self._backlog: deque[tuple[transport.Connection, int, str, Any, Any, Any]] = deque()
-        self._methods: dict[str, tuple[Callable[..., Any], _Kind]] = {}
+        self._methods: dict[str, tuple[Callable[..., Any], Kind]] = {}
         self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
         self._pool: SyncRunner | None = None
         # (connection, request id) of calls whose reply a worker thread sent itself
@@ -214,7 +179,7 @@ class Replica:
         try:
             target, args, kwargs = pickle.loads(init.payload)
             if init.is_function:
-                self.user = _FunctionDeployment(target)
+                self.user = FunctionDeployment(target)
             else:
                 self.user = await self._construct(target, args, kwargs)
             if self.config.user_config is not None:
@@ -224,7 +189,7 @@ class Replica:
             self.asgi_app = asgi_app_for(self.user)
             # (getattr: a function deployment's __call__ is an instance attribute)
             call = getattr(self.user, "__call__", None)  # noqa: B004
-            sync_call = call is not None and _kind(call) is _Kind.SYNC
+            sync_call = call is not None and kind(call) is Kind.SYNC
             self._sync_http = self.asgi_app is None and sync_call
             if self._sync_http:
                 import starlette.requests  # noqa: F401 - now, not in the first request
@@ -296,12 +261,12 @@ class Replica:
     async def _call_control(self, fn: Callable[..., Any], *args: Any) -> Any:
         """check_health and reconfigure: on threads of their own, so a replica whose request
         threads are all busy still answers its health checks."""
-        if _kind_cached(fn) is _Kind.ASYNC:
+        if kind_cached(fn) is Kind.ASYNC:
             return await fn(*args)
         return await self._control_pool.run(fn, *args)
 
     async def _call_user(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if _kind_cached(fn) is _Kind.ASYNC:
+        if kind_cached(fn) is Kind.ASYNC:
             return await fn(*args)
         assert self._pool is not None
         return await self._pool.run(fn, *args)  # in a copy of the request's context
@@ -417,7 +382,7 @@ class Replica:
         conn: transport.Connection,
         rid: int,
         fn: Callable[..., Any],
-        kind: _Kind,
+        kind: Kind,
         args: Any,
         kwargs: Any,
         meta: Any,
@@ -425,7 +390,7 @@ class Replica:
     ) -> asyncio.Future[Any]:
         """Start ``fn``; ``done`` is called with its future when it has finished."""
         stream = bool(meta and meta.get("stream"))
-        if stream != (kind in (_Kind.ASYNC_GEN, _Kind.SYNC_GEN)):
+        if stream != (kind in (Kind.ASYNC_GEN, Kind.SYNC_GEN)):
             raise TypeError(
                 f"{self.deployment}.{getattr(fn, '__name__', 'method')} is a {kind.value} "
                 "function: call it with handle.options(stream=True)"
@@ -434,17 +399,17 @@ class Replica:
                 "so it cannot be called with stream=True"
             )
         assert self._pool is not None
-        if kind is _Kind.SYNC:
+        if kind is Kind.SYNC:
             call = (meta, fn, args, kwargs)
             return self._pool.run(
-                self._reply_from_thread, conn, rid, _sync_with_context, call, then=done
+                self._reply_from_thread, conn, rid, sync_with_context, call, then=done
             )
-        if kind is _Kind.SYNC_GEN:
+        if kind is Kind.SYNC_GEN:
             flow = self._outflow(conn, rid, getattr(fn, "__name__", "method"))
             return self._pool.run(
                 self._stream_sync, conn, rid, meta, fn, args, kwargs, flow, then=done
             )
-        if kind is _Kind.ASYNC_GEN:
+        if kind is Kind.ASYNC_GEN:
             flow = self._outflow(conn, rid, getattr(fn, "__name__", "method"))
             task = self.loop.create_task(
                 self._stream_async(conn, rid, meta, fn, args, kwargs, flow)
@@ -452,7 +417,7 @@ class Replica:
         elif meta is None:  # no request context to set: no wrapper coroutine either
             task = self.loop.create_task(fn(*args, **kwargs))
         else:
-            task = self.loop.create_task(_with_context(meta, fn, args, kwargs))
+            task = self.loop.create_task(with_context(meta, fn, args, kwargs))
         task.add_done_callback(done)
         return task
 
@@ -633,13 +598,13 @@ class Replica:
         if not conn.closed:
             conn.send(Credit(CREDIT, rid, nbytes), rid, True)
 
-    def _method(self, name: str) -> tuple[Callable[..., Any], _Kind]:
+    def _method(self, name: str) -> tuple[Callable[..., Any], Kind]:
         found = self._methods.get(name)
         if found is None:
             fn = getattr(self.user, name, None)
             if fn is None or not callable(fn) or (name.startswith("_") and name != "__call__"):
                 raise AttributeError(f"deployment {self.deployment!r} has no method {name!r}")
-            found = self._methods[name] = (fn, _kind(fn))
+            found = self._methods[name] = (fn, kind(fn))
         return found
 
     def _done(
@@ -726,34 +691,19 @@ class Replica:
                 self._drain_progress()
 
     def _reply_error(self, conn: transport.Connection, rid: int, exc: BaseException) -> None:
-        """Send ``exc`` to the caller: as itself when it survives pickling, else by its type
-        name, message and traceback; and if even that fails (user code can make ``__str__``,
-        ``__repr__`` or ``__reduce__`` raise anything), as a plain error saying so. Every
+        """Send ``exc`` to the caller: the first of ``errors.payloads`` that pickles. Every
         request ends in an answer: a caller left waiting holds a slot of this replica for good.
         """
-        if conn.closed:
-            return
-        try:
-            type_name, message, tb = protocol.describe_error(exc)
-            payload = ErrorPayload(exc if _round_trips(exc) else None, type_name, message, tb)
-            try:
-                conn.send(Error(ERROR, rid, payload, self.ongoing), rid)
-            except BaseException:
-                conn.send(Error(ERROR, rid, payload._replace(exc=None), self.ongoing), rid)
-            return
-        except BaseException as err:
+        for payload in errors.payloads(exc, rid):
             if conn.closed:
                 return
-            failure = err
-        logger.error("could not report the error of request %s", rid, exc_info=failure)
-        try:
-            reason = f"{type(exc).__qualname__} (reporting it raised {type(failure).__name__})"
-            text = f"the replica could not report an error: {reason}"
-            payload = ErrorPayload(None, "ServalError", text, "")
-            conn.send(Error(ERROR, rid, payload, self.ongoing), rid, True)
-        except BaseException:
-            self.unanswered += 1
-            logger.exception("request %s could not be answered at all", rid)
+            try:
+                conn.send(Error(ERROR, rid, payload, self.ongoing), rid, payload.exc is None)
+                return
+            except BaseException:
+                continue  # (the next, plainer one)
+        self.unanswered += 1
+        logger.error("request %s could not be answered at all", rid)
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -836,22 +786,3 @@ def _loop_caught_up(loop: asyncio.AbstractEventLoop) -> None:
     except RuntimeError:  # the loop is closed: the process is exiting
         return
     caught_up.wait()
-
-
-async def _with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    if meta is not None:
-        request_context.set_request(meta)
-    return await fn(*args, **kwargs)
-
-
-def _sync_with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    request_context.set_request(meta)
-    return fn(*args, **kwargs)
-
-
-def _round_trips(exc: BaseException) -> bool:
-    try:
-        pickle.loads(cloudpickle.dumps(exc))
-    except BaseException:  # user code decides what its __reduce__ raises
-        return False
-    return True
