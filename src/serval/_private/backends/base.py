@@ -21,9 +21,11 @@ from typing import Any, Literal, get_args
 
 __all__ = ["Backend", "BackendName", "Exit", "HostRef", "ReplicaHost", "load"]
 
-BackendName = Literal["local"]
+# (memory: hosts in the test's own process, for tests of the controller; see its module)
+BackendName = Literal["local", "memory"]
 _IMPLEMENTATIONS: dict[BackendName, str] = {
     "local": "serval._private.backends.local:LocalBackend",
+    "memory": "serval._private.backends.memory:MemoryBackend",
 }
 # What a backend needs to find a host again: plain JSON-able values, kept in the checkpoint.
 HostRef = dict[str, Any]

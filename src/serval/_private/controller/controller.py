@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -18,8 +17,10 @@ from typing import Any, TypeVar
 from serval._private.backends.base import Backend, Exit, ReplicaHost
 from serval._private.controller import checkpoint
 from serval._private.controller.autoscaling import AutoscalingPolicy
+from serval._private.controller.clock import Clock, RealClock
 from serval._private.controller.state import (
     AppState,
+    ControlPeer,
     DeploymentState,
     ReplicaRecord,
     ReplicaState,
@@ -28,7 +29,6 @@ from serval._private.telemetry import metrics
 from serval._private.wire import protocol
 from serval._private.wire.control import ProxyCalls, ReplicaCalls
 from serval._private.wire.messages import PUSH, Push
-from serval._private.wire.rpc import RpcPeer
 from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
 from serval.config import HTTPOptions
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError, ServalError
@@ -53,9 +53,15 @@ _METRICS_TIMEOUT_S = 1.0  # a replica slower than this to report is left out of 
 
 class Controller:
     def __init__(
-        self, backend: Backend, http: HTTPOptions | None = None, address: str | None = None
+        self,
+        backend: Backend,
+        http: HTTPOptions | None = None,
+        address: str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.backend = backend
+        # every timer and timeout of the controller's (a test runs it on a FakeClock)
+        self.clock = clock if clock is not None else RealClock()
         self.address = address  # where the checkpoint lives (None: no checkpoint)
         self._save_scheduled = False
         self.http = http
@@ -66,10 +72,10 @@ class Controller:
         self._proxy_ready_at: float | None = None  # when the running proxy said it listens
         self._proxy_start_failures = 0  # exits in a row before it was ready
         self._proxy_restarts = 0  # restarts in a row without a proxy that stayed up
-        self._proxy_peer: RpcPeer | None = None  # the proxy's control connection
+        self._proxy_peer: ControlPeer | None = None  # the proxy's control connection
         self.stopping = False
         self.apps: dict[str, AppState] = {}
-        self.subscribers: set[RpcPeer] = set()
+        self.subscribers: set[ControlPeer] = set()
         self.table_version = 0
         self.stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -91,7 +97,7 @@ class Controller:
             proxy = restored.proxy if restored is not None else None
             if proxy is not None:
                 self.proxy = proxy
-                self._proxy_ready_at = time.monotonic()  # it served the previous controller
+                self._proxy_ready_at = self.clock.monotonic()  # it served the previous controller
                 self._spawn(self._watch_proxy(proxy))
             else:
                 self._start_proxy()
@@ -151,12 +157,12 @@ class Controller:
                 logger.error("the HTTP proxy could not start: %s", self.proxy_error)
                 self._proxy_notify()
                 return
-        elif time.monotonic() - self._proxy_ready_at >= _PROXY_STABLE_S:
+        elif self.clock.monotonic() - self._proxy_ready_at >= _PROXY_STABLE_S:
             self._proxy_restarts = 0
         delay = min(_PROXY_RESTART_DELAY_S * 2**self._proxy_restarts, _PROXY_MAX_RESTART_DELAY_S)
         self._proxy_restarts += 1
         logger.warning("the HTTP proxy exited (%s); restarting it in %.1fs", reason, delay)
-        await asyncio.sleep(delay)
+        await self.clock.sleep(delay)
         if not self.stopping:
             self._start_proxy()
 
@@ -164,19 +170,19 @@ class Controller:
         self.proxy_changed.set()
         self.proxy_changed = asyncio.Event()
 
-    def rpc_proxy_ready(self, peer: RpcPeer, error: str | None) -> None:
+    def rpc_proxy_ready(self, peer: ControlPeer, error: str | None) -> None:
         self._proxy_peer = peer
         self.proxy_error = error
         if error is None:
-            self._proxy_ready_at = time.monotonic()
+            self._proxy_ready_at = self.clock.monotonic()
             self._proxy_start_failures = 0
         self._proxy_notify()
 
-    def rpc_proxy_ack(self, peer: RpcPeer, version: int) -> None:
+    def rpc_proxy_ack(self, peer: ControlPeer, version: int) -> None:
         self.proxy_version = max(self.proxy_version, version)
         self._proxy_notify()
 
-    async def rpc_wait_proxy(self, peer: RpcPeer) -> None:
+    async def rpc_wait_proxy(self, peer: ControlPeer) -> None:
         """Return once the HTTP proxy listens (at once if there is none)."""
         if self.proxy is not None:
             await self._wait_proxy(0)
@@ -189,11 +195,11 @@ class Controller:
 
     # -- RPC: callers ----------------------------------------------------------------------------
 
-    def rpc_subscribe(self, peer: RpcPeer) -> Table:
+    def rpc_subscribe(self, peer: ControlPeer) -> Table:
         self.subscribers.add(peer)
         return self.table_version, self._table(), self._routes()
 
-    def rpc_deploy_app(self, peer: RpcPeer, spec: AppSpec) -> None:
+    def rpc_deploy_app(self, peer: ControlPeer, spec: AppSpec) -> None:
         self._check_route_prefix(spec)
         app = self.apps.get(spec.name)
         if app is None or app.deleting:
@@ -202,7 +208,7 @@ class Controller:
             app = AppState(spec, {})
             self.apps[spec.name] = app
         app.spec = spec
-        app.deployed_at = time.time()
+        app.deployed_at = self.clock.time()
         wanted = {d.name: d for d in spec.deployments}
         for name in list(app.deployments):
             if name not in wanted:
@@ -225,7 +231,7 @@ class Controller:
             self._reconcile(app, dep)
         app.notify()
 
-    async def rpc_wait_app(self, peer: RpcPeer, name: str) -> tuple[str, str]:
+    async def rpc_wait_app(self, peer: ControlPeer, name: str) -> tuple[str, str]:
         """Return (status, message) once the app is RUNNING or DEPLOY_FAILED."""
         while True:
             app = self.apps.get(name)
@@ -239,13 +245,13 @@ class Controller:
                 return status, message
             await app.changed.wait()
 
-    async def rpc_delete_app(self, peer: RpcPeer, name: str) -> None:
+    async def rpc_delete_app(self, peer: ControlPeer, name: str) -> None:
         app = self.apps.get(name)
         if app is None:
             return
         await self._delete(app)
 
-    def rpc_status(self, peer: RpcPeer) -> ServeStatus:
+    def rpc_status(self, peer: ControlPeer) -> ServeStatus:
         out = {}
         for name, app in self.apps.items():
             status, message = app.status()
@@ -258,7 +264,7 @@ class Controller:
             )
         return ServeStatus(out)
 
-    async def rpc_collect_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
+    async def rpc_collect_metrics(self, peer: ControlPeer) -> metrics.Snapshot:
         """Every running replica's metrics, for the proxy's ``/-/metrics``; a replica that
         does not answer within a second is left out of this scrape."""
         peers = [
@@ -270,30 +276,30 @@ class Controller:
         ]
         found = await asyncio.gather(
             *(
-                asyncio.wait_for(ReplicaCalls(p.call).export_metrics(), _METRICS_TIMEOUT_S)
+                self.clock.wait_for(ReplicaCalls(p.call).export_metrics(), _METRICS_TIMEOUT_S)
                 for p in peers
             ),
             return_exceptions=True,
         )
         return metrics.merge(s for s in found if isinstance(s, list))
 
-    def rpc_app_configs(self, peer: RpcPeer) -> dict[str, dict[str, Any] | None]:
+    def rpc_app_configs(self, peer: ControlPeer) -> dict[str, dict[str, Any] | None]:
         return {name: app.spec.source_config for name, app in self.apps.items() if not app.deleting}
 
-    def rpc_get_app(self, peer: RpcPeer, name: str) -> str:
+    def rpc_get_app(self, peer: ControlPeer, name: str) -> str:
         app = self.apps.get(name)
         if app is None or app.deleting:
             raise ApplicationNotFoundError(f"application {name!r} does not exist")
         return app.spec.ingress
 
-    def rpc_apps_with_deployment(self, peer: RpcPeer, deployment: str) -> list[str]:
+    def rpc_apps_with_deployment(self, peer: ControlPeer, deployment: str) -> list[str]:
         return [
             name
             for name, app in self.apps.items()
             if deployment in app.deployments and not app.deleting
         ]
 
-    async def rpc_shutdown(self, peer: RpcPeer) -> None:
+    async def rpc_shutdown(self, peer: ControlPeer) -> None:
         self.stopping = True
         proxy_stopped = self._spawn(self._stop_proxy()) if self.proxy is not None else None
         await asyncio.gather(*(self._delete(app) for app in list(self.apps.values())))
@@ -307,9 +313,9 @@ class Controller:
         peer = self._proxy_peer
         if peer is not None and not peer.closed:
             with contextlib.suppress(Exception):  # gone already, or not answering: killed below
-                await asyncio.wait_for(ProxyCalls(peer.call).drain(), _KILL_AFTER_S)
+                await self.clock.wait_for(ProxyCalls(peer.call).drain(), _KILL_AFTER_S)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.proxy.wait(), _KILL_AFTER_S)
+            await self.clock.wait_for(self.proxy.wait(), _KILL_AFTER_S)
         self.proxy.kill()
 
     async def owner_gone(self) -> None:
@@ -328,7 +334,7 @@ class Controller:
 
     # -- RPC: replicas ---------------------------------------------------------------------------
 
-    def rpc_register(self, peer: RpcPeer, replica_id: str) -> ReplicaInit:
+    def rpc_register(self, peer: ControlPeer, replica_id: str) -> ReplicaInit:
         found = self._replicas.get(replica_id)
         if found is None:
             raise LookupError(f"unknown replica {replica_id}")
@@ -345,7 +351,7 @@ class Controller:
             cwd=app.spec.cwd,
         )
 
-    def rpc_reattach(self, peer: RpcPeer, replica_id: str) -> None:
+    def rpc_reattach(self, peer: ControlPeer, replica_id: str) -> None:
         """A replica adopted after a controller restart reconnects its control channel."""
         found = self._replicas.get(replica_id)
         if found is None:
@@ -353,14 +359,14 @@ class Controller:
         found[2].peer = peer
         peer.info["replica_id"] = replica_id
 
-    def rpc_record_models(self, peer: RpcPeer, replica_id: str, model_ids: list[str]) -> None:
+    def rpc_record_models(self, peer: ControlPeer, replica_id: str, model_ids: list[str]) -> None:
         found = self._replicas.get(replica_id)
         if found is not None:
             found[2].model_ids = frozenset(model_ids)
             if found[2].state == ReplicaState.RUNNING:
                 self._publish()
 
-    def rpc_replica_ready(self, peer: RpcPeer, replica_id: str, error: str | None) -> None:
+    def rpc_replica_ready(self, peer: ControlPeer, replica_id: str, error: str | None) -> None:
         found = self._replicas.get(replica_id)
         if found is None:
             return
@@ -427,7 +433,7 @@ class Controller:
         if dep.policy is not None and dep.policy.config == config:
             return
         fresh = dep.policy is None
-        dep.policy = AutoscalingPolicy(config, time.monotonic())
+        dep.policy = AutoscalingPolicy(config, self.clock.monotonic())
         if fresh and not dep.replicas:
             dep.autoscale_target = dep.policy.initial_replicas()
         else:
@@ -441,7 +447,7 @@ class Controller:
     ) -> None:
         interval = policy.config.metrics_interval_s
         while dep.policy is policy and not app.deleting and self._is_live(app, dep):
-            await asyncio.sleep(interval)
+            await self.clock.sleep(interval)
             if dep.policy is not policy or app.deleting:
                 return
             await self._autoscale_step(app, dep, policy, interval)
@@ -452,13 +458,13 @@ class Controller:
         running = [r for r in dep.running() if r.peer is not None and not r.peer.closed]
         counts = await asyncio.gather(
             *(
-                asyncio.wait_for(ReplicaCalls(r.peer.call).metrics(), interval)
+                self.clock.wait_for(ReplicaCalls(r.peer.call).metrics(), interval)
                 for r in running
                 if r.peer
             ),
             return_exceptions=True,
         )
-        now = time.monotonic()
+        now = self.clock.monotonic()
         ongoing = sum(c for c in counts if isinstance(c, int))
         policy.record(now, ongoing + dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S))
         self._apply_decision(app, dep, policy.decide(now, dep.autoscale_target))
@@ -471,8 +477,8 @@ class Controller:
             app.notify()
             self._schedule_save()
 
-    def rpc_record_queued(self, peer: RpcPeer, counts: dict[tuple[str, str], int]) -> None:
-        now = time.monotonic()
+    def rpc_record_queued(self, peer: ControlPeer, counts: dict[tuple[str, str], int]) -> None:
+        now = self.clock.monotonic()
         for (app_name, dep_name), n in counts.items():
             app = self.apps.get(app_name)
             dep = app.deployments.get(dep_name) if app is not None else None
@@ -514,13 +520,13 @@ class Controller:
     async def _health_loop(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
         while rec.state == ReplicaState.RUNNING:
             config = dep.spec.config
-            await asyncio.sleep(config.health_check_period_s)
+            await self.clock.sleep(config.health_check_period_s)
             if rec.state != ReplicaState.RUNNING:
                 return
             if rec.peer is None or rec.peer.closed:
                 continue  # adopted and not reattached yet, or dying: its exit is watched
             try:
-                await asyncio.wait_for(
+                await self.clock.wait_for(
                     ReplicaCalls(rec.peer.call).check_health(), config.health_check_timeout_s
                 )
             except Exception as exc:
@@ -554,9 +560,9 @@ class Controller:
         peer = rec.peer
         if peer is not None and not peer.closed:
             with contextlib.suppress(Exception):  # gone already, or not answering: killed below
-                await asyncio.wait_for(ReplicaCalls(peer.call).drain(), _KILL_AFTER_S)
+                await self.clock.wait_for(ReplicaCalls(peer.call).drain(), _KILL_AFTER_S)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(rec.host.wait(), grace + _KILL_AFTER_S)
+            await self.clock.wait_for(rec.host.wait(), grace + _KILL_AFTER_S)
             return
         logger.warning("replica %s did not exit in time; killing it", rec.replica_id)
         rec.host.kill()

@@ -6,11 +6,36 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Protocol
 
 from serval._private.backends.base import ReplicaHost
 from serval._private.controller.autoscaling import AutoscalingPolicy
-from serval._private.wire.rpc import RpcPeer
 from serval._private.wire.types import AppSpec, DeploymentSpec
+
+
+class PushSink(Protocol):
+    def send_pieces(self, pieces: list[bytes | memoryview]) -> None: ...
+
+
+class ControlPeer(Protocol):
+    """The far end of a control connection, as the controller uses it: ``wire.rpc.RpcPeer``
+    over a socket, or an in-process end (``backends.memory``). Calls to it go through the typed
+    stubs (``ReplicaCalls(peer.call)``); a subscriber gets the tables as pushed frames."""
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the other side said about itself."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def conn(self) -> PushSink | None:
+        """Where pushes to it are sent (None: not connected)."""
+
+    async def call(self, method: str, **kwargs: Any) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class ReplicaState(StrEnum):
@@ -27,7 +52,7 @@ class ReplicaRecord:
     host: ReplicaHost
     address: str  # where callers reach it (the backend's replica_address)
     state: ReplicaState = ReplicaState.STARTING
-    peer: RpcPeer | None = None
+    peer: ControlPeer | None = None
     model_ids: frozenset[str] = frozenset()
 
 
