@@ -63,12 +63,13 @@ class World:
         self.calls = ControllerCalls(self.client.call)
         return controller
 
-    async def restart_controller(self) -> None:
-        """The controller dies (its tasks end, its connections break) and a new one starts
-        from the checkpoint."""
+    async def restart_controller(self, while_down: Callable[[], None] = lambda: None) -> None:
+        """The controller dies (its tasks end, its connections break; ``while_down`` runs
+        then) and a new one starts from the checkpoint."""
         await self.clock.settle()  # (its last checkpoint written)
         await self.controller.close()
         self.backend.detach()
+        while_down()
         self.controller = self._new_controller(recover=True)
         await self.subscribe()
 
@@ -447,12 +448,8 @@ def test_a_restarted_controller_adopts_the_live_hosts_and_replaces_the_dead(
         refs = [r.host for r in saved.apps[0].deployments[0].replicas]
         assert sorted(json.dumps(r) for r in refs) == sorted(json.dumps(h.ref) for h in alive)
 
-        await w.controller.close()
-        w.backend.detach()  # the controller's process is gone
         dead = alive.pop(0)
-        dead.crash(1)  # a replica dies while there is no controller
-        w.controller = w._new_controller(recover=True)
-        await w.subscribe()
+        await w.restart_controller(while_down=dead.crash)  # it dies while there is none
         assert sorted(w.serving()) == sorted(h.replica_id for h in alive)  # serving through it
         assert await w.wait_app() == ("RUNNING", "")
         assert len(w.backend.replicas) == 4  # one new host, for the dead one

@@ -42,6 +42,7 @@ from serval._private.wire import protocol
 from serval._private.wire.control import ControllerCalls
 from serval._private.wire.messages import Push, view
 from serval._private.wire.rpc import PushHandler
+from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import ReplicaInit
 
 __all__ = [
@@ -108,7 +109,7 @@ class MemoryPeer:
         self.on_close: Callable[[MemoryPeer], None] | None = None
         self._closed = False
         self._pending: set[asyncio.Future[Any]] = set()
-        self._serving: set[asyncio.Task[None]] = set()
+        self.tasks = TaskOwner("an in-memory control connection")  # the calls it serves
 
     @classmethod
     def pair(
@@ -157,15 +158,15 @@ class MemoryPeer:
             self.other._lose()
 
     def _serve(self, method: str, kwargs: dict[str, Any], reply: asyncio.Future[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(method, kwargs, reply))
-        self._serving.add(task)
+        if self._closed:
+            reply.set_exception(ConnectionResetError("control connection lost"))
+            return
 
         def done(task: asyncio.Task[None]) -> None:
-            self._serving.discard(task)
             if not reply.done():  # cancelled with its connection
                 reply.set_exception(ConnectionResetError("control connection lost"))
 
-        task.add_done_callback(done)
+        self.tasks.spawn(self._run(method, kwargs, reply)).add_done_callback(done)
 
     async def _run(self, method: str, kwargs: dict[str, Any], reply: asyncio.Future[Any]) -> None:
         try:
@@ -173,12 +174,13 @@ class MemoryPeer:
             value = fn(peer=self, **kwargs)
             if inspect.isawaitable(value):
                 value = await value
-        except Exception as exc:
+            value = _copy(value)
+        except Exception as exc:  # (one that does not pickle is the caller's error, as there)
             if not reply.done():
                 reply.set_exception(exc)
             return
         if not reply.done():
-            reply.set_result(_copy(value))
+            reply.set_result(value)
 
     def _deliver(self, message: Any) -> None:
         if not self._closed and type(message) is Push and self._on_push is not None:
@@ -191,8 +193,7 @@ class MemoryPeer:
         for reply in self._pending:
             if not reply.done():
                 reply.set_exception(ConnectionResetError("control connection lost"))
-        for task in self._serving:
-            task.cancel()
+        self.tasks.cancel()
         if self.on_close is not None:
             self.on_close(self)
 
@@ -465,6 +466,7 @@ class MemoryBackend(Backend):
         self._numbers = itertools.count(1)
         self._controller: object | None = None
         self._links: set[MemoryPeer] = set()  # the controller's ends of its connections
+        self._ends: set[MemoryPeer] = set()  # every end still open or serving (close awaits)
 
     # -- the controller's side ---------------------------------------------------------------------
 
@@ -497,6 +499,8 @@ class MemoryBackend(Backend):
         theirs, ours = MemoryPeer.pair(self._controller, handler, b_on_push=on_push)
         self._links.add(theirs)
         theirs.on_close = self._links.discard
+        self._ends = {e for e in self._ends if not e.closed or len(e.tasks)}
+        self._ends.update((theirs, ours))
         return ours
 
     # -- Backend -----------------------------------------------------------------------------------
@@ -549,3 +553,7 @@ class MemoryBackend(Backend):
         self.detach()
         for host in list(self._hosts.values()):
             await host._close()
+        for end in list(self._ends):
+            end.close()
+            await end.tasks.close()
+        self._ends.clear()

@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from serval._private.backends.base import Backend, Exit, ReplicaHost
 from serval._private.controller import checkpoint
@@ -29,14 +28,13 @@ from serval._private.telemetry import metrics
 from serval._private.wire import protocol
 from serval._private.wire.control import ProxyCalls, ReplicaCalls
 from serval._private.wire.messages import PUSH, Push
+from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
 from serval.config import HTTPOptions
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError, ServalError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
@@ -78,7 +76,7 @@ class Controller:
         self.subscribers: set[ControlPeer] = set()
         self.table_version = 0
         self.stopped = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskOwner("the controller")  # watches, loops, drains: close() ends them
         self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
 
     def start(self, recover: bool = False) -> None:
@@ -98,14 +96,14 @@ class Controller:
             if proxy is not None:
                 self.proxy = proxy
                 self._proxy_ready_at = self.clock.monotonic()  # it served the previous controller
-                self._spawn(self._watch_proxy(proxy))
+                self.tasks.spawn(self._watch_proxy(proxy))
             else:
                 self._start_proxy()
         elif restored is not None and restored.proxy is not None:
             restored.proxy.kill()
         for app in list(self.apps.values()):
             if app.deleting:
-                self._spawn(self._delete(app))
+                self.tasks.spawn(self._delete(app))
                 continue
             for dep in app.deployments.values():
                 self._reconcile(app, dep)
@@ -115,9 +113,9 @@ class Controller:
         """Take over a replica that outlived the previous controller."""
         dep.replicas[rec.replica_id] = rec
         self._replicas[rec.replica_id] = (app, dep, rec)
-        self._spawn(self._watch(app, dep, rec))
+        self.tasks.spawn(self._watch(app, dep, rec))
         if rec.state == ReplicaState.RUNNING:
-            self._spawn(self._health_loop(app, dep, rec))
+            self.tasks.spawn(self._health_loop(app, dep, rec))
 
     def _schedule_save(self) -> None:
         if self.address is None or self._save_scheduled:
@@ -140,7 +138,7 @@ class Controller:
         assert self.http is not None
         self.proxy = self.backend.start_proxy(self.http.to_json())
         self._proxy_ready_at = None
-        self._spawn(self._watch_proxy(self.proxy))
+        self.tasks.spawn(self._watch_proxy(self.proxy))
 
     async def _watch_proxy(self, host: ReplicaHost) -> None:
         ended = await host.wait()
@@ -301,7 +299,7 @@ class Controller:
 
     async def rpc_shutdown(self, peer: ControlPeer) -> None:
         self.stopping = True
-        proxy_stopped = self._spawn(self._stop_proxy()) if self.proxy is not None else None
+        proxy_stopped = self.tasks.spawn(self._stop_proxy()) if self.proxy is not None else None
         await asyncio.gather(*(self._delete(app) for app in list(self.apps.values())))
         if proxy_stopped is not None:
             await proxy_stopped
@@ -381,7 +379,7 @@ class Controller:
         rec.state = ReplicaState.RUNNING
         dep.start_failures = 0
         self._publish()
-        self._spawn(self._health_loop(app, dep, rec))
+        self.tasks.spawn(self._health_loop(app, dep, rec))
         self._after_change(app, dep)
 
     # -- reconciliation --------------------------------------------------------------------------
@@ -416,7 +414,7 @@ class Controller:
         )
         dep.replicas[replica_id] = rec
         self._replicas[replica_id] = (app, dep, rec)
-        self._spawn(self._watch(app, dep, rec))
+        self.tasks.spawn(self._watch(app, dep, rec))
         self._schedule_save()
 
     async def _watch(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
@@ -440,7 +438,7 @@ class Controller:
             dep.autoscale_target = max(
                 config.min_replicas, min(config.max_replicas, dep.autoscale_target)
             )
-        self._spawn(self._autoscale_loop(app, dep, dep.policy))
+        self.tasks.spawn(self._autoscale_loop(app, dep, dep.policy))
 
     async def _autoscale_loop(
         self, app: AppState, dep: DeploymentState, policy: AutoscalingPolicy
@@ -501,7 +499,7 @@ class Controller:
             # Replicas still starting read the new config when they register.
             if rec.state == ReplicaState.RUNNING and rec.peer is not None:
                 dep.reconfiguring += 1
-                self._spawn(self._reconfigure_one(app, dep, rec, dep.spec.config.user_config))
+                self.tasks.spawn(self._reconfigure_one(app, dep, rec, dep.spec.config.user_config))
 
     async def _reconfigure_one(
         self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, user_config: Any
@@ -551,7 +549,7 @@ class Controller:
         if was_running:
             self._publish()  # callers stop sending before the replica starts draining
         if graceful and rec.peer is not None:
-            self._spawn(self._drain(rec, dep.spec.config.graceful_shutdown_timeout_s))
+            self.tasks.spawn(self._drain(rec, dep.spec.config.graceful_shutdown_timeout_s))
         else:  # (not registered yet: nothing runs there to finish)
             rec.host.kill()
 
@@ -677,19 +675,5 @@ class Controller:
                 continue
             peer.conn.send_pieces(pieces)
 
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Run ``coro`` as a task of the controller's (``close`` cancels and awaits them)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("controller task failed", exc_info=task.exception())
-
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
