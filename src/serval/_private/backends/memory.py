@@ -31,7 +31,7 @@ import inspect
 import itertools
 import pickle
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -239,7 +239,7 @@ class _MemoryHost(ReplicaHost):
         self.calls: list[str] = []  # the control calls it got, in order
         self._backend = backend
         self._done: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskOwner(f"in-memory host {host_id}")  # its life, drain, reattach
         self.peer: MemoryPeer | None = None  # its end towards the controller
 
     @property
@@ -260,11 +260,6 @@ class _MemoryHost(ReplicaHost):
     async def wait(self) -> Exit:
         return await asyncio.shield(self._done)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             await self._backend.clock.sleep(seconds)
@@ -276,18 +271,12 @@ class _MemoryHost(ReplicaHost):
         self.phase = "ended"
         if self.peer is not None:
             self.peer.close()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        self.tasks.cancel()  # (the one ending it, if one does, ends as it returns)
         self._done.set_result(ended)
 
     async def _close(self) -> None:
         self.kill()
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.close()
 
 
 class MemoryReplica(_MemoryHost):
@@ -308,7 +297,7 @@ class MemoryReplica(_MemoryHost):
         self.script = script
         self.init: ReplicaInit | None = None  # what registering returned
         self.user_config: Any = None  # as last applied (at start, or by reconfigure)
-        self._spawn(self._run())
+        self.tasks.spawn(self._run())
 
     @property
     def replica_id(self) -> str:
@@ -341,7 +330,7 @@ class MemoryReplica(_MemoryHost):
 
     def _controller_lost(self, peer: MemoryPeer) -> None:
         if self.phase == "running":
-            self._spawn(self._reattach())
+            self.tasks.spawn(self._reattach())
 
     async def _reattach(self) -> None:
         """Keep serving; reconnect to the controller once there is one again."""
@@ -389,7 +378,7 @@ class MemoryReplica(_MemoryHost):
         if self.script.ignores_drain or self.phase in ("draining", "ended"):
             return
         self.phase = "draining"
-        self._spawn(self._drain())
+        self.tasks.spawn(self._drain())
 
     async def _drain(self) -> None:
         await self._sleep(self.script.drain_s)
@@ -403,7 +392,7 @@ class MemoryProxy(_MemoryHost):
         super().__init__(backend, number, "serval::proxy")
         self.script = script
         self.versions: list[int] = []  # the table versions it acknowledged
-        self._spawn(self._run())
+        self.tasks.spawn(self._run())
 
     async def _run(self) -> None:
         script = self.script
@@ -430,7 +419,7 @@ class MemoryProxy(_MemoryHost):
 
     def _on_push(self, topic: str, value: Any) -> None:
         if topic == "table":
-            self._spawn(self._ack(value[0]))
+            self.tasks.spawn(self._ack(value[0]))
 
     async def _ack(self, version: int) -> None:
         if self.peer is None or self.peer.closed:
