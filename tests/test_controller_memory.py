@@ -491,6 +491,28 @@ def test_the_proxy_is_restarted_with_back_off_and_given_up_after_three_failed_st
     run(body, http=HTTPOptions())
 
 
+def test_waiting_for_the_proxy_waits_for_its_replacement_and_fails_once_given_up() -> None:
+    # serve.start() waits on wait_proxy: after the proxy exited, it returned at once, though
+    # no proxy listened (the acknowledged table version of the one that died still counted).
+    async def body(w: World) -> None:
+        await w.proxy_up()
+        w.backend.proxies[-1].crash(1)
+        waiting = asyncio.ensure_future(w.calls.wait_proxy())
+        await w.clock.advance(0.25)
+        assert not waiting.done()  # restarting (after 0.5 s): no proxy listens yet
+        await w.advance_until(waiting.done, 5, "wait_proxy to return")
+        waiting.result()
+        assert len(w.backend.proxies) == 2 and w.backend.proxies[-1].phase == "running"
+        w.backend.proxy_script = ProxyScript(exits_while_starting=1)
+        w.backend.proxies[-1].crash(1)
+        waiting = asyncio.ensure_future(w.calls.wait_proxy())
+        await w.advance_until(waiting.done, 20, "wait_proxy to give up")
+        with pytest.raises(ServalError, match="exited 3 times in a row before it was ready"):
+            waiting.result()
+
+    run(body, http=HTTPOptions())
+
+
 def test_a_proxy_that_stayed_up_is_restarted_after_the_shortest_delay() -> None:
     async def body(w: World) -> None:
         await w.proxy_up()

@@ -144,6 +144,7 @@ class Controller:
         ended = await host.wait()
         if self.stopping or self.proxy_error is not None or host is not self.proxy:
             return
+        self.proxy_version = -1  # no proxy routes now: who waits for one waits for the next
         reason = ended.reason
         if self._proxy_ready_at is None:
             self._proxy_start_failures += 1

@@ -54,8 +54,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lifeline-fd", type=int)
     parser.add_argument("--http-options")
     parser.add_argument("--recover", action="store_true")
-    # the controller's backend (by name: backends.base.load)
-    parser.add_argument("--backend", default="local", choices=get_args(BackendName))
+    # the controller's backend, by name (backends.base.load); "memory" runs in a test's
+    # process only, never in a controller process of its own
+    backends = [name for name in get_args(BackendName) if name != "memory"]
+    parser.add_argument("--backend", default="local", choices=backends)
     return parser.parse_args(argv)
 
 
