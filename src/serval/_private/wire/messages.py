@@ -232,8 +232,9 @@ _new = tuple.__new__
 def view(raw: tuple[Any, ...]) -> Message:
     """The message ``raw`` is, read by name; raises if it is none (the peer is not serval's,
     or not this version of it)."""
-    shape = _SHAPES[raw[0]]
+    kind = raw[0]
+    shape = _SHAPES[kind] if type(kind) is int and 0 <= kind <= DRAINED else None
     if shape is None or len(raw) != shape[1]:
-        raise ValueError(f"not a serval message: kind {raw[0]!r}, {len(raw)} fields")
+        raise ValueError(f"not a serval message: kind {kind!r}, {len(raw)} fields")
     message: Message = _new(shape[0], raw)
     return message

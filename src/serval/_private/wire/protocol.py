@@ -3,8 +3,9 @@
 A frame is ``<meta_len:u32><nbufs:u16><tag:u64>``, then ``nbufs`` lengths ``<len:u64>``, the
 pickle (protocol 5) of the message, then its out-of-band buffers. The tag repeats the request id
 of data-plane messages, so a message that fails to unpickle can still be answered with an error.
-Large numpy arrays and bytearrays travel as those buffers, so neither side copies them into the
-pickle stream.
+Large numpy arrays (and other objects that pickle through ``pickle.PickleBuffer``) travel as
+those buffers, so neither side copies them into the pickle stream; ``bytes`` and
+``bytearray`` go in the pickle itself (one copy).
 
 Messages (``messages``) travel as plain tuples whose first item is their kind. cloudpickle is
 used for every dump because it ships classes defined in ``__main__`` or in a function by
