@@ -22,6 +22,11 @@ T = TypeVar("T")
 # made in the temp dir; subprocesses inherit TMPDIR), so the leak check below counts this
 # session's processes only, not those of other sessions on the machine.
 SESSION_TMP = tempfile.mkdtemp(prefix="serval-tests-")
+# Ray's tests stay on loopback: Ray turns 127.0.0.1 into the machine's own address wherever it
+# meets it (ray.init's address, _node_ip_address), where a loopback cluster does not listen;
+# with this (read when ray is imported: the test modules import it after this file) it keeps
+# 127.0.0.1 as it is.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["TMPDIR"] = SESSION_TMP
 tempfile.tempdir = SESSION_TMP
 

@@ -443,7 +443,7 @@ def test_a_restarted_controller_adopts_the_live_hosts_and_replaces_the_dead(
         assert await w.wait_app() == ("RUNNING", "")
         alive = list(w.backend.replicas)
         await w.clock.settle()
-        saved = checkpoint.load(str(tmp_path))
+        saved = checkpoint.load(w.backend, str(tmp_path))
         assert saved is not None
         refs = [r.host for r in saved.apps[0].deployments[0].replicas]
         assert sorted(json.dumps(r) for r in refs) == sorted(json.dumps(h.ref) for h in alive)

@@ -200,17 +200,17 @@ def test_defaults_and_ray_fields(tmp_path: Path) -> None:
         ),
         (
             """
-            applications: [{import_path: m:a, runtime_env: {pip: [torch]}}]
+            applications: [{import_path: m:a, runtime_env: {pipp: [torch]}}]
             """,
-            "applications[0].runtime_env.pip",
-            "only env_vars",
+            "applications[0].runtime_env.pipp",
+            "serval knows env_vars, working_dir",
         ),
         (
             """
-            applications: [{import_path: m:a, deployments: [{name: A, max_replicas_per_node: 1}]}]
+            applications: [{import_path: m:a, deployments: [{name: A, max_replicas_per_node: 0}]}]
             """,
             "applications[0].deployments[0].max_replicas_per_node",
-            "not supported",
+            "greater than or equal to 1",
         ),
         (
             """

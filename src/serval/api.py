@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class _Owner:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cluster: LocalCluster | None = None
+        self.ray_namespace: str | None = None  # connected to a serval cluster on Ray
         self.http_options = HTTPOptions()
         self.atexit_registered = False
 
@@ -76,17 +78,23 @@ def start(
     address: str | None = None,
     detached: bool = False,
     proxy_location: str | None = None,
+    backend: str | None = None,
 ) -> None:
-    """Start a local cluster owned by this process (``serve.run`` does it when needed);
-    returns once its HTTP proxy listens.
+    """Start a cluster (``serve.run`` does it when needed); returns once its HTTP proxy
+    listens.
 
-    Every process of the cluster exits when this one does. With ``address`` (or the
-    ``SERVAL_ADDRESS`` environment variable) connect to the cluster running there instead,
-    e.g. one started by ``serval start``; its applications outlive this process.
-    ``detached`` and ``proxy_location`` are accepted for Ray Serve compatibility: one machine
-    has one proxy, and apps on a ``serval start`` cluster outlive their deployer anyway.
+    ``backend="local"`` (the default): a cluster on this machine owned by this process; every
+    process of it exits when this one does. With ``address`` (or the ``SERVAL_ADDRESS``
+    environment variable) connect to the local cluster running there instead, e.g. one
+    started by ``serval start``; its applications outlive this process.
+
+    ``backend="ray"`` (or ``SERVAL_BACKEND=ray``, or a driver that has called ``ray.init()``):
+    the cluster runs on Ray (see ``process.ray_cluster``); its applications outlive this
+    process, as in Ray Serve, until ``serve.shutdown()``.
+
+    ``detached`` and ``proxy_location`` are accepted for Ray Serve compatibility.
     """
-    started = _start(http_options, address)
+    started = _start(http_options, address, backend)
     try:
         control.call(lambda c: c.wait_proxy())
     except BaseException:
@@ -95,7 +103,11 @@ def start(
         raise
 
 
-def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | None) -> bool:
+def _start(
+    http_options: dict[str, Any] | HTTPOptions | None,
+    address: str | None,
+    backend: str | None = None,
+) -> bool:
     """Make sure this process has a cluster; whether this call started it."""
     # serve.run starts the cluster this way: it waits for the proxy with the app, in parallel.
     with _owner.lock:
@@ -113,6 +125,12 @@ def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | Non
         if not _owner.atexit_registered:
             atexit.register(_shutdown_at_exit)
             _owner.atexit_registered = True
+        if _chosen_backend(backend, address) == "ray":
+            from serval._private.process import ray_cluster
+
+            created = ray_cluster.connect(_owner.http_options)
+            _owner.ray_namespace = ray_cluster.DEFAULT_NAMESPACE
+            return created
         if address is not None:
             if not is_running(address):
                 raise ServalError(
@@ -123,6 +141,18 @@ def _start(http_options: dict[str, Any] | HTTPOptions | None, address: str | Non
         _owner.cluster = LocalCluster(_owner.http_options)
         runtime.set_address(_owner.cluster.address)
         return True
+
+
+def _chosen_backend(backend: str | None, address: str | None) -> str:
+    backend = backend or settings().backend
+    if backend is None:
+        # As in Ray Serve: a driver that has called ray.init() deploys onto that Ray cluster.
+        ray = sys.modules.get("ray")
+        in_ray = ray is not None and getattr(ray, "is_initialized", lambda: False)()
+        backend = "ray" if in_ray and address is None else "local"
+    if backend not in ("local", "ray"):
+        raise ValueError(f"unknown backend {backend!r}: serval runs on 'local' or 'ray'")
+    return backend
 
 
 def run(
@@ -171,7 +201,7 @@ def _block_forever() -> None:
 
 def status() -> ServeStatus:
     """Applications with their status, and deployments with ``replica_states`` counts."""
-    if runtime.address() is None:
+    if runtime.address() is None and _connect_existing() is None:
         return ServeStatus()
     return control.call(lambda c: c.status())
 
@@ -187,13 +217,37 @@ def shutdown() -> None:
     _disconnect(stop_cluster=True)
 
 
+def _connect_existing() -> str | None:
+    """Join a cluster that runs, without starting one, for a process that has none yet (as a
+    new Ray Serve driver finds the apps others deployed): on Ray when that is the backend,
+    else the local cluster ``SERVAL_ADDRESS`` names. Its address, or None."""
+    with _owner.lock:
+        if runtime.address() is not None:
+            return runtime.address()
+        address = settings().address
+        if _chosen_backend(None, address) == "ray":
+            from serval._private.process import ray_cluster
+
+            ray_cluster.init_ray()
+            if not ray_cluster.is_running():
+                return None
+            ray_cluster.join()
+            _owner.ray_namespace = ray_cluster.DEFAULT_NAMESPACE
+        elif address is not None and is_running(address):
+            runtime.set_address(address)
+        return runtime.address()
+
+
 def _disconnect(stop_cluster: bool) -> None:
+    if stop_cluster and runtime.address() is None:
+        _connect_existing()  # serve.shutdown() from a process that never deployed
     with _owner.lock:
         cluster, _owner.cluster = _owner.cluster, None
+        ray_namespace, _owner.ray_namespace = _owner.ray_namespace, None
         if runtime.address() is None:
             return
         try:
-            if stop_cluster:
+            if stop_cluster and not _ray_cluster_gone(ray_namespace):
                 if cluster is not None:
                     cluster.begin_shutdown()
                 # (ServalError: the controller keeps dying; the lifeline ends the rest)
@@ -202,9 +256,21 @@ def _disconnect(stop_cluster: bool) -> None:
         finally:
             runtime.reset_clients()
             runtime.set_address(None)
+            if ray_namespace is not None and stop_cluster:
+                from serval._private.process import ray_cluster
+
+                ray_cluster.stop(ray_namespace)
             if cluster is not None:
                 cluster.wait_stopped(timeout=5.0)
                 cluster.close()
+
+
+def _ray_cluster_gone(namespace: str | None) -> bool:
+    if namespace is None:
+        return False
+    from serval._private.process import ray_cluster
+
+    return not ray_cluster.is_running(namespace)
 
 
 def _shutdown_at_exit() -> None:
@@ -261,10 +327,21 @@ def _in_replica_loop() -> bool:
 
 
 def _refuse_if_controller_gone(address: str) -> None:
-    # A controller that keeps dying: fail the call now rather than wait for it.
+    # A controller that keeps dying, or a cluster on Ray that another driver shut down: fail
+    # the call now rather than wait for a controller that will not come.
+    if _owner.ray_namespace is not None:
+        from serval._private.process import ray_cluster
+
+        if not ray_cluster.is_running(_owner.ray_namespace):
+            raise ServalError(
+                "the serval cluster on Ray is gone (shut down, or Ray itself stopped); "
+                "serve.shutdown() here, then serve.start() or serve.run() makes a new one"
+            )
+        return
     cluster = _owner.cluster
     if cluster is not None and cluster.controller_error and not is_running(address):
         raise ServalError(cluster.controller_error)
 
 
 control.before_call = _refuse_if_controller_gone
+control.connect_existing = _connect_existing

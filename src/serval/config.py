@@ -62,8 +62,13 @@ class DeploymentConfig:
     graceful_shutdown_wait_loop_s: float = 2.0
     autoscaling_config: AutoscalingConfig | None = None
     ray_actor_options: dict[str, Any] = field(default_factory=dict)
+    # Placement on a Ray cluster (the Ray backend; the local backend refuses them at deploy).
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str = "PACK"
+    max_replicas_per_node: int | None = None
 
     def __post_init__(self) -> None:
+        _check_placement(self)
         _check(
             isinstance(self.num_replicas, int) and self.num_replicas >= 0,
             f"num_replicas must be an int >= 0, got {self.num_replicas!r}",
@@ -108,6 +113,35 @@ class DeploymentConfig:
             for f in dataclasses.fields(self)
             if f.name not in _IN_PLACE_FIELDS
         }
+
+
+_PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def _check_placement(config: DeploymentConfig) -> None:
+    bundles = config.placement_group_bundles
+    if bundles is not None:
+        _check(
+            isinstance(bundles, list)
+            and bool(bundles)
+            and all(
+                isinstance(b, dict)
+                and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in b.items())
+                for b in bundles
+            ),
+            "placement_group_bundles must be a non-empty list of dicts of resource amounts, "
+            f"got {bundles!r}",
+        )
+    _check(
+        config.placement_group_strategy in _PLACEMENT_STRATEGIES,
+        f"placement_group_strategy must be one of {', '.join(_PLACEMENT_STRATEGIES)}, "
+        f"got {config.placement_group_strategy!r}",
+    )
+    per_node = config.max_replicas_per_node
+    _check(
+        per_node is None or (type(per_node) is int and per_node >= 1),
+        f"max_replicas_per_node must be an int >= 1, got {per_node!r}",
+    )
 
 
 @dataclass(frozen=True)

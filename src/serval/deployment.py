@@ -23,14 +23,20 @@ __all__ = ["Application", "Deployment", "deployment"]
 T = TypeVar("T")
 _UNSET: Any = object()
 _CONFIG_FIELDS = {f.name for f in fields(DeploymentConfig)}
-# Scheduling hints: meaningful on a Ray cluster; the local backend runs every replica anyway.
-_SUPPORTED_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env"}
-_SUPPORTED_RUNTIME_ENV = {"env_vars"}
+# Ray's actor options (resources: scheduling on a Ray cluster; the local backend runs every
+# replica anyway). Which runtime_env fields a backend honours it says at deploy time.
+_SUPPORTED_ACTOR_OPTIONS = {
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "object_store_memory",
+    "resources",
+    "accelerator_type",
+    "runtime_env",
+}
+_SUPPORTED_RUNTIME_ENV = {"env_vars", "pip", "working_dir", "py_modules", "conda", "uv", "config"}
 # Ray Serve options serval does not implement: rejected, never silently ignored.
 _UNSUPPORTED_OPTIONS = {
-    "placement_group_bundles": "placement groups need the Ray backend",
-    "placement_group_strategy": "placement groups need the Ray backend",
-    "max_replicas_per_node": "serval's local backend has one node",
     "request_router_config": "custom request routers are not supported",
     "logging_config": "configure logging in the replica's code or the driver",
     "max_constructor_retry_count": "a constructor that raises fails the deployment at once",
@@ -198,7 +204,7 @@ def _normalize(options: dict[str, Any]) -> dict[str, Any]:
         if unknown:
             raise ValueError(
                 f"unsupported runtime_env field(s): {', '.join(sorted(unknown))} "
-                "(serval supports env_vars; install packages in the environment itself)"
+                f"(serval knows {', '.join(sorted(_SUPPORTED_RUNTIME_ENV))})"
             )
         out["ray_actor_options"] = dict(actor)
     return out

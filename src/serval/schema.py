@@ -1,10 +1,11 @@
 """Config files in Ray Serve's schema: validation, and turning an entry into an Application.
 
 A file has ``proxy_location``, ``http_options`` and ``applications``; each application has a
-``name``, ``route_prefix``, ``import_path``, ``args``, ``runtime_env`` (``env_vars`` only) and
-``deployments`` whose options override those set in code. Every model forbids unknown fields, so
-a misspelt option is an error, never silently ignored. A bad file raises :class:`ConfigError`,
-which names the file, the field (``applications[0].deployments[1].num_replicas``) and the reason.
+``name``, ``route_prefix``, ``import_path``, ``args``, ``runtime_env`` (Ray's fields; all but
+``env_vars`` need the Ray backend) and ``deployments`` whose options override those set in code.
+Every model forbids unknown fields, so a misspelt option is an error, never silently ignored.
+A bad file raises :class:`ConfigError`, which names the file, the field
+(``applications[0].deployments[1].num_replicas``) and the reason.
 """
 
 from __future__ import annotations
@@ -95,14 +96,28 @@ class HTTPOptionsSchema(_Model):
 
 
 class RuntimeEnvSchema(_Model):
+    """Ray's runtime_env fields; all but ``env_vars`` need the Ray backend (the local backend
+    refuses them when the app is deployed)."""
+
     env_vars: dict[str, str] = Field(default_factory=dict)
+    working_dir: str | None = None
+    py_modules: list[str] | None = None
+    pip: list[str] | str | dict[str, Any] | None = None
+    uv: list[str] | str | dict[str, Any] | None = None
+    conda: str | dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+
+    def fields_set(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
 class RayActorOptionsSchema(_Model):
     num_cpus: float | None = Field(default=None, ge=0)
     num_gpus: float | None = Field(default=None, ge=0)
     memory: float | None = Field(default=None, ge=0)
+    object_store_memory: float | None = Field(default=None, ge=0)
     resources: dict[str, float] | None = None
+    accelerator_type: str | None = None
     runtime_env: RuntimeEnvSchema | None = None
 
 
@@ -136,6 +151,11 @@ class DeploymentSchema(_Model):
     graceful_shutdown_timeout_s: float | None = Field(default=None, gt=0)
     graceful_shutdown_wait_loop_s: float | None = Field(default=None, gt=0)
     ray_actor_options: RayActorOptionsSchema | None = None
+    placement_group_bundles: list[dict[str, float]] | None = Field(default=None, min_length=1)
+    placement_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = (
+        None
+    )
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
 
     @field_validator("num_replicas", mode="wrap")
     @classmethod
@@ -329,8 +349,8 @@ def _unknown_field(loc: tuple[str | int, ...]) -> str:
     parent = _model_at(loc[:-1])
     if parent is RuntimeEnvSchema:
         return (
-            f"runtime_env field {name!r} is not supported: serval supports only env_vars "
-            "(install packages in the environment itself)"
+            f"runtime_env field {name!r} is not supported: serval knows "
+            f"{', '.join(RuntimeEnvSchema.model_fields)}"
         )
     if parent is DeploymentSchema and name in _UNSUPPORTED_OPTIONS:
         return f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}"
@@ -520,14 +540,18 @@ def build_application(cfg: ApplicationSchema, index: int, file: str) -> Applicat
                 ],
             )
     overrides = {dep.name: (j, dep.overrides()) for j, dep in enumerate(cfg.deployments)}
-    app_env = cfg.runtime_env.env_vars
+    app_env = cfg.runtime_env.fields_set()
 
     def change(name: str, dep: Deployment) -> Deployment:
         j, opts = overrides.get(name, (None, {}))
         if app_env:
+            # The app's runtime_env is every deployment's, field by field, unless the
+            # deployment sets that field itself (env_vars: variable by variable).
             actor = dict(opts.get("ray_actor_options", dep.config.ray_actor_options) or {})
-            env = dict(actor.get("runtime_env") or {})
-            env["env_vars"] = {**app_env, **(env.get("env_vars") or {})}
+            env = {**app_env, **(actor.get("runtime_env") or {})}
+            env_vars = {**app_env.get("env_vars", {}), **(env.get("env_vars") or {})}
+            if env_vars:
+                env["env_vars"] = env_vars
             actor["runtime_env"] = env
             opts = {**opts, "ray_actor_options": actor}
         if not opts:

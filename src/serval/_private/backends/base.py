@@ -15,16 +15,21 @@ imported only when chosen: ``load("local")``.
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from serval._private.wire import layout
+from serval.config import DeploymentConfig
+
 __all__ = ["Backend", "BackendName", "Exit", "HostRef", "ReplicaHost", "load"]
 
 # (memory: hosts in the test's own process, for tests of the controller; see its module)
-BackendName = Literal["local", "memory"]
+BackendName = Literal["local", "ray", "memory"]
 _IMPLEMENTATIONS: dict[BackendName, str] = {
     "local": "serval._private.backends.local:LocalBackend",
+    "ray": "serval._private.backends.ray_backend:RayBackend",
     "memory": "serval._private.backends.memory:MemoryBackend",
 }
 # What a backend needs to find a host again: plain JSON-able values, kept in the checkpoint.
@@ -67,10 +72,14 @@ class Backend(ABC):
 
     @abstractmethod
     def start_replica(
-        self, replica_id: str, label: str, env: dict[str, str] | None = None
+        self,
+        replica_id: str,
+        label: str,
+        env: dict[str, str] | None = None,
+        config: DeploymentConfig | None = None,
     ) -> ReplicaHost:
-        """Start a replica host (with extra environment variables); it will register itself
-        with the controller."""
+        """Start a replica host (with extra environment variables, placed as its deployment's
+        ``config`` asks); it will register itself with the controller."""
 
     @abstractmethod
     def start_proxy(self, http_options_json: str) -> ReplicaHost:
@@ -79,6 +88,28 @@ class Backend(ABC):
     @abstractmethod
     def adopt(self, host_id: str, ref: HostRef) -> ReplicaHost | None:
         """A host started by an earlier controller, if it is still there."""
+
+    def save_checkpoint(self, address: str, data: bytes) -> None:
+        """Keep the controller's checkpoint of the cluster at ``address`` (by default a file
+        in its runtime directory, replaced atomically)."""
+        target = layout.checkpoint_path(address)
+        tmp = f"{target}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+
+    def load_checkpoint(self, address: str) -> bytes | None:
+        """The checkpoint ``save_checkpoint`` kept, if any."""
+        try:
+            with open(layout.checkpoint_path(address), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def unsupported(self, config: DeploymentConfig) -> str | None:
+        """Why this backend cannot run replicas with ``config`` (its ``ray_actor_options`` and
+        placement fields), or None."""
+        return None
 
     def log_location(self) -> str:
         """Where the replicas' and the proxy's output goes, for error messages."""

@@ -26,6 +26,7 @@ from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
 from serval._private.process import procs
 from serval._private.process.settings import USER_PYTHONPATH_VAR, settings
 from serval._private.wire import layout
+from serval.config import DeploymentConfig
 
 
 def worker_argv(role: str, label: str, *args: str) -> list[str]:
@@ -162,6 +163,22 @@ class LocalProcess(ReplicaHost):
             self._done.set_result(Exit(code, procs.exit_reason(code)))
 
 
+def local_limits(config: DeploymentConfig) -> str | None:
+    """What of a deployment's options only a Ray cluster honours."""
+    if config.placement_group_bundles is not None:
+        return "placement_group_bundles needs the Ray backend (placement groups are Ray's)"
+    if config.max_replicas_per_node is not None:
+        return "max_replicas_per_node needs the Ray backend (the local backend has one node)"
+    runtime_env = config.ray_actor_options.get("runtime_env") or {}
+    others = sorted(set(runtime_env) - {"env_vars"})
+    if others:
+        return (
+            f"runtime_env {', '.join(others)} needs the Ray backend (on this machine, install "
+            "packages in serval's own environment; env_vars work everywhere)"
+        )
+    return None
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -185,8 +202,15 @@ class LocalBackend(Backend):
     def replica_address(self, replica_id: str) -> str:
         return layout.replica_path(self.address, replica_id)
 
+    def unsupported(self, config: DeploymentConfig) -> str | None:
+        return local_limits(config)
+
     def start_replica(
-        self, replica_id: str, label: str, env: dict[str, str] | None = None
+        self,
+        replica_id: str,
+        label: str,
+        env: dict[str, str] | None = None,
+        config: DeploymentConfig | None = None,
     ) -> ReplicaHost:
         env = replica_env(self.user_pythonpath, env)
         return self._spawn("replica", label, replica_id, ["--replica-id", replica_id], env)

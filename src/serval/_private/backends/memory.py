@@ -44,6 +44,7 @@ from serval._private.wire.messages import Push, view
 from serval._private.wire.rpc import PushHandler
 from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import ReplicaInit
+from serval.config import DeploymentConfig
 
 __all__ = [
     "MemoryBackend",
@@ -498,7 +499,11 @@ class MemoryBackend(Backend):
         return f"memory:{replica_id}"
 
     def start_replica(
-        self, replica_id: str, label: str, env: dict[str, str] | None = None
+        self,
+        replica_id: str,
+        label: str,
+        env: dict[str, str] | None = None,
+        config: DeploymentConfig | None = None,
     ) -> ReplicaHost:
         script = self.scripts.popleft() if self.scripts else dataclasses.replace(self.script)
         number = next(self._numbers)

@@ -15,8 +15,8 @@ from typing import Any
 
 from serval._private.caller.calls import Call
 from serval._private.caller.router import Router
+from serval._private.wire import endpoints
 from serval._private.wire.control import ControllerCalls
-from serval._private.wire.layout import controller_path
 from serval._private.wire.rpc import RpcPeer
 from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import Routes, Table
@@ -147,7 +147,7 @@ class ClusterClient:
         while not self._closed:
             try:
                 peer = await RpcPeer.connect(
-                    controller_path(self.address),
+                    await endpoints.controller(self.address),
                     handler=self.handler,
                     on_push=self._on_push,
                     on_close=self._on_close,

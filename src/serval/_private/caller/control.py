@@ -20,11 +20,18 @@ T = TypeVar("T")
 
 # Called with the cluster's address before every call; raises to refuse it.
 before_call: Callable[[str], None] | None = None
+# Called when this process has no cluster yet: joins one that runs (without starting one) and
+# returns its address, or None (``serval.api`` sets it).
+connect_existing: Callable[[], str | None] | None = None
 
 
 def call(fn: Callable[[ControllerCalls], Awaitable[T]], timeout: float | None = None) -> T:
     """``fn(controller)`` on the home loop, e.g. ``call(lambda c: c.status())``."""
-    address = runtime.require_address()
+    address = runtime.address()
+    if address is None and connect_existing is not None:
+        address = connect_existing()
+    if address is None:
+        address = runtime.require_address()  # (raises: no cluster)
     if before_call is not None:
         before_call(address)
 

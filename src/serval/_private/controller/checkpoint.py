@@ -1,6 +1,7 @@
-"""The controller's checkpoint: desired state and the hosts it knew, on disk.
+"""The controller's checkpoint: desired state and the hosts it knew.
 
-Written atomically (temp file + rename) after every change, so that a controller restarted after
+Kept by the backend (a file replaced atomically on the local backend, Ray's key-value store on
+Ray) after every change, so that a controller restarted after
 a crash finds the apps it was serving and adopts the replica and proxy hosts still there,
 instead of starting them anew: traffic keeps flowing through the crash. Hosts are kept as
 their backend's opaque ``ref``, and found again through ``Backend.adopt``.
@@ -8,8 +9,6 @@ their backend's opaque ``ref``, and found again through ``Backend.adopt``.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 from dataclasses import dataclass, field
 
@@ -22,7 +21,6 @@ from serval._private.controller.state import (
     ReplicaRecord,
     ReplicaState,
 )
-from serval._private.wire import layout
 from serval._private.wire.types import AppSpec, DeploymentSpec
 
 PROXY_HOST_ID = "serval::proxy"
@@ -74,21 +72,19 @@ class Restored:
     proxy: ReplicaHost | None
 
 
-def path_in(address: str) -> str:
-    return layout.checkpoint_path(address)
-
-
-def save(address: str, table_version: int, proxy: ReplicaHost | None, apps: list[AppState]) -> None:
+def save(
+    backend: Backend,
+    address: str,
+    table_version: int,
+    proxy: ReplicaHost | None,
+    apps: list[AppState],
+) -> None:
     ckpt = Checkpoint(
         table_version,
         proxy.ref if proxy is not None else None,
         [_save_app(app) for app in apps],
     )
-    target = path_in(address)
-    tmp = f"{target}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(cloudpickle.dumps(ckpt))
-    os.replace(tmp, target)
+    backend.save_checkpoint(address, cloudpickle.dumps(ckpt))
 
 
 def _save_app(app: AppState) -> SavedApp:
@@ -116,13 +112,12 @@ def _save_app(app: AppState) -> SavedApp:
     return SavedApp(app.spec, app.deployed_at, app.deleting, deployments)
 
 
-def load(address: str) -> Checkpoint | None:
-    with contextlib.suppress(FileNotFoundError):
-        with open(path_in(address), "rb") as f:
-            ckpt = pickle.load(f)
-        if isinstance(ckpt, Checkpoint):
-            return ckpt
-    return None
+def load(backend: Backend, address: str) -> Checkpoint | None:
+    data = backend.load_checkpoint(address)
+    if data is None:
+        return None
+    ckpt = pickle.loads(data)
+    return ckpt if isinstance(ckpt, Checkpoint) else None
 
 
 def restore(ckpt: Checkpoint, backend: Backend) -> Restored:

@@ -80,7 +80,7 @@ class Controller:
         self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
 
     def start(self, recover: bool = False) -> None:
-        ckpt = checkpoint.load(self.address) if recover and self.address else None
+        ckpt = checkpoint.load(self.backend, self.address) if recover and self.address else None
         restored = checkpoint.restore(ckpt, self.backend) if ckpt is not None else None
         if restored is not None:
             self.table_version = restored.table_version
@@ -128,7 +128,9 @@ class Controller:
         if self.address is None or self.stopping:
             return
         try:
-            checkpoint.save(self.address, self.table_version, self.proxy, list(self.apps.values()))
+            checkpoint.save(
+                self.backend, self.address, self.table_version, self.proxy, list(self.apps.values())
+            )
         except OSError as exc:
             logger.error("could not write the checkpoint: %s", exc)
 
@@ -200,6 +202,10 @@ class Controller:
 
     def rpc_deploy_app(self, peer: ControlPeer, spec: AppSpec) -> None:
         self._check_route_prefix(spec)
+        for dspec in spec.deployments:
+            reason = self.backend.unsupported(dspec.config)
+            if reason is not None:
+                raise ValueError(f"deployment {dspec.name!r} cannot run here: {reason}")
         app = self.apps.get(spec.name)
         if app is None or app.deleting:
             if app is not None:
@@ -333,12 +339,15 @@ class Controller:
 
     # -- RPC: replicas ---------------------------------------------------------------------------
 
-    def rpc_register(self, peer: ControlPeer, replica_id: str) -> ReplicaInit:
+    def rpc_register(self, peer: ControlPeer, replica_id: str, address: str = "") -> ReplicaInit:
         found = self._replicas.get(replica_id)
         if found is None:
             raise LookupError(f"unknown replica {replica_id}")
         app, dep, rec = found
         rec.peer = peer
+        if address:  # where it listens, when its backend could not know it in advance
+            rec.address = address
+            self._schedule_save()
         peer.info["replica_id"] = replica_id
         return ReplicaInit(
             app=app.spec.name,
@@ -409,7 +418,7 @@ class Controller:
         label = f"{app.spec.name}.{dep.name}#{index}"
         runtime_env = dep.spec.config.ray_actor_options.get("runtime_env") or {}
         env = {str(k): str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
-        host = self.backend.start_replica(replica_id, label, env)
+        host = self.backend.start_replica(replica_id, label, env, dep.spec.config)
         rec = ReplicaRecord(
             replica_id, index, dep.spec.version, host, self.backend.replica_address(replica_id)
         )

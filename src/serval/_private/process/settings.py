@@ -17,10 +17,17 @@ class Settings:
     address: str | None
     # The user's code path for replicas: the driver's PYTHONPATH.
     user_pythonpath: str | None
+    # The backend a new cluster runs on (SERVAL_BACKEND): "local" or "ray"; None: Ray when
+    # the driver has called ray.init(), else local.
+    backend: str | None = None
 
 
 @functools.cache
 def settings() -> Settings:
     env = os.environ
     user_path = env[USER_PYTHONPATH_VAR] if USER_PYTHONPATH_VAR in env else env.get("PYTHONPATH")
-    return Settings(address=env.get("SERVAL_ADDRESS") or None, user_pythonpath=user_path or None)
+    return Settings(
+        address=env.get("SERVAL_ADDRESS") or None,
+        user_pythonpath=user_path or None,
+        backend=env.get("SERVAL_BACKEND") or None,
+    )

@@ -55,8 +55,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--http-options")
     parser.add_argument("--recover", action="store_true")
     # the controller's backend, by name (backends.base.load); "memory" runs in a test's
-    # process only, never in a controller process of its own
-    backends = [name for name in get_args(BackendName) if name != "memory"]
+    # process only, and Ray's controller is an actor (process.ray_actors), not a process of ours
+    backends = [name for name in get_args(BackendName) if name not in ("memory", "ray")]
     parser.add_argument("--backend", default="local", choices=backends)
     return parser.parse_args(argv)
 
@@ -165,7 +165,7 @@ _MAINS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
 }
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Serving allocates many short-lived objects and few cycles: collect the young
     generation less often, and keep what start-up imported out of every collection."""
     gc.collect()
@@ -186,12 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         run_daemon(args.address, HTTPOptions.from_json(args.http_options))
         return
     body = _MAINS[args.role]
-    _tune_gc()
+    tune_gc()
     loop = runtime.new_event_loop()
     asyncio.set_event_loop(loop)
     code = 0
     try:
-        _run_to_the_end(loop, loop.create_task(body(args)))
+        run_to_the_end(loop, loop.create_task(body(args)))
     except SystemExit as exc:  # a reported, expected failure (e.g. the port is taken)
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(code)
 
 
-def _run_to_the_end(loop: asyncio.AbstractEventLoop, main: asyncio.Task[None]) -> None:
+def run_to_the_end(loop: asyncio.AbstractEventLoop, main: asyncio.Task[None]) -> None:
     """Run ``main`` until it returns (or raises).
 
     ``SystemExit`` or ``KeyboardInterrupt`` raised by user code in an ``async def`` method

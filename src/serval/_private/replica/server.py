@@ -20,6 +20,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -43,10 +44,9 @@ from serval._private.replica.methods import (
 from serval._private.replica.outflow import Outflow, frame_bytes
 from serval._private.replica.sync_runner import SyncRunner, unwrap
 from serval._private.telemetry import metrics
-from serval._private.wire import layout, protocol, transport
+from serval._private.wire import endpoints, layout, protocol, transport
 from serval._private.wire.asgi import scope_type, unpack_scope
 from serval._private.wire.control import ControllerCalls
-from serval._private.wire.layout import controller_path
 from serval._private.wire.messages import (
     CREDIT,
     DRAINING,
@@ -87,12 +87,35 @@ _PLAIN_RESULTS = frozenset({str, bytes, int, float, bool, type(None), tuple})
 _clock = time.perf_counter
 
 
+@dataclass(frozen=True)
+class ListenAt:
+    """Where a replica takes callers: a Unix socket (for its node only when ``node`` is set),
+    and TCP on ``tcp_host`` too when callers may be on other nodes."""
+
+    unix_path: str
+    node: str | None = None
+    tcp_host: str | None = None
+
+
 class Replica:
-    def __init__(self, address: str, replica_id: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        replica_id: str,
+        listen_at: ListenAt | None = None,
+        keep_cwd: bool = False,
+    ) -> None:
         self.address = address
+        # True when the backend gave it a working directory of its own (Ray's working_dir),
+        # instead of the deployer's
+        self.keep_cwd = keep_cwd
         self.replica_id = replica_id
         self.loop = asyncio.get_running_loop()
-        self.path = layout.replica_path(address, replica_id)
+        if listen_at is None:
+            listen_at = ListenAt(layout.replica_path(address, replica_id))
+        self.listen_at = listen_at
+        self.path = listen_at.unix_path
+        self.own_address = self.path  # what callers dial (the TCP endpoint joins at start)
         self.app = ""
         self.deployment = ""
         self.config = DeploymentConfig()
@@ -124,20 +147,33 @@ class Replica:
         # A sync __call__(request) and no ASGI app: HTTP requests run whole on a worker thread.
         self._sync_http = False
         self._server: asyncio.AbstractServer | None = None
+        self._tcp: transport.TcpListener | None = None
         self.controller: RpcPeer | None = None
         self._reattach_task: asyncio.Task[None] | None = None
 
     # -- start-up --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = await transport.listen(self.path, self._new_connection)
-        self.controller = await RpcPeer.connect(controller_path(self.address), handler=self)
+        await self._listen()
+        where = await endpoints.controller(self.address)
+        self.controller = await RpcPeer.connect(where, handler=self)
         calls = ControllerCalls(self.controller.call)
-        init = await calls.register(self.replica_id)
+        init = await calls.register(self.replica_id, self.own_address)
         error = await self._init_user(init)
         await calls.replica_ready(self.replica_id, error)
         # Only now: a controller lost while starting means starting over, not reattaching.
         self.controller.on_close = self._controller_lost
+
+    async def _listen(self) -> None:
+        at = self.listen_at
+        self._server = await transport.listen(self.path, self._new_connection)
+        if at.node is not None:
+            self.own_address = endpoints.unix_on_node(at.node, self.path)
+        if at.tcp_host is not None:
+            self._tcp = await transport.TcpListener.start(
+                at.tcp_host, 0, self._new_connection, endpoints.secret()
+            )
+            self.own_address = f"{self.own_address}|{self._tcp.address}"
 
     def _controller_lost(self, peer: RpcPeer) -> None:
         if not self.draining:
@@ -148,7 +184,8 @@ class Replica:
         """Keep serving; reconnect the control channel to the restarted controller."""
         while not self.draining:
             try:
-                peer = await RpcPeer.connect(controller_path(self.address), handler=self)
+                where = await endpoints.controller(self.address)
+                peer = await RpcPeer.connect(where, handler=self)
                 await ControllerCalls(peer.call).reattach(self.replica_id)
             except (OSError, ConnectionError):
                 await asyncio.sleep(_REATTACH_DELAY_S)
@@ -170,8 +207,9 @@ class Replica:
         for entry in reversed(init.sys_path):
             if entry and entry not in sys.path:
                 sys.path.insert(0, entry)
-        with contextlib.suppress(OSError):
-            os.chdir(init.cwd)
+        if not self.keep_cwd:
+            with contextlib.suppress(OSError):
+                os.chdir(init.cwd)
         self._pool = SyncRunner(
             self.loop, min(self.config.max_ongoing_requests, _MAX_THREADS), "serval-user"
         )
@@ -728,6 +766,8 @@ class Replica:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        if self._tcp is not None:
+            self._tcp.close()
         self._unacked = {conn for conn in self._running if not conn.closed}
         for conn in self._unacked:
             conn.send(Draining(DRAINING))

@@ -87,8 +87,9 @@ class ControllerCalls(_Stub):
 
     # -- replicas ---------------------------------------------------------------------------------
 
-    async def register(self, replica_id: str) -> ReplicaInit:
-        return cast(ReplicaInit, await self._call("register", replica_id=replica_id))
+    async def register(self, replica_id: str, address: str = "") -> ReplicaInit:
+        reply = await self._call("register", replica_id=replica_id, address=address)
+        return cast(ReplicaInit, reply)
 
     async def replica_ready(self, replica_id: str, error: str | None) -> None:
         await self._call("replica_ready", replica_id=replica_id, error=error)

@@ -17,8 +17,9 @@ import socket
 import threading
 from collections.abc import Callable
 
-from serval._private.wire import protocol
+from serval._private.wire import auth, endpoints, protocol
 from serval._private.wire.messages import Message, view
+from serval._private.wire.tasks import TaskOwner
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +277,24 @@ class Undecodable:
 
 
 async def dial(address: str, factory: Callable[[], Connection]) -> Connection:
-    """Connect to ``address`` with the connection ``factory`` makes. An address is what a
-    backend says a replica (or the controller) listens on: a Unix socket's path on the local
-    backend (other transports are for other backends)."""
+    """Connect to ``address`` (see ``endpoints``) with the connection ``factory`` makes: a Unix
+    socket's path, or TCP once both ends have proven they hold the cluster's secret."""
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_unix_connection(factory, address)
+    endpoint = endpoints.choose(address)
+    if endpoint.kind == "unix":
+        _, conn = await loop.create_unix_connection(factory, endpoint.path)
+        return conn
+    secret = endpoints.secret()
+    sock = socket.socket(_family(endpoint.host), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, (endpoint.host, endpoint.port))
+        await auth.connect(sock, secret)
+        _, conn = await loop.create_connection(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return conn
 
 
@@ -293,3 +307,75 @@ async def listen(path: str, factory: Callable[[], Connection]) -> asyncio.base_e
     os.chmod(path, 0o600)
     server = await loop.create_unix_server(factory, sock=sock, backlog=1024)
     return server
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class TcpListener:
+    """A TCP endpoint that hands a connection to ``factory``'s protocol only once its dialler
+    has proven it holds ``secret`` (``auth``): until then the socket is read by the handshake
+    alone, a few fixed-size fields, and never by the framing."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], Connection], secret: bytes):
+        self._sock = sock
+        self._factory = factory
+        self._secret = secret
+        self.host, self.port = sock.getsockname()[:2]
+        self.tasks = TaskOwner(f"the TCP listener on port {self.port}")
+        self.refused = 0  # connections whose dialler failed the handshake
+        self._accepting = self.tasks.spawn(self._accept_loop())
+
+    @classmethod
+    async def start(
+        cls, host: str, port: int, factory: Callable[[], Connection], secret: bytes
+    ) -> TcpListener:
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, factory, secret)
+
+    @property
+    def address(self) -> str:
+        return endpoints.tcp(self.host, self.port)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # out of descriptors, say: wait, do not spin
+                logger.warning("accepting a TCP connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.tasks.spawn(self._admit(sock))
+
+    async def _admit(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await auth.accept(sock, self._secret)
+            await loop.connect_accepted_socket(self._factory, sock)
+        except (TimeoutError, OSError) as exc:
+            self.refused += 1
+            logger.warning("refused a TCP connection: %s", exc or type(exc).__name__)
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        self._sock.close()
+        self.tasks.cancel()
+
+    async def aclose(self) -> None:
+        self._sock.close()
+        await self.tasks.close()

@@ -1,0 +1,218 @@
+"""The Ray backend, as the controller sees it: replicas and the HTTP proxy are Ray actors.
+
+Ray places them (``ray_actor_options``' resources, placement groups), watches their nodes and
+reports their death; serval does neither itself. Each replica is a detached, named actor
+(``SERVAL_REPLICA:<id>``), so that it outlives a controller that dies and a restarted one
+adopts it by name. An actor's ``run`` call returns when its replica has drained, and fails
+when the actor (or its node) dies: that call is how the controller learns a host's end.
+
+The actor classes are entry points, as the local backend's worker module is: they live with
+the processes' mains (``process.ray_actors``) and are named here by import path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from serval._private.backends import ray_store
+from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
+from serval.config import DeploymentConfig
+
+__all__ = ["RayBackend", "RayHost", "actor_options"]
+
+logger = logging.getLogger(__name__)
+
+_ACTORS = "serval._private.process.ray_actors"
+# A replica reserves one CPU unless told otherwise, as in Ray Serve; serval's own actors none.
+_DEFAULT_NUM_CPUS = 1.0
+_REPLICA_MAX_CONCURRENCY = 100_000  # by-reference calls; the replica applies its own limit
+
+
+@functools.cache
+def _actor_class(name: str) -> Any:
+    """The Ray actor class (made once: Ray exports a class's code each time it is made)."""
+    return ray.remote(getattr(importlib.import_module(_ACTORS), name))
+
+
+def actor_options(config: DeploymentConfig) -> dict[str, Any]:
+    """A replica's ``ray_actor_options``, as Ray's ``.options()`` takes them."""
+    given = dict(config.ray_actor_options)
+    options: dict[str, Any] = {"num_cpus": given.pop("num_cpus", _DEFAULT_NUM_CPUS)}
+    for key in ("num_gpus", "memory", "object_store_memory", "resources", "accelerator_type"):
+        if given.get(key) is not None:
+            options[key] = given[key]
+    runtime_env = given.get("runtime_env")
+    if runtime_env:
+        options["runtime_env"] = dict(runtime_env)
+    return options
+
+
+class RayHost(ReplicaHost):
+    """A replica's (or the proxy's) actor."""
+
+    def __init__(
+        self,
+        host_id: str,
+        actor: Any,
+        name: str,
+        namespace: str,
+        group: PlacementGroup | None = None,
+    ) -> None:
+        self.host_id = host_id
+        self._actor = actor
+        self._name = name
+        self._namespace = namespace
+        self._group = group
+        loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[None] = asyncio.wrap_future(
+            actor.run.remote().future(), loop=loop
+        )
+
+    @property
+    def ref(self) -> HostRef:
+        ref: HostRef = {"actor": self._name}
+        if self._group is not None:
+            ref["placement_group"] = self._group.id.hex()
+        return ref
+
+    def kill(self) -> None:
+        try:
+            ray.kill(self._actor, no_restart=True)
+        except Exception as exc:  # already gone
+            logger.debug("killing %s: %s", self._name, exc)
+        self._release()
+
+    async def wait(self) -> Exit:
+        try:
+            await asyncio.shield(self._ended)
+        except ray.exceptions.RayError as exc:
+            self._release()
+            return Exit(None, f"its actor died: {_first_line(exc)}")
+        except Exception as exc:  # the actor's run raised: it could not start
+            self.kill()
+            return Exit(1, f"it failed: {_first_line(exc)}")
+        self.kill()  # drained: its process is no longer needed
+        return Exit(0, "it drained and exited")
+
+    def _release(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            try:
+                remove_placement_group(group)
+            except Exception as exc:
+                logger.debug("removing the placement group of %s: %s", self._name, exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class RayBackend(Backend):
+    name = "ray"
+
+    def __init__(self, namespace: str, node_id: str) -> None:
+        self.namespace = namespace
+        self.node_id = node_id  # the controller's node: where the proxy runs
+
+    @classmethod
+    def for_controller(cls, address: str, lifeline_fd: int | None) -> RayBackend:
+        return cls(ray_store.namespace_of(address), ray.get_runtime_context().get_node_id())
+
+    def log_location(self) -> str:
+        return "the Ray logs of its actor (ray logs, or the Ray dashboard)"
+
+    def replica_address(self, replica_id: str) -> str:
+        return ""  # known when it listens: it says so when it registers
+
+    def save_checkpoint(self, address: str, data: bytes) -> None:
+        ray_store.save_checkpoint(self.namespace, data)
+
+    def load_checkpoint(self, address: str) -> bytes | None:
+        return ray_store.checkpoint(self.namespace)
+
+    def unsupported(self, config: DeploymentConfig) -> str | None:
+        if config.max_replicas_per_node is not None:
+            return "max_replicas_per_node is not implemented on the Ray backend yet"
+        return None
+
+    def start_replica(
+        self,
+        replica_id: str,
+        label: str,
+        env: dict[str, str] | None = None,
+        config: DeploymentConfig | None = None,
+    ) -> ReplicaHost:
+        config = config if config is not None else DeploymentConfig()
+        options = actor_options(config)
+        group = None
+        if config.placement_group_bundles is not None:
+            # The replica takes the first bundle; what it starts itself may use the rest.
+            group = placement_group(
+                config.placement_group_bundles, strategy=config.placement_group_strategy
+            )
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            )
+        working_dir = bool((options.get("runtime_env") or {}).get("working_dir"))
+        name = ray_store.replica_actor_name(replica_id)
+        actor = (
+            _actor_class("ReplicaActor")
+            .options(
+                name=name,
+                namespace=self.namespace,
+                lifetime="detached",
+                max_restarts=0,
+                max_concurrency=_REPLICA_MAX_CONCURRENCY,
+                **options,
+            )
+            .remote(self.namespace, replica_id, label, working_dir)
+        )
+        return RayHost(replica_id, actor, name, self.namespace, group)
+
+    def start_proxy(self, http_options_json: str) -> ReplicaHost:
+        name = ray_store.proxy_actor_name(self.node_id)
+        actor = (
+            _actor_class("ProxyActor")
+            .options(
+                name=name,
+                namespace=self.namespace,
+                lifetime="detached",
+                max_restarts=0,
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
+            )
+            .remote(self.namespace, http_options_json)
+        )
+        return RayHost("serval::proxy", actor, name, self.namespace)
+
+    def adopt(self, host_id: str, ref: HostRef) -> ReplicaHost | None:
+        name = ref.get("actor")
+        if not isinstance(name, str):
+            return None
+        try:
+            actor = ray.get_actor(name, namespace=self.namespace)
+        except ValueError:
+            return None  # gone
+        group = None
+        if isinstance(ref.get("placement_group"), str):
+            group = _placement_group_by_id(ref["placement_group"])
+        return RayHost(host_id, actor, name, self.namespace, group)
+
+
+def _placement_group_by_id(hex_id: str) -> PlacementGroup | None:
+    try:
+        return PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id)))
+    except Exception:
+        return None

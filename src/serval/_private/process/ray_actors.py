@@ -1,0 +1,175 @@
+"""serval's processes as Ray actors: the controller, each replica, the HTTP proxy.
+
+Each actor runs the same code as the local backend's processes (``worker``) on an event loop
+of its own, in a thread of the actor's process: Ray's own loop serves only Ray's calls to the
+actor (``run``, ``endpoint``), so a request never waits on Ray's machinery, and serval's wire
+(a node-local Unix socket, authenticated TCP across nodes) carries the traffic.
+
+``run`` returns when the actor's work is over (the replica drained, the controller shut
+down), and raises if it failed; the controller and the driver wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import ray
+
+from serval._private.backends import ray_store
+from serval._private.backends.ray_backend import RayBackend
+from serval._private.caller import runtime
+from serval._private.controller.controller import Controller
+from serval._private.process.worker import run_to_the_end, tune_gc
+from serval._private.replica.server import ListenAt, Replica
+from serval._private.wire import endpoints, transport
+from serval._private.wire.rpc import RpcPeer
+from serval.config import HTTPOptions
+
+__all__ = ["ControllerActor", "ProxyActor", "ReplicaActor", "connect_process"]
+
+logger = logging.getLogger("serval")
+
+
+class _LoopThread:
+    """``body`` on a serval event loop of its own, in a thread; ``done`` when it returns."""
+
+    def __init__(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._body = body
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        loop = runtime.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            run_to_the_end(loop, loop.create_task(self._body()))
+        except BaseException as exc:
+            logger.exception("%s failed", self._thread.name)
+            self.done.set_exception(exc)
+        else:
+            self.done.set_result(None)
+
+
+def connect_process(namespace: str) -> None:
+    """This process (a driver, or an actor) joins the serval cluster of ``namespace`` in the Ray
+    cluster it is connected to: it learns the secret of the cluster's TCP endpoints, and which
+    node it is on (to take a replica's Unix socket where it can)."""
+    endpoints.set_secret(ray_store.secret(namespace))
+    try:
+        node: str | None = ray.get_runtime_context().get_node_id()
+    except Exception:  # a Ray client (ray://) is on no node of the cluster
+        node = None
+    endpoints.set_local_node(node)
+    runtime.set_address(ray_store.address_of(namespace))
+
+
+def _setup(role: str, namespace: str) -> tuple[str, str]:
+    """This actor's process joins the cluster: (its node's id, its node's IP address)."""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s serval::{role}: %(message)s"
+    )
+    tune_gc()
+    connect_process(namespace)
+    return ray.get_runtime_context().get_node_id(), str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
+class ReplicaActor:
+    def __init__(self, namespace: str, replica_id: str, label: str, keep_cwd: bool) -> None:
+        node, ip = _setup(f"replica {label}", namespace)
+        path = os.path.join(ray_store.node_socket_dir(node), f"{replica_id}.sock")
+        address = ray_store.address_of(namespace)
+
+        async def body() -> None:
+            replica = Replica(address, replica_id, ListenAt(path, node, ip), keep_cwd=keep_cwd)
+            await replica.start()
+            await replica.stopped.wait()
+
+        self._thread = _LoopThread(f"serval-replica-{label}", body)
+
+    async def run(self) -> None:
+        await asyncio.wrap_future(self._thread.done)
+
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+
+class ProxyActor:
+    def __init__(self, namespace: str, http_options_json: str) -> None:
+        _setup("proxy", namespace)
+        options = HTTPOptions.from_json(http_options_json)
+
+        async def body() -> None:
+            from serval._private.proxy.server import serve_proxy
+
+            await serve_proxy(runtime.client(asyncio.get_running_loop()), options)
+
+        self._thread = _LoopThread("serval-proxy", body)
+
+    async def run(self) -> None:
+        await asyncio.wrap_future(self._thread.done)
+
+
+class ControllerActor:
+    """Detached and named (``ray_store.CONTROLLER_ACTOR``); Ray restarts it if it dies, and
+    the new one adopts what the checkpoint names and is still alive."""
+
+    def __init__(self, namespace: str, http_options_json: str | None) -> None:
+        node, ip = _setup("controller", namespace)
+        http = HTTPOptions.from_json(http_options_json) if http_options_json else None
+        self._listening: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+        async def body() -> None:
+            await _serve_controller(namespace, node, ip, http, self._listening)
+
+        self._thread = _LoopThread("serval-controller", body)
+
+    async def endpoint(self) -> str:
+        """Where the controller listens, once it does."""
+        return await asyncio.wrap_future(self._listening)
+
+    async def run(self) -> None:
+        await asyncio.wrap_future(self._thread.done)
+
+
+async def _serve_controller(
+    namespace: str,
+    node: str,
+    ip: str,
+    http: HTTPOptions | None,
+    listening: concurrent.futures.Future[str],
+) -> None:
+    controller = Controller(RayBackend(namespace, node), http, ray_store.address_of(namespace))
+    peers: set[RpcPeer] = set()
+
+    def forget(peer: RpcPeer) -> None:
+        peers.discard(peer)
+        controller.subscribers.discard(peer)
+
+    def new_peer() -> transport.Connection:
+        peer = RpcPeer(controller, on_close=forget)
+        peers.add(peer)
+        return peer.protocol_factory()
+
+    try:
+        listener = await transport.TcpListener.start(ip, 0, new_peer, endpoints.secret())
+        ray_store.set_controller_endpoint(namespace, listener.address)
+        controller.start(recover=True)  # (a first controller finds no checkpoint)
+    except BaseException as exc:
+        listening.set_exception(exc)
+        raise
+    listening.set_result(listener.address)
+    await controller.stopped.wait()
+    listener.close()
+    for peer in list(peers):
+        peer.close()  # flushes the reply to the shutdown call first
+    await asyncio.sleep(0)
+    await controller.close()
+    await listener.aclose()
+    ray_store.forget_cluster(namespace)

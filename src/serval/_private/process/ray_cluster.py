@@ -1,0 +1,118 @@
+"""A serval cluster on Ray, from a driver's side: connect to Ray, find the cluster's controller
+(a detached, named actor) or start it, and stop it at ``serve.shutdown``.
+
+A driver that called ``ray.init(...)`` itself keeps its arguments (``address="auto"``,
+``ray://...``, ``runtime_env``, ``namespace``); otherwise serval calls ``ray.init()``, which
+joins the cluster ``RAY_ADDRESS`` names or starts a Ray instance on this machine (on
+127.0.0.1, as every listener of serval's unless told otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from serval._private.backends import ray_store
+from serval._private.process.ray_actors import ControllerActor, connect_process
+from serval.config import HTTPOptions
+from serval.exceptions import ServalError
+
+__all__ = ["DEFAULT_NAMESPACE", "connect", "init_ray", "is_running", "join", "stop"]
+
+DEFAULT_NAMESPACE = ray_store.DEFAULT_NAMESPACE
+
+logger = logging.getLogger(__name__)
+
+# A controller's first start includes a Ray worker process's (seconds, more on a busy node).
+_START_TIMEOUT_S = 120.0
+_STOP_TIMEOUT_S = 30.0
+
+
+def init_ray() -> None:
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+
+
+def join(namespace: str = DEFAULT_NAMESPACE) -> None:
+    """Connect this process to Ray and to the serval cluster of ``namespace`` (running or not)."""
+    init_ray()
+    connect_process(namespace)
+
+
+def _head_node() -> str | None:
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return None
+
+
+def connect(http_options: HTTPOptions, namespace: str = DEFAULT_NAMESPACE) -> bool:
+    """Join the serval cluster of ``namespace``, starting its controller if there is none;
+    whether this call started it."""
+    join(namespace)
+    created = False
+    try:
+        actor = ray.get_actor(ray_store.CONTROLLER_ACTOR, namespace=namespace)
+    except ValueError:
+        actor, created = _start_controller(http_options, namespace), True
+    try:
+        ray.get(actor.endpoint.remote(), timeout=_START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ServalError(
+            f"the serval controller on Ray did not start within {_START_TIMEOUT_S:.0f}s "
+            "(are there nodes with room for it? see `ray status`)"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        raise ServalError(f"the serval controller on Ray could not start: {exc}") from None
+    return created
+
+
+def _start_controller(http_options: HTTPOptions, namespace: str) -> Any:
+    options: dict[str, Any] = {
+        "name": ray_store.CONTROLLER_ACTOR,
+        "namespace": namespace,
+        "lifetime": "detached",
+        "max_restarts": -1,  # Ray restarts a controller that dies; it recovers from the store
+        "max_concurrency": 64,
+        "num_cpus": 0,
+        "get_if_exists": True,  # another driver may be starting it too
+    }
+    head = _head_node()
+    if head is not None:  # as in Ray Serve: on the head node, which lives as long as Ray does
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+    actor_class = ray.remote(ControllerActor)
+    json = http_options.to_json() if http_options.enabled else None
+    return actor_class.options(**options).remote(namespace, json)
+
+
+def is_running(namespace: str = DEFAULT_NAMESPACE) -> bool:
+    """Whether the serval cluster of ``namespace`` has a controller (maybe restarting)."""
+    if not ray.is_initialized():
+        return False
+    try:
+        ray.get_actor(ray_store.CONTROLLER_ACTOR, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def stop(namespace: str = DEFAULT_NAMESPACE) -> None:
+    """After the controller was asked to shut down: wait for it to finish, then end its
+    actor (Ray would restart it otherwise)."""
+    try:
+        actor = ray.get_actor(ray_store.CONTROLLER_ACTOR, namespace=namespace)
+    except ValueError:
+        return
+    with contextlib.suppress(ray.exceptions.RayError):
+        ray.get(actor.run.remote(), timeout=_STOP_TIMEOUT_S)
+    with contextlib.suppress(Exception):
+        ray.kill(actor, no_restart=True)

@@ -1,0 +1,265 @@
+"""The Ray backend on a one-node Ray instance, used as a Ray Serve user uses Ray Serve: the
+driver calls ``ray.init()`` and ``serve.run`` deploys onto Ray without being told. Replicas
+are Ray actors with the resources ``ray_actor_options`` ask for; calls, composition, streams,
+errors and HTTP work as on the local backend; a killed replica actor is replaced, a killed
+controller actor is restarted by Ray with traffic flowing meanwhile, apps outlive the driver
+that deployed them, and ``serve.shutdown`` leaves no actor behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+import serval as serve
+from chaos.harness import free_port
+from conftest import poll
+from ray_clusters import CALL_TIMEOUT_S, one_node, run_driver, serval_actors
+from serval._private.backends import ray_store
+
+pytestmark = pytest.mark.timeout(240)
+
+_port = [0]
+
+
+@pytest.fixture(scope="module")
+def ray_node() -> Iterator[None]:
+    with one_node():
+        _port[0] = free_port()
+        serve.start(http_options={"port": _port[0]})
+        yield
+
+
+@pytest.fixture
+def on_ray(ray_node: None) -> Iterator[str]:
+    """The module's serval cluster on Ray; the apps a test deploys are deleted after it."""
+    yield f"http://127.0.0.1:{_port[0]}"
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.5})
+class Echo:
+    def __call__(self, x: Any) -> Any:
+        return x
+
+    def where(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {
+            "actor": ctx.get_actor_id(),
+            "pid": os.getpid(),
+            "resources": ctx.get_assigned_resources(),
+            "env": os.environ.get("SERVAL_T_RAY"),
+        }
+
+
+def test_serve_run_after_ray_init_deploys_onto_ray(on_ray: str) -> None:
+    handle = serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    assert handle.remote({"a": [1, 2]}).result(timeout_s=CALL_TIMEOUT_S) == {"a": [1, 2]}
+    seen = {handle.where.remote().result(timeout_s=CALL_TIMEOUT_S)["actor"] for _ in range(40)}
+    assert len(seen) == 2 and None not in seen  # two replicas, each a Ray actor
+    names = serval_actors()
+    assert ray_store.CONTROLLER_ACTOR in names
+    assert sum(n.startswith("SERVAL_REPLICA:") for n in names) == 2
+    assert sum(n.startswith("SERVAL_PROXY:") for n in names) == 1
+    status = serve.status().applications["echo"]
+    assert status.status == "RUNNING"
+    assert status.deployments["Echo"].replica_states == {"RUNNING": 2}
+
+
+def test_ray_actor_options_are_what_ray_gives_the_replica(on_ray: str) -> None:
+    sized = Echo.options(
+        num_replicas=1,
+        ray_actor_options={
+            "num_cpus": 2,
+            "runtime_env": {"env_vars": {"SERVAL_T_RAY": "yes"}},
+        },
+    )
+    handle = serve.run(sized.bind(), name="sized", route_prefix="/sized")
+    where = handle.where.remote().result(timeout_s=CALL_TIMEOUT_S)
+    assert where["resources"].get("CPU") == 2.0
+    assert where["env"] == "yes"
+
+
+def test_a_deployment_that_asks_for_more_than_the_cluster_has_does_not_block_others(
+    on_ray: str,
+) -> None:
+    # Ray keeps such an actor pending (the cluster may grow): the app waits, the rest serves.
+    greedy = Echo.options(name="Greedy", num_replicas=1, ray_actor_options={"num_cpus": 64})
+    done = threading.Event()
+
+    def deploy() -> None:
+        try:
+            serve.run(greedy.bind(), name="greedy", route_prefix="/greedy")
+        except Exception:
+            pass
+        done.set()
+
+    threading.Thread(target=deploy, daemon=True).start()
+    poll(lambda: "greedy" in serve.status().applications, CALL_TIMEOUT_S, "greedy deploying")
+    assert serve.status().applications["greedy"].status == "DEPLOYING"
+    handle = serve.run(Echo.options(name="Small", num_replicas=1).bind(), name="small")
+    assert handle.remote(7).result(timeout_s=CALL_TIMEOUT_S) == 7
+    serve.delete("greedy")
+    poll(done.is_set, CALL_TIMEOUT_S, "the greedy deploy to end")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Child:
+    def double(self, x: int) -> int:
+        return 2 * x
+
+    def count(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    def fail(self) -> None:
+        raise KeyError("no such thing")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Parent:
+    def __init__(self, child: Any) -> None:
+        self.child = child
+
+    async def __call__(self, x: int) -> int:
+        return await self.child.double.remote(x) + 1
+
+
+def test_composition_streams_and_errors(on_ray: str) -> None:
+    parent = serve.run(Parent.bind(Child.bind()), name="family", route_prefix="/family")
+    assert parent.remote(20).result(timeout_s=CALL_TIMEOUT_S) == 41
+    child = serve.get_deployment_handle("Child", app_name="family")
+    stream = child.options(stream=True).count.remote(5)
+    assert list(stream) == [0, 1, 2, 3, 4]
+    with pytest.raises(KeyError, match="no such thing"):
+        child.fail.remote().result(timeout_s=CALL_TIMEOUT_S)
+    assert parent.remote(1).result(timeout_s=CALL_TIMEOUT_S) == 3  # still serving
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Hello:
+    async def __call__(self, request: Any) -> dict[str, str]:
+        return {"path": request.url.path, "body": (await request.body()).decode()}
+
+
+def test_http_through_the_proxy(on_ray: str) -> None:
+    serve.run(Hello.bind(), name="hello", route_prefix="/hello")
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    reply = httpx.post(f"{on_ray}/hello/there", content=b"hi", timeout=CALL_TIMEOUT_S)
+    assert reply.status_code == 200
+    assert reply.json() == {"path": "/hello/there", "body": "hi"}
+    routes = httpx.get(f"{on_ray}/-/routes", timeout=CALL_TIMEOUT_S).json()
+    assert routes == {"/hello": "hello", "/echo": "echo"}
+
+
+def test_a_killed_replica_actor_is_replaced(on_ray: str) -> None:
+    handle = serve.run(Echo.options(num_replicas=1).bind(), name="echo", route_prefix="/echo")
+    first = handle.where.remote().result(timeout_s=CALL_TIMEOUT_S)["actor"]
+    (name,) = [n for n in serval_actors() if n.startswith("SERVAL_REPLICA:")]
+    ray.kill(ray.get_actor(name, namespace=ray_store.DEFAULT_NAMESPACE), no_restart=True)
+
+    def replaced() -> bool:
+        try:
+            now = handle.where.remote().result(timeout_s=5)["actor"]
+        except Exception:
+            return False
+        return bool(now != first)
+
+    poll(replaced, CALL_TIMEOUT_S, "a new replica actor")
+    assert serve.status().applications["echo"].deployments["Echo"].replica_states == {"RUNNING": 1}
+
+
+def test_a_killed_controller_is_restarted_by_ray_and_traffic_flows(on_ray: str) -> None:
+    handle = serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    failures: list[BaseException] = []
+    calls = [0]
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                assert handle.remote(1).result(timeout_s=10) == 1
+                calls[0] += 1
+            except BaseException as exc:
+                failures.append(exc)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: calls[0] > 20, CALL_TIMEOUT_S, "traffic")
+        controller = ray.get_actor(
+            ray_store.CONTROLLER_ACTOR, namespace=ray_store.DEFAULT_NAMESPACE
+        )
+        old = ray_store.controller_endpoint(ray_store.DEFAULT_NAMESPACE)
+        ray.kill(controller, no_restart=False)  # as a crash: Ray restarts it
+        poll(
+            lambda: ray_store.controller_endpoint(ray_store.DEFAULT_NAMESPACE) != old,
+            CALL_TIMEOUT_S,
+            "the restarted controller listening",
+        )
+        before = calls[0]
+        # the new controller knows the app and its replicas (adopted, not restarted)
+        states = serve.status().applications["echo"].deployments["Echo"].replica_states
+        assert states == {"RUNNING": 2}
+        poll(lambda: calls[0] > before + 20, CALL_TIMEOUT_S, "traffic after the restart")
+    finally:
+        stop.set()
+        thread.join(15)
+    assert failures == []
+    assert sum(n.startswith("SERVAL_REPLICA:") for n in serval_actors()) == 2
+
+
+def test_apps_outlive_the_driver_that_deployed_them(on_ray: str) -> None:
+    run_driver(
+        """
+        import serval as serve
+
+        @serve.deployment(ray_actor_options={"num_cpus": 0})
+        def survivor(request=None) -> str:
+            return "still here"
+
+        serve.run(survivor.bind(), name="survivor", route_prefix="/survivor")
+        print("deployed")
+        """
+    )
+    assert serve.status().applications["survivor"].status == "RUNNING"
+    handle = serve.get_app_handle("survivor")
+    assert handle.remote().result(timeout_s=CALL_TIMEOUT_S) == "still here"
+    reply = httpx.get(f"{on_ray}/survivor", timeout=CALL_TIMEOUT_S)
+    assert reply.text == "still here"
+
+
+def test_another_driver_finds_the_apps_and_shuts_them_down(ray_node: None) -> None:
+    serve.run(Echo.options(num_replicas=1).bind(), name="echo", route_prefix="/echo")
+    out = run_driver(
+        """
+        import serval as serve
+
+        print(serve.status().applications["echo"].status)
+        print(serve.get_app_handle("echo").remote(3).result(timeout_s=30))
+        serve.shutdown()
+        """
+    )
+    assert out.split() == ["RUNNING", "3"]
+    poll(lambda: serval_actors() == [], CALL_TIMEOUT_S, "every serval actor gone")
+    # this driver's connection is to a cluster that is gone: starting again makes a new one
+    serve.shutdown()
+    serve.start(http_options={"port": _port[0]})
+    handle = serve.run(Echo.options(num_replicas=1).bind(), name="again", route_prefix="/again")
+    assert handle.remote(4).result(timeout_s=CALL_TIMEOUT_S) == 4
+
+
+def test_shutdown_leaves_no_actor(ray_node: None) -> None:
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    assert serval_actors()
+    serve.shutdown()
+    poll(lambda: serval_actors() == [], CALL_TIMEOUT_S, "every serval actor gone")
+    assert ray_store.controller_endpoint(ray_store.DEFAULT_NAMESPACE) is None
+    serve.start(http_options={"port": _port[0]})  # (the module's fixture expects a cluster)

@@ -1,0 +1,131 @@
+"""The Ray backend on three nodes (``ray.cluster_utils.Cluster``: a head and two workers on this
+machine): replicas go where their resources say, a caller on one node calls a replica on
+another over authenticated TCP (the Unix socket only on the replica's own node), and a removed
+node's replicas are replaced on the nodes left, with calls failing fast, never hanging."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+
+import serval as serve
+from chaos.harness import free_port
+from conftest import poll
+from ray_clusters import CALL_TIMEOUT_S, node_of, three_nodes
+from serval._private.caller import runtime
+from serval._private.wire import endpoints
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    with three_nodes() as c:
+        serve.start(http_options={"port": free_port()})
+        yield c
+
+
+@pytest.fixture
+def apps(cluster: Any) -> Iterator[Any]:
+    yield cluster
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Where:
+    def __call__(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+
+def _addresses(app: str, deployment: str) -> list[str]:
+    """The addresses the driver's router has for the replicas of ``app.deployment``."""
+    client = runtime.home_client()
+    router = client.routers[(app, deployment)]
+    return [slot.info.address for slot in router.slots.values()]
+
+
+def test_replicas_go_where_their_resources_say(apps: Any) -> None:
+    for resource in ("w1", "w2", "head"):
+        placed = Where.options(
+            name=f"On_{resource}",
+            num_replicas=2,
+            ray_actor_options={"num_cpus": 0, "resources": {resource: 1}},
+        )
+        handle = serve.run(placed.bind(), name=resource, route_prefix=f"/{resource}")
+        seen = {handle.remote().result(timeout_s=CALL_TIMEOUT_S) for _ in range(20)}
+        assert seen == {node_of(resource)}
+
+
+def test_a_call_to_another_node_goes_over_tcp_and_to_this_node_over_the_socket(
+    apps: Any,
+) -> None:
+    here = ray.get_runtime_context().get_node_id()
+    assert here == node_of("head")
+    remote = Where.options(name="Remote", ray_actor_options={"num_cpus": 0, "resources": {"w1": 1}})
+    local = Where.options(name="Local", ray_actor_options={"num_cpus": 0, "resources": {"head": 1}})
+    far = serve.run(remote.bind(), name="far", route_prefix="/far")
+    near = serve.run(local.bind(), name="near", route_prefix="/near")
+    assert far.remote().result(timeout_s=CALL_TIMEOUT_S) == node_of("w1")
+    assert near.remote().result(timeout_s=CALL_TIMEOUT_S) == here
+    (far_address,) = _addresses("far", "Remote")
+    (near_address,) = _addresses("near", "Local")
+    assert endpoints.choose(far_address).kind == "tcp"
+    assert endpoints.choose(near_address).kind == "unix"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Hop:
+    def __init__(self, child: Any) -> None:
+        self.child = child
+
+    async def __call__(self) -> list[str]:
+        mine = str(ray.get_runtime_context().get_node_id())
+        return [mine, await self.child.remote()]
+
+
+def test_composition_across_nodes(apps: Any) -> None:
+    child = Where.options(name="Leaf", ray_actor_options={"num_cpus": 0, "resources": {"w2": 1}})
+    root = Hop.options(ray_actor_options={"num_cpus": 0, "resources": {"w1": 1}})
+    handle = serve.run(root.bind(child.bind()), name="hop", route_prefix="/hop")
+    assert handle.remote().result(timeout_s=CALL_TIMEOUT_S) == [node_of("w1"), node_of("w2")]
+
+
+def test_a_removed_nodes_replicas_are_replaced_elsewhere(apps: Any) -> None:
+    cluster = apps
+    # Anywhere but the head (the driver's node): spread over the two workers by resources.
+    anywhere = {"num_cpus": 0, "resources": {"spare": 1}}
+    spare = cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={"spare": 100})
+    cluster.wait_for_nodes()
+    try:
+        handle = serve.run(
+            Where.options(name="Mobile", num_replicas=2, ray_actor_options=anywhere).bind(),
+            name="mobile",
+            route_prefix="/mobile",
+        )
+        doomed = handle.remote().result(timeout_s=CALL_TIMEOUT_S)
+        # a second node with the resource, for the replacements
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={"spare": 100})
+        cluster.wait_for_nodes()
+        cluster.remove_node(spare)
+        spare = None
+
+        def moved() -> bool:
+            try:
+                seen = {handle.remote().result(timeout_s=5) for _ in range(10)}
+            except Exception:
+                return False
+            return doomed not in seen
+
+        poll(moved, CALL_TIMEOUT_S, "the replicas replaced on the new node")
+
+        def states() -> dict[str, int]:
+            return serve.status().applications["mobile"].deployments["Mobile"].replica_states
+
+        poll(lambda: states() == {"RUNNING": 2}, CALL_TIMEOUT_S, "two replicas running")
+    finally:
+        if spare is not None:
+            cluster.remove_node(spare)
