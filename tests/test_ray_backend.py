@@ -7,6 +7,7 @@ that deployed them, and ``serve.shutdown`` leaves no actor behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -263,3 +264,93 @@ def test_shutdown_leaves_no_actor(ray_node: None) -> None:
     poll(lambda: serval_actors() == [], CALL_TIMEOUT_S, "every serval actor gone")
     assert ray_store.controller_endpoint(ray_store.DEFAULT_NAMESPACE) is None
     serve.start(http_options={"port": _port[0]})  # (the module's fixture expects a cluster)
+
+
+# -- calls by reference: real ray.ObjectRefs ----------------------------------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Calc:
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def fail(self) -> None:
+        raise KeyError("missing")
+
+
+@ray.remote(num_cpus=0)
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def test_by_reference_calls_return_real_object_refs(on_ray: str) -> None:
+    handle = serve.run(Calc.bind(), name="calc", route_prefix="/calc")
+    by_ref = handle.options(_by_reference=True)
+    response = by_ref.add.remote(2, 3)
+    assert response.result(timeout_s=CALL_TIMEOUT_S) == 5
+    ref = by_ref.add.remote(20, 3)._to_object_ref_sync()
+    assert isinstance(ref, ray.ObjectRef)
+    assert ray.get(ref, timeout=CALL_TIMEOUT_S) == 23
+    # a ref goes to a Ray task as any ref does, resolved by Ray
+    assert ray.get(plus_one.remote(ref), timeout=CALL_TIMEOUT_S) == 24
+    refs = [by_ref.add.remote(i, i)._to_object_ref_sync() for i in range(5)]
+    ready, _ = ray.wait(refs, num_returns=5, timeout=CALL_TIMEOUT_S)
+    assert len(ready) == 5 and ray.get(refs) == [0, 2, 4, 6, 8]
+    with pytest.raises(KeyError, match="missing"):
+        by_ref.fail.remote().result(timeout_s=CALL_TIMEOUT_S)
+    with pytest.raises(KeyError, match="missing"):
+        ray.get(by_ref.fail.remote()._to_object_ref_sync(), timeout=CALL_TIMEOUT_S)
+
+    async def from_a_loop() -> list[Any]:
+        value = await by_ref.add.remote(1, 1)
+        ref = await by_ref.add.remote(2, 2)._to_object_ref()
+        return [value, await ref, isinstance(ref, ray.ObjectRef)]
+
+    assert asyncio.run(from_a_loop()) == [2, 4, True]
+
+
+def test_the_guides_handles_give_object_refs_that_ray_takes(on_ray: str) -> None:
+    # The ServeHandle guide (Ray 2.0-2.6): ray.get(handle.remote(x)), ray.wait(refs).
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    handle = Echo.get_handle()
+    ref = handle.remote("hello")
+    assert isinstance(ref, ray.ObjectRef)
+    assert ray.get(ref, timeout=CALL_TIMEOUT_S) == "hello"
+    refs = [handle.remote(i) for i in range(6)]
+    ready, not_ready = ray.wait(refs, num_returns=6, timeout=CALL_TIMEOUT_S)
+    assert len(ready) == 6 and not_ready == []
+    assert serve.get(refs, timeout=CALL_TIMEOUT_S) == list(range(6))  # serve.get takes them too
+    ready, _ = serve.wait(refs, num_returns=6, timeout=CALL_TIMEOUT_S)
+    assert len(ready) == 6
+
+    async def guide_async() -> Any:
+        async_handle = Echo.get_handle(sync=False)
+        ref = await async_handle.remote("async hello")
+        assert isinstance(ref, ray.ObjectRef)
+        return await ref
+
+    assert asyncio.run(guide_async()) == "async hello"
+
+
+@serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 0})
+class OneAtATime:
+    def __init__(self) -> None:
+        self.now = 0
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def work(self) -> int:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.05)
+        with self.lock:
+            self.now -= 1
+        return self.most
+
+
+def test_by_reference_calls_keep_max_ongoing_requests(on_ray: str) -> None:
+    handle = serve.run(OneAtATime.bind(), name="one", route_prefix="/one")
+    by_ref = handle.options(_by_reference=True)
+    refs = [by_ref.work.remote()._to_object_ref_sync() for _ in range(8)]
+    assert max(ray.get(refs, timeout=CALL_TIMEOUT_S)) == 1

@@ -14,6 +14,8 @@ otherwise it belongs to the process's home loop, and this thread sends it when i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
@@ -44,6 +46,7 @@ class _HandleOptions:
     method_name: str = "__call__"
     multiplexed_model_id: str = ""
     stream: bool = False
+    by_reference: bool = False
 
 
 class _Submitted:
@@ -121,6 +124,31 @@ class DeploymentResponse(_Submitted, Generic[T]):
     def __repr__(self) -> str:
         state = "done" if self._call.done.fired else "pending"
         return f"DeploymentResponse({self._call.app}.{self._call.label}, {state})"
+
+
+class _ByReferenceResponse(DeploymentResponse[T]):
+    """A response whose call is a Ray actor call (``_by_reference=True``, the Ray backend):
+    awaited and fetched as any response, and ``_to_object_ref`` gives the real
+    ``ray.ObjectRef``."""
+
+    def __init__(
+        self, call: Call, owner: asyncio.AbstractEventLoop, ref: concurrent.futures.Future[Any]
+    ) -> None:
+        super().__init__(call, owner)
+        self._ref = ref
+
+    async def _to_object_ref(self) -> Any:
+        return await asyncio.wrap_future(self._ref)
+
+    def _to_object_ref_sync(self) -> Any:
+        self._check_not_blocking_owner("_to_object_ref_sync()")
+        return self._ref.result()
+
+    def cancel(self) -> None:
+        import ray
+
+        if self._ref.done() and self._ref.exception() is None:
+            ray.cancel(self._ref.result())
 
 
 class DeploymentResponseGenerator(_Submitted):
@@ -285,9 +313,14 @@ class _HandleBase:
         multiplexed_model_id: str | None = None,
         stream: bool | None = None,
         use_new_handle_api: bool | None = None,
+        _by_reference: bool | None = None,
     ) -> Any:
-        """A copy of this handle with other options (Ray Serve's names)."""
+        """A copy of this handle with other options (Ray Serve's names). ``_by_reference``
+        (the Ray backend): each call is a Ray actor call, whose response's
+        ``_to_object_ref()`` is a real ``ray.ObjectRef``."""
         changes: dict[str, Any] = {}
+        if _by_reference is not None:
+            changes["by_reference"] = _by_reference
         if method_name is not None:
             changes["method_name"] = method_name
         if multiplexed_model_id is not None:
@@ -330,17 +363,35 @@ class DeploymentHandle(_HandleBase):
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         call = self._call(args, kwargs)
+        if self._options.by_reference:
+            return _by_reference(call)
         owner = _submit(call)
         if self._options.stream:
             return DeploymentResponseGenerator(call, owner)
         return DeploymentResponse(call, owner)
 
 
+def _by_reference(call: Call) -> _ByReferenceResponse[Any]:
+    from serval._private.caller import by_reference
+
+    if call.stream is not None:
+        raise ValueError("stream=True cannot be combined with _by_reference=True")
+    if any(isinstance(a, (_Submitted, _PendingRef)) for a in (*call.args, *call.kwargs.values())):
+        raise TypeError(
+            "a call by reference takes values (or ray.ObjectRefs) as arguments: "
+            "await a DeploymentResponse before passing it"
+        )
+    owner = runtime.running_loop() or runtime.home_loop()
+    return _ByReferenceResponse(call, owner, by_reference.submit(call, owner))
+
+
 class RayServeSyncHandle(_HandleBase):
     """The guide's sync handle: ``remote()`` blocks until assigned and returns an ``ObjectRef``."""
 
-    def remote(self, *args: Any, **kwargs: Any) -> ObjectRef:
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         call = self._call(args, kwargs)
+        if _on_ray():  # the guide's handle on Ray: a real ray.ObjectRef (ray.get, ray.wait)
+            return _by_reference(call)._to_object_ref_sync()
         owner = _submit(call)
         if runtime.running_loop() is owner:
             raise RuntimeError(
@@ -355,9 +406,30 @@ class RayServeSyncHandle(_HandleBase):
 class RayServeHandle(_HandleBase):
     """The guide's asyncio handle: ``ref = await handle.remote(...)``; ``await ref``."""
 
-    def remote(self, *args: Any, **kwargs: Any) -> _PendingRef:
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         call = self._call(args, kwargs)
+        if _on_ray():  # on Ray: `await` gives a real ray.ObjectRef
+            return _RayPendingRef(_by_reference(call))
         return _PendingRef(call, _submit(call))
+
+
+class _RayPendingRef:
+    """What the async legacy handle's ``remote()`` returns on Ray: await it for the
+    ``ray.ObjectRef``."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: _ByReferenceResponse[Any]) -> None:
+        self._response = response
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._response._to_object_ref().__await__()
+
+
+def _on_ray() -> bool:
+    from serval._private.caller.by_reference import is_ray_cluster
+
+    return is_ray_cluster()
 
 
 # -- get / wait ---------------------------------------------------------------------------------
@@ -377,6 +449,13 @@ def get(refs: Any, *, timeout: float | None = None) -> Any:
     Raises ``GetTimeoutError`` (a ``TimeoutError``) if not ready within ``timeout`` seconds, and
     the user's exception if the request failed.
     """
+    if _ray_refs(refs):
+        import ray
+
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise GetTimeoutError(str(exc)) from None
     if isinstance(refs, (list, tuple)):
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []
@@ -394,6 +473,10 @@ def wait(
 
     Returns ``(ready, not_ready)``, each in the order of ``refs``.
     """
+    if refs and _ray_refs(refs):
+        import ray
+
+        return ray.wait(list(refs), num_returns=num_returns, timeout=timeout)
     items = [_as_ref(r) for r in refs]
     if len({id(r) for r in items}) != len(items):
         raise ValueError("wait() got the same ref twice")
@@ -422,6 +505,16 @@ def wait(
     for original, r in zip(refs, items, strict=True):
         (ready if r._call.done.fired and len(ready) < num_returns else not_ready).append(original)
     return ready, not_ready
+
+
+def _ray_refs(refs: Any) -> bool:
+    """Whether ``refs`` are ``ray.ObjectRef``s (by-reference calls on the Ray backend)."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    if isinstance(refs, (list, tuple)):
+        return bool(refs) and all(isinstance(r, ray.ObjectRef) for r in refs)
+    return isinstance(refs, ray.ObjectRef)
 
 
 def _as_ref(value: Any) -> _Submitted:

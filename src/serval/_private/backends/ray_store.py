@@ -20,6 +20,7 @@ import tempfile
 from ray.experimental import internal_kv
 
 from serval._private.wire import auth, endpoints
+from serval._private.wire.layout import replica_actor_name
 
 __all__ = [
     "CONTROLLER_ACTOR",
@@ -55,10 +56,6 @@ def namespace_of(address: str) -> str:
     if scheme != SCHEME or not namespace:
         raise ValueError(f"not the address of a serval cluster on Ray: {address!r}")
     return namespace
-
-
-def replica_actor_name(replica_id: str) -> str:
-    return f"SERVAL_REPLICA:{replica_id}"
 
 
 def proxy_actor_name(node_id: str) -> str:

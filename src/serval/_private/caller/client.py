@@ -130,6 +130,10 @@ class ClusterClient:
                 return peer
             self._connected.clear()  # lost since it was set: the connector runs again
 
+    @property
+    def has_table(self) -> bool:
+        return self._ready.is_set()
+
     async def wait_ready(self) -> None:
         """Return once this client has a replica table (the first connection's)."""
         self._ensure_connecting()

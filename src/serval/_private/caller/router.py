@@ -452,7 +452,15 @@ class Router:
     def _choose(self, call: Call) -> ReplicaSlot | None:
         """A replica with room for ``call`` (``lock`` held), or None."""
         limit = self.info.max_ongoing_requests
-        model = call.meta.get("multiplexed_model_id") if call.meta else None
+        meta = call.meta
+        model = None
+        if meta:
+            pinned = self.slots.get(meta.get("pinned_replica", ""))
+            if pinned is not None and not pinned.dead and not pinned.draining:
+                # A by-reference call, which the replica its caller chose serves itself (while
+                # it can: draining, or gone, any replica will do).
+                return pinned if len(pinned.calls) < limit else None
+            model = meta.get("multiplexed_model_id")
         if len(self.slots) == 1 and not model:  # the common single-replica case, no lists
             (only,) = self.slots.values()
             ok = len(only.calls) < limit and not only.dead and not only.draining

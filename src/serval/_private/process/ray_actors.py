@@ -24,6 +24,7 @@ import ray
 from serval._private.backends import ray_store
 from serval._private.backends.ray_backend import RayBackend
 from serval._private.caller import runtime
+from serval._private.caller.calls import Call
 from serval._private.controller.controller import Controller
 from serval._private.process.worker import run_to_the_end, tune_gc
 from serval._private.replica.server import ListenAt, Replica
@@ -85,9 +86,11 @@ class ReplicaActor:
         node, ip = _setup(f"replica {label}", namespace)
         path = os.path.join(ray_store.node_socket_dir(node), f"{replica_id}.sock")
         address = ray_store.address_of(namespace)
+        self._replica: concurrent.futures.Future[Replica] = concurrent.futures.Future()
 
         async def body() -> None:
             replica = Replica(address, replica_id, ListenAt(path, node, ip), keep_cwd=keep_cwd)
+            self._replica.set_result(replica)
             await replica.start()
             await replica.stopped.wait()
 
@@ -96,8 +99,33 @@ class ReplicaActor:
     async def run(self) -> None:
         await asyncio.wrap_future(self._thread.done)
 
-    def node_id(self) -> str:
-        return str(ray.get_runtime_context().get_node_id())
+    async def handle_request(self, method: str, args: Any, kwargs: Any, meta: Any) -> Any:
+        """A call by reference (``caller.by_reference``): served through the replica's own
+        request path, on its loop; the value is what the caller's ``ray.ObjectRef`` holds."""
+        replica = await asyncio.wrap_future(self._replica)
+        served = asyncio.run_coroutine_threadsafe(
+            _serve_by_reference(replica, method, tuple(args), dict(kwargs), meta), replica.loop
+        )
+        try:
+            return await asyncio.wrap_future(served)
+        except asyncio.CancelledError:  # ray.cancel: the call is cancelled in the replica too
+            served.cancel()
+            raise
+
+
+async def _serve_by_reference(
+    replica: Replica, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any
+) -> Any:
+    client = runtime.client(replica.loop)
+    await client.wait_ready()
+    pinned = {**(meta or {}), "pinned_replica": replica.replica_id}
+    call = Call(replica.app, replica.deployment, method, args, kwargs, pinned)
+    client.submit(call)
+    try:
+        return await call.result_async()
+    except asyncio.CancelledError:
+        client.cancel(call)
+        raise
 
 
 class ProxyActor:

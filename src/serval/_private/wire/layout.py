@@ -19,6 +19,7 @@ __all__ = [
     "checkpoint_path",
     "controller_path",
     "owner_path",
+    "replica_actor_name",
     "replica_path",
     "replicas_dir",
 ]
@@ -52,3 +53,8 @@ def checkpoint_path(address: str) -> str:
 
 def owner_path(address: str) -> str:
     return os.path.join(address, OWNER)
+
+
+def replica_actor_name(replica_id: str) -> str:
+    """The name of a replica's actor on the Ray backend (in the cluster's Ray namespace)."""
+    return f"SERVAL_REPLICA:{replica_id}"
