@@ -47,9 +47,19 @@ def app_spec(
 class World:
     """A controller on a FakeClock, its in-memory backend, and a subscribed caller."""
 
-    def __init__(self, address: str | None = None, http: HTTPOptions | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        http: HTTPOptions | None = None,
+        places: list[str] | None = None,
+        proxy_scripts: list[ProxyScript] | None = None,
+    ) -> None:
         self.clock = FakeClock()
         self.backend = MemoryBackend(self.clock)
+        self.backend.proxy_scripts.extend(proxy_scripts or [])
+        if places is not None:  # proxies at several places, which may change
+            self.backend.proxy_places = places
+            self.backend.proxy_nodes_change = True
         self.address = address
         self.http = http
         self.tables: list[tuple[float, dict[tuple[str, str], DeploymentInfo]]] = []
@@ -131,9 +141,11 @@ def run(
     body: Callable[[World], Awaitable[None]],
     address: str | None = None,
     http: HTTPOptions | None = None,
+    places: list[str] | None = None,
+    proxy_scripts: list[ProxyScript] | None = None,
 ) -> None:
     async def main() -> None:
-        world = World(address, http)
+        world = World(address, http, places, proxy_scripts)
         try:
             await world.subscribe()
             # (a real-time bound: virtual time never waits, so a hang is a defect)
@@ -532,6 +544,45 @@ def test_a_proxy_that_stayed_up_is_restarted_after_the_shortest_delay() -> None:
 
     delays: list[float] = []
     run(body, http=HTTPOptions())
+
+
+def test_a_proxy_at_every_place_and_the_places_followed() -> None:
+    # Ray's EveryNode: a proxy per node; an app is reachable once every proxy routes with it;
+    # a node that joins gets a proxy, one that leaves is no longer waited for.
+    async def body(w: World) -> None:
+        assert sorted(p.node for p in w.backend.proxies) == ["a", "b"]
+        await w.calls.wait_proxy()
+        await w.calls.deploy_app(app_spec(deployment(), route_prefix="/"))
+        assert await w.wait_app() == ("RUNNING", "")
+        version = w.controller.table_version
+        assert all(version in p.versions for p in w.backend.proxies)
+        w.backend.proxy_places = ["a", "b", "c"]
+        await w.advance_until(lambda: len(w.backend.proxies) == 3, 5, "a proxy on c")
+        assert w.backend.proxies[-1].node == "c"
+        await w.calls.wait_proxy()
+        gone = next(p for p in w.backend.proxies if p.node == "a")
+        w.backend.proxy_places = ["b", "c"]
+        await w.advance_until(lambda: gone.ended, 5, "a's proxy stopped")
+        await w.clock.advance(10)
+        assert len(w.backend.proxies) == 3  # not restarted: its place is gone
+        await w.calls.deploy_app(app_spec(deployment(version="v2"), route_prefix="/"))
+        assert await w.wait_app() == ("RUNNING", "")  # (not waiting for a's proxy)
+        # the checkpoint names each place's proxy
+        assert sorted(w.controller.proxies.refs()) == ["b", "c"]  # type: ignore[union-attr]
+
+    run(body, http=HTTPOptions(), places=["a", "b"])
+
+
+def test_a_proxy_that_cannot_listen_at_one_place_fails_the_wait_with_its_reason() -> None:
+    async def body(w: World) -> None:
+        waiting = asyncio.ensure_future(w.calls.wait_proxy())
+        await w.advance_until(waiting.done, 5, "wait_proxy to fail")
+        with pytest.raises(ServalError, match="port 8000 is taken"):
+            waiting.result()
+
+    # the first place's proxy listens, the second's cannot
+    scripts = [ProxyScript(), ProxyScript(listen_error="port 8000 is taken")]
+    run(body, http=HTTPOptions(), places=["a", "b"], proxy_scripts=scripts)
 
 
 # -- the clock ------------------------------------------------------------------------------------

@@ -8,23 +8,29 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import ray
 
 import serval as serve
 from chaos.harness import free_port
 from conftest import poll
-from ray_clusters import CALL_TIMEOUT_S, node_of, three_nodes
+from ray_clusters import CALL_TIMEOUT_S, node_of, serval_actors, three_nodes
+from serval._private.backends import ray_store
 from serval._private.caller import runtime
 from serval._private.wire import endpoints
 
 pytestmark = pytest.mark.timeout(300)
 
 
+_port = [0]
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     with three_nodes() as c:
-        serve.start(http_options={"port": free_port()})
+        _port[0] = free_port()
+        serve.start(http_options={"port": _port[0]})
         yield c
 
 
@@ -92,6 +98,67 @@ def test_composition_across_nodes(apps: Any) -> None:
     root = Hop.options(ray_actor_options={"num_cpus": 0, "resources": {"w1": 1}})
     handle = serve.run(root.bind(child.bind()), name="hop", route_prefix="/hop")
     assert handle.remote().result(timeout_s=CALL_TIMEOUT_S) == [node_of("w1"), node_of("w2")]
+
+
+def _proxies() -> dict[str, Any]:
+    """node id -> the actor of its HTTP proxy."""
+    return {
+        name.split(":", 1)[1]: ray.get_actor(name, namespace=ray_store.DEFAULT_NAMESPACE)
+        for name in serval_actors()
+        if name.startswith("SERVAL_PROXY:")
+    }
+
+
+def _alive_nodes() -> set[str]:
+    return {str(n["NodeID"]) for n in ray.nodes() if n["Alive"]}
+
+
+def _served() -> dict[str, int]:
+    return {
+        node: ray.get(actor.requests_served.remote(), timeout=CALL_TIMEOUT_S)
+        for node, actor in _proxies().items()
+    }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Hello:
+    def __call__(self, request: Any = None) -> str:
+        return "hello"
+
+
+def _metric(text: str, route: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("serve_num_http_requests_total{") and f'route="{route}"' in line
+    )
+
+
+def test_every_node_has_a_proxy_and_each_serves_http(apps: Any) -> None:
+    poll(lambda: set(_proxies()) == _alive_nodes(), CALL_TIMEOUT_S, "a proxy on every node")
+    serve.run(Hello.bind(), name="hello", route_prefix="/hello")
+    url = f"http://127.0.0.1:{_port[0]}"
+    before = _served()
+    for _ in range(150):  # a connection each: the kernel spreads them over the proxies
+        assert httpx.get(f"{url}/hello", timeout=CALL_TIMEOUT_S).text == "hello"
+    after = _served()
+    assert all(after[node] > before[node] for node in after), (before, after)
+    # /-/metrics, from any proxy, counts every proxy's requests
+    counted = _metric(httpx.get(f"{url}/-/metrics", timeout=CALL_TIMEOUT_S).text, "/hello")
+    assert counted >= 150
+
+
+def test_head_only_runs_one_proxy_on_the_head(apps: Any) -> None:
+    serve.shutdown()
+    try:
+        serve.start(proxy_location="HeadOnly", http_options={"port": _port[0]})
+        assert set(_proxies()) == {node_of("head")}
+        serve.run(Hello.bind(), name="hello", route_prefix="/hello")
+        url = f"http://127.0.0.1:{_port[0]}/hello"
+        assert httpx.get(url, timeout=CALL_TIMEOUT_S).text == "hello"
+    finally:
+        serve.shutdown()
+        serve.start(http_options={"port": _port[0]})  # the module's cluster, as it was
 
 
 def test_a_removed_nodes_replicas_are_replaced_elsewhere(apps: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import sys
 import threading
@@ -92,8 +93,12 @@ def start(
     the cluster runs on Ray (see ``process.ray_cluster``); its applications outlive this
     process, as in Ray Serve, until ``serve.shutdown()``.
 
-    ``detached`` and ``proxy_location`` are accepted for Ray Serve compatibility.
+    ``proxy_location`` (Ray Serve's): ``"EveryNode"`` (the default: an HTTP proxy on every
+    node of a Ray cluster), ``"HeadOnly"`` or ``"Disabled"`` (no HTTP proxy); on the local
+    backend the first two mean one proxy on this machine. ``detached`` is accepted for Ray
+    Serve compatibility (apps on Ray and on a ``serval start`` cluster outlive their deployer).
     """
+    http_options = _with_proxy_location(http_options, proxy_location)
     started = _start(http_options, address, backend)
     try:
         control.call(lambda c: c.wait_proxy())
@@ -101,6 +106,25 @@ def start(
         if started:  # (a proxy that cannot start): a cluster that could not start is no cluster
             _disconnect(stop_cluster=True)
         raise
+
+
+_PROXY_LOCATIONS = {"EveryNode", "HeadOnly", "Disabled", "NoServer"}
+
+
+def _with_proxy_location(
+    http_options: dict[str, Any] | HTTPOptions | None, proxy_location: Any
+) -> dict[str, Any] | HTTPOptions | None:
+    if proxy_location is None:
+        return http_options
+    location = str(getattr(proxy_location, "value", proxy_location))  # (Ray's enum too)
+    if location not in _PROXY_LOCATIONS:
+        raise ValueError(
+            f"proxy_location must be 'EveryNode', 'HeadOnly' or 'Disabled', got {proxy_location!r}"
+        )
+    options = HTTPOptions(**http_options) if isinstance(http_options, dict) else http_options
+    if location in ("Disabled", "NoServer"):
+        return dataclasses.replace(options or HTTPOptions(), enabled=False)
+    return dataclasses.replace(options or HTTPOptions(), location=location)
 
 
 def _start(

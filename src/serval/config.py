@@ -155,6 +155,9 @@ class HTTPOptions:
     serval's own extensions (Ray Serve has none of these):
 
     - ``enabled``: False for a cluster without an HTTP proxy.
+    - ``location``: where proxies run (Ray Serve's ``proxy_location``; ``serve.start`` and
+      config files set it from there): ``"EveryNode"`` (the default) or ``"HeadOnly"``; on the
+      local backend both mean this machine. ``"Disabled"`` is ``enabled=False``.
     - ``max_request_body_bytes``: a larger body is answered 413 (before it is read when its
       ``Content-Length`` says so, else as soon as it passes the limit) and the connection closed.
     - ``request_header_timeout_s``: a connection must send a whole request head (request line
@@ -195,8 +198,14 @@ class HTTPOptions:
     max_connections: int | None = None
     request_body_window_bytes: int = 1024 * 1024
     system_route_hosts: tuple[str, ...] = ()
+    location: str = "EveryNode"
 
     def __post_init__(self) -> None:
+        _check(
+            self.location in ("EveryNode", "HeadOnly"),
+            f"http_options.location must be 'EveryNode' or 'HeadOnly' (no proxy: "
+            f"proxy_location='Disabled'), got {self.location!r}",
+        )
         _check(
             isinstance(self.port, int) and 0 < self.port < 65536,
             f"http_options.port must be an int in 1..65535, got {self.port!r}",

@@ -276,6 +276,7 @@ class ServeDeploySchema(_Model):
             host=host if host is not None else opts.host,
             port=port if port is not None else opts.port,
             enabled=self.proxy_location != "Disabled",
+            location="HeadOnly" if self.proxy_location == "HeadOnly" else "EveryNode",
         )
 
 

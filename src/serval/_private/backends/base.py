@@ -81,9 +81,22 @@ class Backend(ABC):
         """Start a replica host (with extra environment variables, placed as its deployment's
         ``config`` asks); it will register itself with the controller."""
 
+    # Whether the places of proxies change while the cluster runs (nodes come and go).
+    proxy_nodes_change = False
+
+    def proxy_nodes(self, location: str) -> list[str]:
+        """Where HTTP proxies run for ``location`` (``HTTPOptions.location``): the name of
+        each place (a node); one place, ``""``, unless the backend has several."""
+        return [""]
+
+    async def current_proxy_nodes(self, location: str) -> list[str]:
+        """``proxy_nodes`` now (asked again and again where ``proxy_nodes_change``)."""
+        return self.proxy_nodes(location)
+
     @abstractmethod
-    def start_proxy(self, http_options_json: str) -> ReplicaHost:
-        """Start the HTTP proxy; it will report to the controller when it listens."""
+    def start_proxy(self, http_options_json: str, node: str = "") -> ReplicaHost:
+        """Start an HTTP proxy at place ``node``; it will report to the controller when it
+        listens."""
 
     @abstractmethod
     def adopt(self, host_id: str, ref: HostRef) -> ReplicaHost | None:

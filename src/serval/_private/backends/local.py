@@ -224,7 +224,7 @@ class LocalBackend(Backend):
             return None
         return LocalProcess(host_id, None, pid)
 
-    def start_proxy(self, http_options_json: str) -> ReplicaHost:
+    def start_proxy(self, http_options_json: str, node: str = "") -> ReplicaHost:
         label = os.path.basename(self.address)
         args = ["--http-options", http_options_json]
         # (no user PYTHONPATH to carry on: the proxy starts nothing)

@@ -389,9 +389,12 @@ class MemoryReplica(_MemoryHost):
 class MemoryProxy(_MemoryHost):
     """A proxy host: subscribes to the table, acknowledges each version, reports ready."""
 
-    def __init__(self, backend: MemoryBackend, number: int, script: ProxyScript) -> None:
+    def __init__(
+        self, backend: MemoryBackend, number: int, script: ProxyScript, node: str = ""
+    ) -> None:
         super().__init__(backend, number, "serval::proxy")
         self.script = script
+        self.node = node
         self.versions: list[int] = []  # the table versions it acknowledged
         self.tasks.spawn(self._run())
 
@@ -407,12 +410,12 @@ class MemoryProxy(_MemoryHost):
         calls = ControllerCalls(peer.call)
         try:
             if script.listen_error is not None:
-                await calls.proxy_ready(script.listen_error)
+                await calls.proxy_ready(script.listen_error, self.node)
                 self.crash(1)
                 return
             version, _, _ = await calls.subscribe()
             await self._ack(version)
-            await calls.proxy_ready(None)
+            await calls.proxy_ready(None, self.node)
         except ConnectionError:
             self.crash(1)
             return
@@ -427,7 +430,7 @@ class MemoryProxy(_MemoryHost):
             return
         self.versions.append(version)
         with contextlib.suppress(ConnectionError):
-            await ControllerCalls(self.peer.call).proxy_ack(version)
+            await ControllerCalls(self.peer.call).proxy_ack(version, self.node)
 
     def rpc_drain(self, peer: MemoryPeer) -> None:
         self.calls.append("drain")
@@ -452,6 +455,9 @@ class MemoryBackend(Backend):
         self.proxy_scripts: deque[ProxyScript] = deque()
         self.replicas: list[MemoryReplica] = []  # every replica host started, in order
         self.proxies: list[MemoryProxy] = []  # every proxy host started, in order
+        # Where proxies run (a test may name several places, and change them: set
+        # proxy_nodes_change, and the controller follows them every 2 s of its clock).
+        self.proxy_places: list[str] = [""]
         self._hosts: dict[int, _MemoryHost] = {}
         self._numbers = itertools.count(1)
         self._controller: object | None = None
@@ -512,14 +518,17 @@ class MemoryBackend(Backend):
         self.replicas.append(host)
         return host
 
-    def start_proxy(self, http_options_json: str) -> ReplicaHost:
+    def proxy_nodes(self, location: str) -> list[str]:
+        return list(self.proxy_places)
+
+    def start_proxy(self, http_options_json: str, node: str = "") -> ReplicaHost:
         script = (
             self.proxy_scripts.popleft()
             if self.proxy_scripts
             else dataclasses.replace(self.proxy_script)
         )
         number = next(self._numbers)
-        host = MemoryProxy(self, number, script)
+        host = MemoryProxy(self, number, script, node)
         self._hosts[number] = host
         self.proxies.append(host)
         return host

@@ -114,6 +114,15 @@ class RayHost(ReplicaHost):
                 logger.debug("removing the placement group of %s: %s", self._name, exc)
 
 
+def _alive_nodes() -> list[str]:
+    """The ids of the Ray cluster's live nodes (those a proxy can be placed on)."""
+    return sorted(
+        str(n["NodeID"])
+        for n in ray.nodes()  # type: ignore[no-untyped-call]
+        if n.get("Alive") and n.get("Resources", {}).get("CPU") is not None
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -181,8 +190,22 @@ class RayBackend(Backend):
         )
         return RayHost(replica_id, actor, name, self.namespace, group)
 
-    def start_proxy(self, http_options_json: str) -> ReplicaHost:
-        name = ray_store.proxy_actor_name(self.node_id)
+    # Nodes join and leave a Ray cluster: the controller follows them (EveryNode).
+    proxy_nodes_change = True
+
+    def proxy_nodes(self, location: str) -> list[str]:
+        if location == "HeadOnly":
+            return [self.node_id]  # the controller's node: the head, where Ray can
+        return _alive_nodes()
+
+    async def current_proxy_nodes(self, location: str) -> list[str]:
+        if location == "HeadOnly":
+            return [self.node_id]
+        return await asyncio.to_thread(_alive_nodes)
+
+    def start_proxy(self, http_options_json: str, node: str = "") -> ReplicaHost:
+        node = node or self.node_id
+        name = ray_store.proxy_actor_name(node)
         actor = (
             _actor_class("ProxyActor")
             .options(
@@ -191,9 +214,9 @@ class RayBackend(Backend):
                 lifetime="detached",
                 max_restarts=0,
                 num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             )
-            .remote(self.namespace, http_options_json)
+            .remote(self.namespace, http_options_json, node)
         )
         return RayHost("serval::proxy", actor, name, self.namespace)
 

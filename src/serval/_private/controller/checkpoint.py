@@ -57,33 +57,29 @@ class SavedApp:
 @dataclass
 class Checkpoint:
     table_version: int
-    proxy: HostRef | None
+    proxies: dict[str, HostRef]  # place -> its proxy's host
     apps: list[SavedApp] = field(default_factory=list)
 
 
 @dataclass
 class Restored:
     """What a restarted controller takes over: its apps, the replicas still alive (to watch
-    again), and the proxy if it is."""
+    again), and the proxies that are (by place)."""
 
     table_version: int
     apps: dict[str, AppState]
     replicas: list[tuple[AppState, DeploymentState, ReplicaRecord]]
-    proxy: ReplicaHost | None
+    proxies: dict[str, ReplicaHost]
 
 
 def save(
     backend: Backend,
     address: str,
     table_version: int,
-    proxy: ReplicaHost | None,
+    proxies: dict[str, HostRef],
     apps: list[AppState],
 ) -> None:
-    ckpt = Checkpoint(
-        table_version,
-        proxy.ref if proxy is not None else None,
-        [_save_app(app) for app in apps],
-    )
+    ckpt = Checkpoint(table_version, proxies, [_save_app(app) for app in apps])
     backend.save_checkpoint(address, cloudpickle.dumps(ckpt))
 
 
@@ -137,9 +133,13 @@ def restore(ckpt: Checkpoint, backend: Backend) -> Restored:
                 if rec is not None:
                     replicas.append((app, dep, rec))
         apps[saved.spec.name] = app
-    proxy = backend.adopt(PROXY_HOST_ID, ckpt.proxy) if ckpt.proxy is not None else None
+    proxies = {}
+    for node, ref in ckpt.proxies.items():
+        host = backend.adopt(PROXY_HOST_ID, ref)
+        if host is not None:
+            proxies[node] = host
     # callers ignore versions they have seen: the new controller's count starts past them
-    return Restored(ckpt.table_version + 1, apps, replicas, proxy)
+    return Restored(ckpt.table_version + 1, apps, replicas, proxies)
 
 
 def _adopt(backend: Backend, sr: SavedReplica) -> ReplicaRecord | None:

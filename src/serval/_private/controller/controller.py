@@ -13,10 +13,11 @@ import logging
 import uuid
 from typing import Any
 
-from serval._private.backends.base import Backend, Exit, ReplicaHost
+from serval._private.backends.base import Backend, Exit
 from serval._private.controller import checkpoint
 from serval._private.controller.autoscaling import AutoscalingPolicy
 from serval._private.controller.clock import Clock, RealClock
+from serval._private.controller.proxies import Proxies
 from serval._private.controller.state import (
     AppState,
     ControlPeer,
@@ -31,20 +32,13 @@ from serval._private.wire.messages import PUSH, Push
 from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
 from serval.config import HTTPOptions
-from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError, ServalError
+from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
 logger = logging.getLogger(__name__)
 
 _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
-# A proxy that exits is restarted after 0.5 s, doubled for each exit in a row up to 10 s (one
-# that served 10 s first starts the count over); one that exits this many times in a row
-# before it is ready is a failure: serve.start() and serve.run() report it.
-_PROXY_RESTART_DELAY_S = 0.5
-_PROXY_MAX_RESTART_DELAY_S = 10.0
-_PROXY_STABLE_S = 10.0
-_PROXY_MAX_START_FAILURES = 3
 _QUEUE_REPORT_MAX_AGE_S = 2.0  # a caller's queue report counts this long
 _METRICS_TIMEOUT_S = 1.0  # a replica slower than this to report is left out of a scrape
 
@@ -63,14 +57,6 @@ class Controller:
         self.address = address  # where the checkpoint lives (None: no checkpoint)
         self._save_scheduled = False
         self.http = http
-        self.proxy: ReplicaHost | None = None
-        self.proxy_version = -1  # the newest table version the proxy has applied
-        self.proxy_error: str | None = None
-        self.proxy_changed = asyncio.Event()
-        self._proxy_ready_at: float | None = None  # when the running proxy said it listens
-        self._proxy_start_failures = 0  # exits in a row before it was ready
-        self._proxy_restarts = 0  # restarts in a row without a proxy that stayed up
-        self._proxy_peer: ControlPeer | None = None  # the proxy's control connection
         self.stopping = False
         self.apps: dict[str, AppState] = {}
         self.subscribers: set[ControlPeer] = set()
@@ -78,6 +64,10 @@ class Controller:
         self.stopped = asyncio.Event()
         self.tasks = TaskOwner("the controller")  # watches, loops, drains: close() ends them
         self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
+        # The HTTP proxies (None: the cluster has none)
+        self.proxies: Proxies | None = None
+        if http is not None and http.enabled:
+            self.proxies = Proxies(backend, http, self.clock, self.tasks, self._schedule_save)
 
     def start(self, recover: bool = False) -> None:
         ckpt = checkpoint.load(self.backend, self.address) if recover and self.address else None
@@ -91,16 +81,12 @@ class Controller:
                 for dep in app.deployments.values():
                     self.setup_autoscaling(app, dep)
             logger.info("recovered %d application(s) from the checkpoint", len(self.apps))
-        if self.http is not None and self.http.enabled:
-            proxy = restored.proxy if restored is not None else None
-            if proxy is not None:
-                self.proxy = proxy
-                self._proxy_ready_at = self.clock.monotonic()  # it served the previous controller
-                self.tasks.spawn(self._watch_proxy(proxy))
-            else:
-                self._start_proxy()
-        elif restored is not None and restored.proxy is not None:
-            restored.proxy.kill()
+        restored_proxies = restored.proxies if restored is not None else {}
+        if self.proxies is not None:
+            self.proxies.start(restored_proxies)
+        else:
+            for host in restored_proxies.values():
+                host.kill()
         for app in list(self.apps.values()):
             if app.deleting:
                 self.tasks.spawn(self._delete(app))
@@ -129,70 +115,29 @@ class Controller:
             return
         try:
             checkpoint.save(
-                self.backend, self.address, self.table_version, self.proxy, list(self.apps.values())
+                self.backend,
+                self.address,
+                self.table_version,
+                self.proxies.refs() if self.proxies is not None else {},
+                list(self.apps.values()),
             )
         except OSError as exc:
             logger.error("could not write the checkpoint: %s", exc)
 
-    # -- the HTTP proxy --------------------------------------------------------------------------
+    # -- the HTTP proxies (controller.proxies) ----------------------------------------------------
 
-    def _start_proxy(self) -> None:
-        assert self.http is not None
-        self.proxy = self.backend.start_proxy(self.http.to_json())
-        self._proxy_ready_at = None
-        self.tasks.spawn(self._watch_proxy(self.proxy))
+    def rpc_proxy_ready(self, peer: ControlPeer, error: str | None, node: str = "") -> None:
+        if self.proxies is not None:
+            self.proxies.ready(node, peer, error)
 
-    async def _watch_proxy(self, host: ReplicaHost) -> None:
-        ended = await host.wait()
-        if self.stopping or self.proxy_error is not None or host is not self.proxy:
-            return
-        self.proxy_version = -1  # no proxy routes now: who waits for one waits for the next
-        reason = ended.reason
-        if self._proxy_ready_at is None:
-            self._proxy_start_failures += 1
-            if self._proxy_start_failures >= _PROXY_MAX_START_FAILURES:
-                self.proxy_error = (
-                    f"it exited {self._proxy_start_failures} times in a row before it was "
-                    f"ready ({reason}); its log is in {self.backend.log_location()}"
-                )
-                logger.error("the HTTP proxy could not start: %s", self.proxy_error)
-                self._proxy_notify()
-                return
-        elif self.clock.monotonic() - self._proxy_ready_at >= _PROXY_STABLE_S:
-            self._proxy_restarts = 0
-        delay = min(_PROXY_RESTART_DELAY_S * 2**self._proxy_restarts, _PROXY_MAX_RESTART_DELAY_S)
-        self._proxy_restarts += 1
-        logger.warning("the HTTP proxy exited (%s); restarting it in %.1fs", reason, delay)
-        await self.clock.sleep(delay)
-        if not self.stopping:
-            self._start_proxy()
-
-    def _proxy_notify(self) -> None:
-        self.proxy_changed.set()
-        self.proxy_changed = asyncio.Event()
-
-    def rpc_proxy_ready(self, peer: ControlPeer, error: str | None) -> None:
-        self._proxy_peer = peer
-        self.proxy_error = error
-        if error is None:
-            self._proxy_ready_at = self.clock.monotonic()
-            self._proxy_start_failures = 0
-        self._proxy_notify()
-
-    def rpc_proxy_ack(self, peer: ControlPeer, version: int) -> None:
-        self.proxy_version = max(self.proxy_version, version)
-        self._proxy_notify()
+    def rpc_proxy_ack(self, peer: ControlPeer, version: int, node: str = "") -> None:
+        if self.proxies is not None:
+            self.proxies.ack(node, version)
 
     async def rpc_wait_proxy(self, peer: ControlPeer) -> None:
-        """Return once the HTTP proxy listens (at once if there is none)."""
-        if self.proxy is not None:
-            await self._wait_proxy(0)
-
-    async def _wait_proxy(self, version: int) -> None:
-        while self.proxy_version < version:
-            if self.proxy_error is not None:
-                raise ServalError(f"the HTTP proxy could not start: {self.proxy_error}")
-            await self.proxy_changed.wait()
+        """Return once every HTTP proxy listens (at once if there is none)."""
+        if self.proxies is not None:
+            await self.proxies.wait(0)
 
     # -- RPC: callers ----------------------------------------------------------------------------
 
@@ -243,8 +188,8 @@ class Controller:
             if app is None:
                 raise ApplicationNotFoundError(f"application {name!r} does not exist")
             status, message = app.status()
-            if status == "RUNNING" and self.proxy is not None and app.spec.route_prefix:
-                await self._wait_proxy(self.table_version)  # reachable over HTTP on return
+            if status == "RUNNING" and self.proxies is not None and app.spec.route_prefix:
+                await self.proxies.wait(self.table_version)  # reachable over HTTP on return
                 return status, message
             if status in ("RUNNING", "DEPLOY_FAILED"):
                 return status, message
@@ -269,9 +214,12 @@ class Controller:
             )
         return ServeStatus(out)
 
-    async def rpc_collect_metrics(self, peer: ControlPeer) -> metrics.Snapshot:
-        """Every running replica's metrics, for the proxy's ``/-/metrics``; a replica that
-        does not answer within a second is left out of this scrape."""
+    async def rpc_collect_metrics(
+        self, peer: ControlPeer, node: str | None = None
+    ) -> metrics.Snapshot:
+        """Every running replica's metrics, and those of every HTTP proxy but the one at
+        ``node`` (the proxy that asks adds its own), for ``/-/metrics``; one that does not
+        answer within a second is left out of this scrape."""
         peers = [
             r.peer
             for app in self.apps.values()
@@ -279,11 +227,11 @@ class Controller:
             for r in dep.running()
             if r.peer is not None and not r.peer.closed
         ]
+        asks = [ReplicaCalls(p.call).export_metrics() for p in peers]
+        if self.proxies is not None:
+            asks += [ProxyCalls(p.call).http_metrics() for p in self.proxies.peers(but=node)]
         found = await asyncio.gather(
-            *(
-                self.clock.wait_for(ReplicaCalls(p.call).export_metrics(), _METRICS_TIMEOUT_S)
-                for p in peers
-            ),
+            *(self.clock.wait_for(ask, _METRICS_TIMEOUT_S) for ask in asks),
             return_exceptions=True,
         )
         return metrics.merge(s for s in found if isinstance(s, list))
@@ -306,22 +254,12 @@ class Controller:
 
     async def rpc_shutdown(self, peer: ControlPeer) -> None:
         self.stopping = True
-        proxy_stopped = self.tasks.spawn(self._stop_proxy()) if self.proxy is not None else None
+        proxies = self.proxies
+        proxies_stopped = self.tasks.spawn(proxies.stop()) if proxies is not None else None
         await asyncio.gather(*(self._delete(app) for app in list(self.apps.values())))
-        if proxy_stopped is not None:
-            await proxy_stopped
+        if proxies_stopped is not None:
+            await proxies_stopped
         self.stopped.set()
-
-    async def _stop_proxy(self) -> None:
-        """Ask the proxy to finish its requests and exit; kill it if it has not in time."""
-        assert self.proxy is not None
-        peer = self._proxy_peer
-        if peer is not None and not peer.closed:
-            with contextlib.suppress(Exception):  # gone already, or not answering: killed below
-                await self.clock.wait_for(ProxyCalls(peer.call).drain(), _KILL_AFTER_S)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await self.clock.wait_for(self.proxy.wait(), _KILL_AFTER_S)
-        self.proxy.kill()
 
     async def owner_gone(self) -> None:
         """The owner died without a shutdown: kill the proxy and every replica known here
@@ -331,8 +269,9 @@ class Controller:
         for _, _, rec in self._replicas.values():
             rec.state = ReplicaState.STOPPING  # an exit asked for: nothing to report
             hosts.append(rec.host)
-        if self.proxy is not None:
-            hosts.append(self.proxy)
+        if self.proxies is not None:
+            self.proxies.stopping = True
+            hosts.extend(self.proxies.hosts())
         for host in hosts:
             host.kill()
         await asyncio.gather(*(h.wait() for h in hosts))

@@ -25,6 +25,7 @@ from serval._private.backends import ray_store
 from serval._private.backends.ray_backend import RayBackend
 from serval._private.caller import runtime
 from serval._private.caller.calls import Call
+from serval._private.caller.client import ClusterClient
 from serval._private.controller.controller import Controller
 from serval._private.process.worker import run_to_the_end, tune_gc
 from serval._private.replica.server import ListenAt, Replica
@@ -129,19 +130,33 @@ async def _serve_by_reference(
 
 
 class ProxyActor:
-    def __init__(self, namespace: str, http_options_json: str) -> None:
+    """The HTTP proxy of node ``node``. Every node's binds the same host and port: on a real
+    cluster each on its own machine; several nodes on one machine share the port (the
+    kernel spreads connections among them)."""
+
+    def __init__(self, namespace: str, http_options_json: str, node: str) -> None:
         _setup("proxy", namespace)
         options = HTTPOptions.from_json(http_options_json)
+        self._client: concurrent.futures.Future[ClusterClient] = concurrent.futures.Future()
 
         async def body() -> None:
             from serval._private.proxy.server import serve_proxy
 
-            await serve_proxy(runtime.client(asyncio.get_running_loop()), options)
+            client = runtime.client(asyncio.get_running_loop())
+            self._client.set_result(client)
+            await serve_proxy(client, options, node, reuse_port=True)
 
         self._thread = _LoopThread("serval-proxy", body)
 
     async def run(self) -> None:
         await asyncio.wrap_future(self._thread.done)
+
+    async def requests_served(self) -> int:
+        """How many HTTP requests this proxy has answered (what /-/metrics counts)."""
+        client = await asyncio.wrap_future(self._client)
+        control = client.handler
+        app = getattr(control, "app", None)
+        return sum(list(app.http_requests.values())) if app is not None else 0
 
 
 class ControllerActor:

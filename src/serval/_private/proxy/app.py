@@ -44,9 +44,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class ProxyApp:
-    def __init__(self, client: ClusterClient, options: HTTPOptions) -> None:
+    def __init__(self, client: ClusterClient, options: HTTPOptions, node: str = "") -> None:
         self.client = client
         self.options = options
+        self.node = node  # its place (see controller.proxies): the others' metrics merge in
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
         self._routes_of: dict[str, tuple[str, str]] | None = None
         # (route prefix, method, status) -> requests answered, for /-/metrics
@@ -193,7 +194,7 @@ class ProxyApp:
         try:
             started = self.client.loop.time()
             snapshot = await asyncio.wait_for(
-                self.client.controller.collect_metrics(), _METRICS_GATHER_TIMEOUT_S
+                self.client.controller.collect_metrics(self.node), _METRICS_GATHER_TIMEOUT_S
             )
             self._metrics_cache = (started, snapshot)
             return snapshot

@@ -11,6 +11,7 @@ from typing import Any
 from serval._private.caller.client import ClusterClient
 from serval._private.proxy.app import ProxyApp
 from serval._private.proxy.http_protocol import protocol_for
+from serval._private.telemetry import metrics
 from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
 
@@ -48,10 +49,12 @@ def default_max_connections(fd_limit: int) -> int:
     return max(1, fd_limit - max(_OWN_FDS_MIN, fd_limit // 10))
 
 
-def _bind(options: HTTPOptions) -> socket.socket:
+def _bind(options: HTTPOptions, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # (Linux lets only processes of the same user share the port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((options.host, options.port))
     except OSError:
@@ -62,10 +65,10 @@ def _bind(options: HTTPOptions) -> socket.socket:
     return sock
 
 
-async def _ack(client: ClusterClient, version: int) -> None:
+async def _ack(client: ClusterClient, version: int, node: str) -> None:
     """Tell the controller the proxy routes with table ``version`` (it may be away)."""
     try:
-        await client.controller.proxy_ack(version)
+        await client.controller.proxy_ack(version, node)
     except (OSError, ConnectionError) as exc:
         logger.debug("the proxy's ack of table %d failed: %s", version, exc)
 
@@ -75,7 +78,11 @@ class ProxyControl:
 
     def __init__(self) -> None:
         self.server: Any = None  # the uvicorn server, once it runs
+        self.app: ProxyApp | None = None  # once it serves
         self.draining = False
+
+    def rpc_http_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
+        return metrics.http_snapshot(self.app.http_requests) if self.app is not None else []
 
     def rpc_drain(self, peer: RpcPeer) -> None:
         """Stop listening, finish the requests in flight, then exit (uvicorn's shutdown)."""
@@ -84,26 +91,31 @@ class ProxyControl:
             self.server.should_exit = True
 
 
-async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
+async def serve_proxy(
+    client: ClusterClient, options: HTTPOptions, node: str = "", reuse_port: bool = False
+) -> None:
+    """Serve HTTP for the cluster ``client`` is connected to, as the proxy at place ``node``
+    (see ``controller.proxies``). ``reuse_port``: other proxies of the cluster on this machine
+    bind the same port (several Ray nodes on one machine); the kernel spreads connections."""
     import uvicorn
 
     loop = asyncio.get_running_loop()
     control = client.handler = ProxyControl()
     try:
-        sock = _bind(options)
+        sock = _bind(options, reuse_port)
     except OSError as exc:
         await client.controller.proxy_ready(
-            f"cannot listen on {options.host}:{options.port}: {exc}"
+            f"cannot listen on {options.host}:{options.port}: {exc}", node
         )
         raise SystemExit(1) from exc
 
     def ack(version: int) -> None:
-        client.tasks.spawn(_ack(client, version), loop)
+        client.tasks.spawn(_ack(client, version, node), loop)
 
     client.on_table = ack
     await client.wait_ready()
     ack(client.table_version)
-    app = ProxyApp(client, options)
+    app = control.app = ProxyApp(client, options, node)
     fd_limit = raise_fd_limit()
     max_connections = default_max_connections(fd_limit)
     if options.max_connections is not None:
@@ -129,7 +141,7 @@ async def serve_proxy(client: ClusterClient, options: HTTPOptions) -> None:
     server = uvicorn.Server(config)
     control.server = server
     server.should_exit = control.draining  # (asked to stop before it started)
-    await client.controller.proxy_ready(None)
+    await client.controller.proxy_ready(None, node)
     logger.info(
         "HTTP proxy listening on http://%s:%s (at most %d connections)",
         options.host,

@@ -208,16 +208,24 @@ def http_snapshot(requests: dict[tuple[str, str, int], int]) -> Snapshot:
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """One snapshot from several processes'. Series are told apart by their tags (a replica's
-    carry its id); a family declared differently by two processes keeps the first shape."""
+    carry its id); a series with the same tags in several (the HTTP proxies of several nodes
+    count the same routes) is summed. A family declared differently by two processes keeps
+    the first shape."""
     families: dict[str, Family] = {}
-    series: dict[str, list[tuple[tuple[str, ...], float | HistogramValue]]] = {}
+    series: dict[str, dict[tuple[str, ...], float | HistogramValue]] = {}
     for snapshot in snapshots:
         for family, values in snapshot:
             known = families.setdefault(family.name, family)
             if known != family:
                 continue
-            series.setdefault(family.name, []).extend(values)
-    return [(families[name], series[name]) for name in families]
+            merged = series.setdefault(family.name, {})
+            for tags, value in values:
+                before = merged.get(tags)
+                if isinstance(before, float) and isinstance(value, float):
+                    merged[tags] = before + value  # the same series in two proxies: summed
+                elif before is None:
+                    merged[tags] = value
+    return [(families[name], list(series[name].items())) for name in families]
 
 
 def render(snapshot: Snapshot) -> str:

@@ -76,14 +76,15 @@ class ControllerCalls(_Stub):
 
     # -- the proxy --------------------------------------------------------------------------------
 
-    async def proxy_ready(self, error: str | None) -> None:
-        await self._call("proxy_ready", error=error)
+    async def proxy_ready(self, error: str | None, node: str = "") -> None:
+        await self._call("proxy_ready", error=error, node=node)
 
-    async def proxy_ack(self, version: int) -> None:
-        await self._call("proxy_ack", version=version)
+    async def proxy_ack(self, version: int, node: str = "") -> None:
+        await self._call("proxy_ack", version=version, node=node)
 
-    async def collect_metrics(self) -> Snapshot:
-        return cast("Snapshot", await self._call("collect_metrics"))
+    async def collect_metrics(self, node: str | None = None) -> Snapshot:
+        """Every replica's metrics, and every proxy's but the one at ``node`` (the asker)."""
+        return cast("Snapshot", await self._call("collect_metrics", node=node))
 
     # -- replicas ---------------------------------------------------------------------------------
 
@@ -131,3 +132,7 @@ class ProxyCalls(_Stub):
     async def drain(self) -> None:
         """Stop listening, finish the requests in flight, then exit."""
         await self._call("drain")
+
+    async def http_metrics(self) -> Snapshot:
+        """This proxy's own metrics (its HTTP requests), to merge with the others'."""
+        return cast("Snapshot", await self._call("http_metrics"))
