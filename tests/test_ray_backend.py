@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,11 +19,12 @@ from typing import Any
 import httpx
 import pytest
 import ray
+import yaml  # type: ignore[import-untyped]
 
 import serval as serve
 from chaos.harness import free_port
 from conftest import poll
-from ray_clusters import CALL_TIMEOUT_S, one_node, run_driver, serval_actors
+from ray_clusters import CALL_TIMEOUT_S, loopback, one_node, run_driver, serval_actors
 from serval._private.backends import ray_store
 
 pytestmark = pytest.mark.timeout(240)
@@ -354,3 +357,57 @@ def test_by_reference_calls_keep_max_ongoing_requests(on_ray: str) -> None:
     by_ref = handle.options(_by_reference=True)
     refs = [by_ref.work.remote()._to_object_ref_sync() for _ in range(8)]
     assert max(ray.get(refs, timeout=CALL_TIMEOUT_S)) == 1
+
+
+# -- the CLI, naming the Ray cluster as Ray's tools do --------------------------------------------
+
+CLI_APP = """
+import serval as serve
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Greeter:
+    def __call__(self, request=None) -> str:
+        return "hi from a config file"
+
+app = Greeter.bind()
+"""
+
+CONFIG = """
+applications:
+  - name: greeter
+    route_prefix: /greeter
+    import_path: cli_ray_app:app
+"""
+
+
+def _serval(*args: str, cwd: Any, env: dict[str, str] | None = None) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("SERVAL_ADDRESS", "RAY_ADDRESS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "serval", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT_S,
+        env={**clean, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_the_cli_deploys_shows_and_shuts_down_a_cluster_on_ray(on_ray: str, tmp_path: Any) -> None:
+    (tmp_path / "cli_ray_app.py").write_text(CLI_APP)
+    (tmp_path / "serve.yaml").write_text(CONFIG)
+    address = loopback(ray.get_runtime_context().gcs_address)
+    out = _serval("deploy", "serve.yaml", "--address", address, cwd=tmp_path)
+    assert "greeter" in out
+    assert httpx.get(f"{on_ray}/greeter", timeout=CALL_TIMEOUT_S).text == "hi from a config file"
+    # RAY_ADDRESS names the cluster too, as for Ray's own tools
+    status = yaml.safe_load(_serval("status", cwd=tmp_path, env={"RAY_ADDRESS": address}))
+    assert status["applications"]["greeter"]["status"] == "RUNNING"
+    config = yaml.safe_load(_serval("config", "--address", address, cwd=tmp_path))
+    assert config["import_path"] == "cli_ray_app:app"
+    assert serve.status().applications["greeter"].status == "RUNNING"  # (this driver sees it)
+    _serval("shutdown", "-y", "--address", address, cwd=tmp_path)
+    poll(lambda: serval_actors() == [], CALL_TIMEOUT_S, "every serval actor gone")
+    serve.shutdown()  # (this driver's connection)
+    serve.start(http_options={"port": _port[0]})  # the module's cluster, for what follows

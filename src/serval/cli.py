@@ -2,8 +2,14 @@
 
 ``run``, ``build``, ``start``, ``deploy``, ``status``, ``config`` and ``shutdown``. The cluster a
 command talks to is ``--address``, else ``SERVAL_ADDRESS``, else the per-user default runtime
-directory; ``run`` without either starts a cluster owned by the command. Errors print one line
-and exit 1 — never a traceback (``-v`` logs it at debug level).
+directory; ``run`` without either starts a cluster owned by the command.
+
+A serval cluster on Ray is named as Ray's tools name a Ray cluster: ``--address auto``,
+``--address <head>:6379`` or ``--address ray://<head>:10001``; or ``RAY_ADDRESS`` (when no
+``--address`` or ``SERVAL_ADDRESS`` is given); or ``SERVAL_BACKEND=ray`` (Ray's own default then).
+Its apps outlive the command that deployed them (``serval run`` deletes its own at Ctrl-C).
+
+Errors print one line and exit 1 — never a traceback (``-v`` logs it at debug level).
 """
 
 from __future__ import annotations
@@ -165,6 +171,37 @@ def _app_dir_flag(p: argparse.ArgumentParser) -> None:
 # -- the cluster a command talks to --------------------------------------------------------------
 
 
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """The Ray cluster this command talks to, if it talks to one (``""``: Ray's default)."""
+    from serval._private.process.ray_cluster import is_ray_address
+    from serval._private.process.settings import settings
+
+    given: str | None = args.address or settings().address
+    if given is not None:
+        return given if is_ray_address(given) else None
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return "" if settings().backend == "ray" else None
+
+
+def _join_ray(address: str, start: bool, http: HTTPOptions | None = None) -> None:
+    """Connect to Ray at ``address`` and to the serval cluster there; ``start``: start its
+    controller if it has none (else that is an error)."""
+    from serval import api
+    from serval._private.process import ray_cluster
+
+    try:
+        ray_cluster.init_ray(address or None)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CLIError(f"cannot connect to the Ray cluster at {address or 'auto'}: {exc}") from None
+    if not start and not ray_cluster.is_running():
+        raise CLIError(
+            f"no serval cluster is running on the Ray cluster at {address or 'auto'} "
+            "(start one with `serval start --address ...`)"
+        )
+    api.start(http_options=http, backend="ray")
+
+
 def _given_address(args: argparse.Namespace) -> str | None:
     from serval._private.process.settings import settings
 
@@ -176,6 +213,26 @@ def _address(args: argparse.Namespace) -> str:
     from serval._private.process.cluster import default_address
 
     return _given_address(args) or default_address()
+
+
+def _connect_to(args: argparse.Namespace, address: str | None = None) -> str:
+    """Connect to the running cluster the command names (local or on Ray); its address."""
+    ray_address = _ray_address(args)
+    if ray_address is not None:
+        _join_ray(ray_address, start=False)
+        return ray_address or "auto"
+    address = address or _address(args)
+    _connect(address)
+    return address
+
+
+def _wait(done: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.1)
+    return bool(done())
 
 
 def _connect(address: str) -> None:
@@ -238,7 +295,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from serval import api
 
     _use_app_dir(args.app_dir)
-    address = _given_address(args)
+    ray_address = _ray_address(args)
+    address = _given_address(args) if ray_address is None else None
     config: ServeDeploySchema | None = None
     if _is_config_file(args.target):
         if args.name or args.route_prefix or args.arguments:
@@ -255,8 +313,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     deployed: list[str] = []
+    owned = address is None and ray_address is None
     try:
-        if address is not None:
+        if ray_address is not None:  # started if need be; it outlives this command
+            _join_ray(ray_address, start=True, http=http)
+            print(f"deploying to the Ray cluster at {ray_address or 'auto'}", flush=True)
+        elif address is not None:
             if args.host is not None or args.port is not None:
                 logger.warning("--host/--port ignored: the cluster at %s has its own", address)
             _connect(address)
@@ -270,17 +332,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
             deployed.append(cfg.name)
-            _print_serving(cfg, http if address is None else None)
+            _print_serving(cfg, http if owned else None)
         print("Ctrl-C to stop.", flush=True)
         while True:
             signal.pause()
     except KeyboardInterrupt:
         logger.info("shutting down")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _teardown(address, deployed)
+        _teardown(owned, deployed)
         return 0
     except Exception:
-        _teardown(address, deployed)  # a failed deploy leaves nothing of this command behind
+        _teardown(owned, deployed)  # a failed deploy leaves nothing of this command behind
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -297,12 +359,12 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _teardown(address: str | None, deployed: list[str]) -> None:
-    """A cluster this command owns stops; on a cluster it only connected to, the apps it
-    deployed are deleted and the cluster lives on."""
+def _teardown(owned: bool, deployed: list[str]) -> None:
+    """A cluster this command owns stops; on a cluster it only connected to (or on Ray), the
+    apps it deployed are deleted and the cluster lives on."""
     from serval import api
 
-    if address is None:
+    if owned:
         api.shutdown()
         return
     for name in deployed:
@@ -422,6 +484,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_start(args: argparse.Namespace) -> int:
     from serval._private.process.daemon import start_detached
 
+    ray_address = _ray_address(args)
+    if ray_address is not None:
+        http = _http_options(args)
+        _join_ray(ray_address, start=True, http=http)
+        print(
+            f"serval cluster running on the Ray cluster at {ray_address or 'auto'} "
+            f"(HTTP on port {http.port} of every node); it lives until `serval shutdown`"
+        )
+        return 0
     address = _address(args)
     http = _http_options(args)
     from serval._private.process.cluster import is_running
@@ -449,10 +520,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from serval import api
 
     _use_app_dir(args.app_dir)
-    address = _address(args)
     config = load_config(args.config_file)
     apps = _build_all(config, args.config_file)
-    _connect(address)
+    address = _connect_to(args)
     if "http_options" in config.model_fields_set or "proxy_location" in config.model_fields_set:
         logger.info("http_options apply when a cluster starts; the running one keeps its own")
     before = api.app_configs()
@@ -476,8 +546,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from serval import api
 
-    address = _address(args)
-    _connect(address)
+    address = _connect_to(args)
     status = api.status()
     apps: dict[str, Any] = {}
     for name, app in status.applications.items():
@@ -510,7 +579,7 @@ def _when(ts: float) -> str:
 def _cmd_config(args: argparse.Namespace) -> int:
     from serval import api
 
-    _connect(_address(args))
+    _connect_to(args)
     configs = api.app_configs()
     if args.name:
         if args.name not in configs:
@@ -547,15 +616,21 @@ def _yaml(data: Any) -> str:
 def _cmd_shutdown(args: argparse.Namespace) -> int:
     from serval import api
 
-    address = _address(args)
-    _connect(address)
+    address = _connect_to(args)
     if not args.yes and not _confirm(
         f"This stops the serval cluster at {address} and deletes every application on it. "
         "Continue? [y/N] "
     ):
         raise CLIError("aborted")
     api.shutdown()
-    if not _wait_gone(address, _SHUTDOWN_WAIT_S):
+    if _ray_address(args) is not None:
+        from serval._private.process import ray_cluster
+
+        ray_cluster.init_ray()
+        gone = _wait(lambda: not ray_cluster.is_running(), _SHUTDOWN_WAIT_S)
+    else:
+        gone = _wait_gone(address, _SHUTDOWN_WAIT_S)
+    if not gone:
         raise CLIError(f"some processes of the cluster at {address} are still running")
     print(f"serval cluster at {address} stopped")
     return 0

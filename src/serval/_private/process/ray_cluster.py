@@ -22,7 +22,15 @@ from serval._private.process.ray_actors import ControllerActor, connect_process
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
-__all__ = ["DEFAULT_NAMESPACE", "connect", "init_ray", "is_running", "join", "stop"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "connect",
+    "init_ray",
+    "is_ray_address",
+    "is_running",
+    "join",
+    "stop",
+]
 
 DEFAULT_NAMESPACE = ray_store.DEFAULT_NAMESPACE
 
@@ -33,11 +41,24 @@ _START_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 30.0
 
 
-def init_ray() -> None:
+def is_ray_address(text: str) -> bool:
+    """Whether ``text`` names a Ray cluster the way Ray's tools do (``auto``, ``ray://host:port``
+    for a Ray client, ``host:port`` of the head node's GCS), rather than a local cluster's
+    runtime directory."""
+    if text == "auto" or text.startswith("ray://"):
+        return True
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and "/" not in text)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect this process to Ray: to ``address`` if given, else to ``RAY_ADDRESS``'s cluster,
+    else to a new Ray instance on this machine (as ``ray.init()`` does)."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
 
