@@ -19,6 +19,7 @@ from ray_clusters import CALL_TIMEOUT_S, node_of, serval_actors, three_nodes
 from serval._private.backends import ray_store
 from serval._private.caller import runtime
 from serval._private.wire import endpoints
+from serval.exceptions import DeploymentFailedError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,6 +99,39 @@ def test_composition_across_nodes(apps: Any) -> None:
     root = Hop.options(ray_actor_options={"num_cpus": 0, "resources": {"w1": 1}})
     handle = serve.run(root.bind(child.bind()), name="hop", route_prefix="/hop")
     assert handle.remote().result(timeout_s=CALL_TIMEOUT_S) == [node_of("w1"), node_of("w2")]
+
+
+def test_max_replicas_per_node_spreads_replicas_and_says_when_nodes_run_out(apps: Any) -> None:
+    spread = Where.options(name="Spread", num_replicas=3, max_replicas_per_node=1)
+    handle = serve.run(spread.bind(), name="spread", route_prefix="/spread")
+    seen = {handle.remote().result(timeout_s=CALL_TIMEOUT_S) for _ in range(60)}
+    assert len(seen) == 3  # one per node
+    crowded = Where.options(name="Crowded", num_replicas=4, max_replicas_per_node=1)
+    with pytest.raises(DeploymentFailedError, match="no node has room"):
+        serve.run(crowded.bind(), name="crowded", route_prefix="/crowded")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Grouped:
+    def __call__(self) -> list[Any]:
+        group = ray.util.get_current_placement_group()
+        return [group.bundle_count, group.bundle_specs] if group is not None else []
+
+
+def test_placement_group_bundles_reserve_resources_for_the_replica(apps: Any) -> None:
+    bundles = [{"CPU": 0.5}, {"CPU": 0.5, "w2": 1}]
+    grouped = Grouped.options(placement_group_bundles=bundles, placement_group_strategy="SPREAD")
+    handle = serve.run(grouped.bind(), name="grouped", route_prefix="/grouped")
+    count, specs = handle.remote().result(timeout_s=CALL_TIMEOUT_S)
+    assert count == 2
+    assert specs[1]["w2"] == 1
+    serve.delete("grouped")
+    poll(lambda: not _groups_alive(), CALL_TIMEOUT_S, "the placement group removed")
+
+
+def _groups_alive() -> list[Any]:
+    table = ray.util.placement_group_table()
+    return [g for g in table.values() if g["state"] != "REMOVED"]
 
 
 def _proxies() -> dict[str, Any]:

@@ -173,3 +173,20 @@ def test_no_secret_no_tcp() -> None:
             )
 
     run("asyncio", main)
+
+
+def test_tcp_connections_probe_a_silent_peer() -> None:
+    # A node that vanishes sends no reset: keepalive probes end its connections in ~11 s.
+    async def main() -> None:
+        listener, made = await _listener(Inbox())
+        client = await transport.dial(listener.address, lambda: transport.Connection(print))
+        await until(lambda: made and made[0].connected, "accepted")
+        for conn in (client, made[0]):
+            sock = conn._transport.get_extra_info("socket")  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        client.close()
+        await listener.aclose()
+
+    run("uvloop", main)

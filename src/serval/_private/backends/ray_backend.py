@@ -68,22 +68,33 @@ class RayHost(ReplicaHost):
         name: str,
         namespace: str,
         group: PlacementGroup | None = None,
+        node: str | None = None,
+        label: str | None = None,
     ) -> None:
         self.host_id = host_id
+        self.label = label
         self._actor = actor
         self._name = name
         self._namespace = namespace
         self._group = group
+        self.node = node  # where it was placed, when serval chose the node
         loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[None] = asyncio.wrap_future(
             actor.run.remote().future(), loop=loop
         )
 
     @property
+    def ended_future(self) -> asyncio.Future[None]:
+        return self._ended
+
+    @property
     def ref(self) -> HostRef:
         ref: HostRef = {"actor": self._name}
         if self._group is not None:
             ref["placement_group"] = self._group.id.hex()
+        if self.node is not None:
+            ref["node"] = self.node
+            ref["label"] = self.label
         return ref
 
     def kill(self) -> None:
@@ -114,6 +125,27 @@ class RayHost(ReplicaHost):
                 logger.debug("removing the placement group of %s: %s", self._name, exc)
 
 
+def _deployment_of(label: str) -> str:
+    return label.rsplit("#", 1)[0]  # "app.deployment#index"
+
+
+def _resources(options: dict[str, Any]) -> dict[str, float]:
+    wanted = {
+        "CPU": float(options.get("num_cpus") or 0),
+        "GPU": float(options.get("num_gpus") or 0),
+    }
+    wanted.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    return {k: v for k, v in wanted.items() if v > 0}
+
+
+def _alive_node_resources() -> dict[str, dict[str, float]]:
+    return {
+        str(n["NodeID"]): dict(n.get("Resources", {}))
+        for n in ray.nodes()  # type: ignore[no-untyped-call]
+        if n.get("Alive")
+    }
+
+
 def _alive_nodes() -> list[str]:
     """The ids of the Ray cluster's live nodes (those a proxy can be placed on)."""
     return sorted(
@@ -133,7 +165,9 @@ class RayBackend(Backend):
 
     def __init__(self, namespace: str, node_id: str) -> None:
         self.namespace = namespace
-        self.node_id = node_id  # the controller's node: where the proxy runs
+        self.node_id = node_id  # the controller's node: where HeadOnly's proxy runs
+        # deployment ("app.name") -> node -> its replicas placed there (max_replicas_per_node)
+        self._per_node: dict[str, dict[str, int]] = {}
 
     @classmethod
     def for_controller(cls, address: str, lifeline_fd: int | None) -> RayBackend:
@@ -152,8 +186,8 @@ class RayBackend(Backend):
         return ray_store.checkpoint(self.namespace)
 
     def unsupported(self, config: DeploymentConfig) -> str | None:
-        if config.max_replicas_per_node is not None:
-            return "max_replicas_per_node is not implemented on the Ray backend yet"
+        if config.max_replicas_per_node is not None and config.placement_group_bundles:
+            return "max_replicas_per_node cannot be combined with placement_group_bundles"
         return None
 
     def start_replica(
@@ -174,6 +208,10 @@ class RayBackend(Backend):
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
             )
+        node = None
+        if config.max_replicas_per_node is not None:
+            node = self._node_with_room(label, options, config.max_replicas_per_node)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         working_dir = bool((options.get("runtime_env") or {}).get("working_dir"))
         name = ray_store.replica_actor_name(replica_id)
         actor = (
@@ -188,7 +226,44 @@ class RayBackend(Backend):
             )
             .remote(self.namespace, replica_id, label, working_dir)
         )
-        return RayHost(replica_id, actor, name, self.namespace, group)
+        host = RayHost(replica_id, actor, name, self.namespace, group, node, label)
+        if node is not None:
+            self._track(label, host)
+        return host
+
+    def _node_with_room(self, label: str, options: dict[str, Any], most: int) -> str:
+        """A live node that has fewer than ``most`` replicas of ``label``'s deployment and
+        the resources a replica asks for (in total: Ray decides if they are free); the one
+        with the fewest of them, so that replicas spread."""
+        wanted = _resources(options)
+        counts = self._per_node.get(_deployment_of(label), {})
+        fits = [
+            (counts.get(node_id, 0), node_id)
+            for node_id, total in _alive_node_resources().items()
+            if counts.get(node_id, 0) < most
+            and all(total.get(k, 0.0) >= v for k, v in wanted.items())
+        ]
+        if not fits:
+            raise RuntimeError(
+                f"no node has room for another replica of {_deployment_of(label)} "
+                f"(max_replicas_per_node={most}); add nodes, or lower num_replicas"
+            )
+        return min(fits)[1]
+
+    def _track(self, label: str, host: RayHost) -> None:
+        assert host.node is not None
+        counts = self._per_node.setdefault(_deployment_of(label), {})
+        counts[host.node] = counts.get(host.node, 0) + 1
+
+        def forget(_: object) -> None:
+            assert host.node is not None
+            left = counts.get(host.node, 1) - 1
+            if left > 0:
+                counts[host.node] = left
+            else:
+                counts.pop(host.node, None)
+
+        host.ended_future.add_done_callback(forget)
 
     # Nodes join and leave a Ray cluster: the controller follows them (EveryNode).
     proxy_nodes_change = True
@@ -231,7 +306,12 @@ class RayBackend(Backend):
         group = None
         if isinstance(ref.get("placement_group"), str):
             group = _placement_group_by_id(ref["placement_group"])
-        return RayHost(host_id, actor, name, self.namespace, group)
+        node = ref.get("node") if isinstance(ref.get("node"), str) else None
+        label = ref.get("label") if isinstance(ref.get("label"), str) else None
+        host = RayHost(host_id, actor, name, self.namespace, group, node, label)
+        if node is not None and label is not None:
+            self._track(label, host)
+        return host
 
 
 def _placement_group_by_id(hex_id: str) -> PlacementGroup | None:

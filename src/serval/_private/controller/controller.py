@@ -357,7 +357,13 @@ class Controller:
         label = f"{app.spec.name}.{dep.name}#{index}"
         runtime_env = dep.spec.config.ray_actor_options.get("runtime_env") or {}
         env = {str(k): str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
-        host = self.backend.start_replica(replica_id, label, env, dep.spec.config)
+        try:
+            host = self.backend.start_replica(replica_id, label, env, dep.spec.config)
+        except Exception as exc:  # it cannot be placed (no node with room, say): say why
+            logger.error("could not start a replica of %s: %s", label, exc)
+            dep.failed_message = f"could not start a replica: {exc}"
+            app.notify()
+            return
         rec = ReplicaRecord(
             replica_id, index, dep.spec.version, host, self.backend.replica_address(replica_id)
         )
