@@ -5,6 +5,8 @@ node's replicas are replaced on the nodes left, with calls failing fast, never h
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from ray_clusters import CALL_TIMEOUT_S, node_of, serval_actors, three_nodes
 from serval._private.backends import ray_store
 from serval._private.caller import runtime
 from serval._private.wire import endpoints
-from serval.exceptions import DeploymentFailedError
+from serval.exceptions import DeploymentFailedError, ReplicaDiedError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -230,3 +232,87 @@ def test_a_removed_nodes_replicas_are_replaced_elsewhere(apps: Any) -> None:
     finally:
         if spare is not None:
             cluster.remove_node(spare)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": {"doomed": 1}})
+class Sleepy:
+    def __call__(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return str(ray.get_runtime_context().get_node_id())
+
+
+def test_calls_in_flight_on_a_lost_node_fail_fast_and_later_calls_go_elsewhere(apps: Any) -> None:
+    cluster = apps
+    nodes = [
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"doomed": 1})
+        for _ in range(2)
+    ]
+    cluster.wait_for_nodes()
+    try:
+        handle = serve.run(
+            Sleepy.options(num_replicas=2).bind(), name="sleepy", route_prefix="/sleepy"
+        )
+        homes = {handle.remote(0).result(timeout_s=CALL_TIMEOUT_S) for _ in range(30)}
+        assert len(homes) == 2
+        in_flight = [handle.remote(30) for _ in range(2)]  # one on each, most likely
+        time.sleep(0.5)  # (they reach their replicas)
+        victim = nodes.pop(0)
+        cluster.remove_node(victim)
+        started = time.monotonic()
+        outcomes = []
+        for response in in_flight:
+            try:
+                outcomes.append(response.result(timeout_s=CALL_TIMEOUT_S))
+            except ReplicaDiedError:
+                outcomes.append("died")
+        assert "died" in outcomes
+        assert time.monotonic() - started < 35  # the survivor's own 30 s, no hang beyond
+        # a new node takes the lost replica's place; calls meanwhile go to the survivor
+        nodes.append(
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"doomed": 1})
+        )
+        for _ in range(10):
+            assert handle.remote(0).result(timeout_s=CALL_TIMEOUT_S)
+    finally:
+        serve.delete("sleepy")
+        for node in nodes:
+            cluster.remove_node(node)
+
+
+def test_a_killed_controller_actor_is_restarted_with_traffic_flowing(apps: Any) -> None:
+    remote = Where.options(
+        name="Far", num_replicas=2, ray_actor_options={"num_cpus": 0, "resources": {"w1": 1}}
+    )
+    handle = serve.run(remote.bind(), name="far", route_prefix="/far")
+    failures: list[BaseException] = []
+    done = [0]
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                handle.remote().result(timeout_s=10)
+                done[0] += 1
+            except BaseException as exc:
+                failures.append(exc)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: done[0] > 50, CALL_TIMEOUT_S, "traffic")
+        namespace = ray_store.DEFAULT_NAMESPACE
+        old = ray_store.controller_endpoint(namespace)
+        ray.kill(ray.get_actor(ray_store.CONTROLLER_ACTOR, namespace=namespace), no_restart=False)
+        poll(
+            lambda: ray_store.controller_endpoint(namespace) != old,
+            CALL_TIMEOUT_S,
+            "a new controller",
+        )
+        before = done[0]
+        poll(lambda: done[0] > before + 50, CALL_TIMEOUT_S, "traffic after")
+        states = serve.status().applications["far"].deployments["Far"].replica_states
+        assert states == {"RUNNING": 2}
+    finally:
+        stop.set()
+        thread.join(15)
+    assert failures == []
