@@ -427,9 +427,9 @@ class _RayPendingRef:
 
 
 def _on_ray() -> bool:
-    from serval._private.caller.by_reference import is_ray_cluster
-
-    return is_ray_cluster()
+    """Whether this process's cluster runs on Ray (without importing Ray to know)."""
+    address = runtime.address()
+    return address is not None and address.startswith("ray:")
 
 
 # -- get / wait ---------------------------------------------------------------------------------

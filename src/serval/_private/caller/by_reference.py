@@ -28,19 +28,13 @@ from serval._private.caller.client import ClusterClient
 from serval._private.wire.layout import replica_actor_name
 from serval.exceptions import DeploymentNotFoundError, DeploymentUnavailableError, ServalError
 
-__all__ = ["is_ray_cluster", "submit"]
+__all__ = ["submit"]
 
 _TABLE_TIMEOUT_S = 30.0
 
 _lock = threading.Lock()
 _in_flight: dict[str, int] = {}  # replica id -> by-reference calls of this process not done
 _actors: dict[str, Any] = {}  # replica id -> its actor handle
-
-
-def is_ray_cluster() -> bool:
-    """Whether this process's cluster runs on Ray."""
-    address = runtime.address()
-    return address is not None and address.startswith("ray:")
 
 
 def _namespace() -> str:
