@@ -50,6 +50,24 @@ def serval_processes(marker: str = SESSION_TMP) -> list[tuple[int, str]]:
     return found
 
 
+def ray_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of the live Ray processes (GCS, raylets, monitors) of the Ray
+    instances this test session started: their command lines name the session's directory."""
+    marker = os.path.join(SESSION_TMP, "ray")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and pid_alive(int(entry)):
+            found.append((int(entry), cmd[:200]))
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""
     try:
@@ -187,6 +205,8 @@ def no_leaked_processes() -> Iterator[None]:
     serve.shutdown()
     leaked = serval_processes()
     assert not leaked, f"serval processes left running after the tests: {leaked}"
+    ray_left = ray_processes()
+    assert not ray_left, f"Ray processes left running after the tests: {ray_left}"
     # Nothing left running: this session's temporary files go too (pytest's tmp_path among
     # them); a session that leaked keeps them, to look at.
     shutil.rmtree(SESSION_TMP, ignore_errors=True)
