@@ -3,6 +3,10 @@
 ``import serval as serve`` and write the same deployments, handles and applications.
 """
 
+# As with Ray Serve (which loads it): code that does `import starlette` and then names
+# `starlette.requests.Request` (in an annotation, say) finds it.
+import starlette.requests  # noqa: F401
+
 from serval import exceptions, metrics
 from serval.api import (
     ReplicaContext,

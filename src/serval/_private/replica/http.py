@@ -172,7 +172,7 @@ def http_receive(body: bytes) -> Callable[[], Awaitable[Message]]:
 
 
 async def respond(
-    user: Any,
+    call: Callable[[Any], Any],
     asgi_app: ASGIApp | None,
     scope: Message,
     body: bytes,
@@ -199,7 +199,7 @@ async def respond(
         request = Request(scope, receive)
         if whole:
             request._body = body  # so sync __call__ methods can read it too
-        result = await call_user(user.__call__, request)
+        result = await call_user(call, request)
         plain = plain_response(result)
         if plain is not None:
             return plain
@@ -226,7 +226,7 @@ class Unfinished:
 
 
 def serve_http_sync(
-    user: Any, wire: tuple[Any, ...], body: bytes, meta: Message
+    call: Callable[[Any], Any], wire: tuple[Any, ...], body: bytes, meta: Message
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | Unfinished:
     """An HTTP request to a sync ``__call__(request)``, on a worker thread from start to end
     (no task on the loop): the common results come back finished."""
@@ -236,7 +236,7 @@ def serve_http_sync(
     scope = unpack_scope(wire)
     request = Request(scope, http_receive(body))
     request._body = body
-    result = user.__call__(request)
+    result = call(request)
     plain = plain_response(result)
     return plain if plain is not None else Unfinished(result, scope, body, meta)
 

@@ -12,7 +12,15 @@ from typing import Any
 
 from serval._private.replica import request_context
 
-__all__ = ["FunctionDeployment", "Kind", "kind", "kind_cached", "sync_with_context", "with_context"]
+__all__ = [
+    "FunctionDeployment",
+    "Kind",
+    "http_entry",
+    "kind",
+    "kind_cached",
+    "sync_with_context",
+    "with_context",
+]
 
 
 class Kind(Enum):
@@ -63,3 +71,45 @@ async def with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any
 def sync_with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     request_context.set_request(meta)
     return fn(*args, **kwargs)
+
+
+_POSITIONAL = (
+    inspect.Parameter.POSITIONAL_ONLY,
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    inspect.Parameter.VAR_POSITIONAL,
+)
+
+
+def http_entry(call: Callable[..., Any]) -> Callable[[Any], Any]:
+    """What an HTTP request calls: ``call(request)``, or, as in Ray Serve, ``call()`` when it
+    takes no argument (``def __call__(self)``, a function deployment ``def f()``). The
+    wrapper has the kind of ``call``, so it runs where ``call`` would (loop or thread)."""
+    try:
+        params = inspect.signature(call).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it the request
+        return call
+    if any(p.kind in _POSITIONAL for p in params):
+        return call
+    found = kind(call)
+    if found is Kind.ASYNC:
+
+        async def no_request(request: Any) -> Any:
+            return await call()
+
+    elif found is Kind.ASYNC_GEN:
+
+        async def no_request(request: Any) -> Any:  # type: ignore[misc]
+            async for item in call():
+                yield item
+
+    elif found is Kind.SYNC_GEN:
+
+        def no_request(request: Any) -> Any:  # type: ignore[misc]
+            yield from call()
+
+    else:
+
+        def no_request(request: Any) -> Any:  # type: ignore[misc]
+            return call()
+
+    return no_request

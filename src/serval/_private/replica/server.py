@@ -36,6 +36,7 @@ from serval._private.replica.http import (
 from serval._private.replica.methods import (
     FunctionDeployment,
     Kind,
+    http_entry,
     kind,
     kind_cached,
     sync_with_context,
@@ -97,6 +98,10 @@ class ListenAt:
     tcp_host: str | None = None
 
 
+def _no_call(request: Any) -> Any:
+    raise TypeError("this deployment has no __call__ method to take HTTP requests")
+
+
 class Replica:
     def __init__(
         self,
@@ -144,6 +149,8 @@ class Replica:
         self._inputs: dict[tuple[transport.Connection, int], asyncio.Queue[Any]] = {}
         self._outflows: dict[tuple[transport.Connection, int], Outflow] = {}
         self.asgi_app: Any = None
+        # What an HTTP request to a deployment without an ASGI app calls (see http_entry).
+        self.http_call: Callable[[Any], Any] = _no_call
         # A sync __call__(request) and no ASGI app: HTTP requests run whole on a worker thread.
         self._sync_http = False
         self._server: asyncio.AbstractServer | None = None
@@ -227,6 +234,8 @@ class Replica:
             self.asgi_app = asgi_app_for(self.user)
             # (getattr: a function deployment's __call__ is an instance attribute)
             call = getattr(self.user, "__call__", None)  # noqa: B004
+            if call is not None:
+                self.http_call = http_entry(call)
             sync_call = call is not None and kind(call) is Kind.SYNC
             self._sync_http = self.asgi_app is None and sync_call
             if self._sync_http:
@@ -571,7 +580,7 @@ class Replica:
             conn,
             rid,
             serve_http_sync,
-            (self.user, wire, body, meta),
+            (self.http_call, wire, body, meta),
             then=done,
         )
         if running is not None:
@@ -595,7 +604,7 @@ class Replica:
             receive = self._body_stream(conn, rid, body, inputs).receive
         try:
             return await respond(
-                self.user, self.asgi_app, scope, body, receive, collector, self._call_user
+                self.http_call, self.asgi_app, scope, body, receive, collector, self._call_user
             )
         except Exception:
             if not collector.answered:
