@@ -195,6 +195,10 @@ def _wait_alive(url: str) -> None:
 
 
 class Opaque:
+    """Not JSON, even to FastAPI's encoder (no attributes to encode: no __dict__)."""
+
+    __slots__ = ()
+
     def __repr__(self) -> str:
         return "<Opaque thing-7e2c>"
 

@@ -4,12 +4,14 @@ guides write it: HTTP to a method or function that takes no argument, and
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
 from typing import Any
 
 import httpx
+import pydantic
 
 import serval as serve
 
@@ -74,3 +76,45 @@ def test_import_starlette_then_starlette_requests_request_works(http_url: str) -
 
     serve.run(Typed.bind(), name="typed", route_prefix="/typed")
     assert httpx.get(f"{http_url}/typed").text == "Request Request"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Item(pydantic.BaseModel):
+    name: str
+    price: float
+
+
+@serve.deployment
+class Encodes:
+    def __call__(self, request: Any) -> Any:
+        kind = request.query_params.get("kind")
+        if kind == "query":
+            return request.query_params  # a Mapping, not a dict
+        if kind == "model":
+            return Item(name="pen", price=1.5)
+        if kind == "dataclass":
+            return Point(1, 2)
+        if kind == "nested":
+            return {"items": [Item(name="a", price=1.0)], "at": Point(3, 4), "tags": {"x"}}
+        return float("nan")  # not JSON, even to FastAPI's encoder
+
+
+def test_values_fastapis_encoder_takes_are_json(http_url: str) -> None:
+    serve.run(Encodes.bind(), name="enc", route_prefix="/enc")
+    get = lambda q: httpx.get(f"{http_url}/enc?{q}")  # noqa: E731
+    reply = get("kind=query&a=1")
+    assert reply.status_code == 200 and reply.json() == {"kind": "query", "a": "1"}
+    assert reply.headers["content-type"] == "application/json"
+    assert get("kind=model").json() == {"name": "pen", "price": 1.5}
+    assert get("kind=dataclass").json() == {"x": 1, "y": 2}
+    assert get("kind=nested").json() == {
+        "items": [{"name": "a", "price": 1.0}],
+        "at": {"x": 3, "y": 4},
+        "tags": ["x"],
+    }
+    assert get("kind=nan").status_code == 500

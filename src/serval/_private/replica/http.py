@@ -266,7 +266,9 @@ def plain_response(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes] 
 
 
 def to_response(result: Any) -> Any:
-    """Ray Serve's conversions: Response as is; str/bytes as text; anything else as JSON."""
+    """Ray Serve's conversions: Response as is; str as text, bytes as bytes; anything else as
+    JSON (through FastAPI's ``jsonable_encoder`` when ``json`` alone cannot); a value neither
+    can encode is a 500, its reason logged."""
     from starlette.responses import JSONResponse, PlainTextResponse, Response
 
     if isinstance(result, Response):
@@ -279,6 +281,14 @@ def to_response(result: Any) -> Any:
         return Response(b"", status_code=200)
     try:
         return JSONResponse(result)
+    except (TypeError, ValueError):
+        pass
+    try:
+        # As Ray Serve: whatever FastAPI's encoder takes (a Mapping such as query_params, a
+        # pydantic model, a dataclass, a set, an object's attributes) is JSON too.
+        from fastapi.encoders import jsonable_encoder
+
+        return JSONResponse(jsonable_encoder(result))
     except (TypeError, ValueError) as exc:
         # Not the client's doing, and no text of it is the answer: a 500, the reason logged.
         meta = request_context.current_request() or {}
