@@ -118,3 +118,31 @@ def test_values_fastapis_encoder_takes_are_json(http_url: str) -> None:
         "tags": ["x"],
     }
     assert get("kind=nan").status_code == 500
+
+
+def fastapi_factory() -> Any:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/")
+    def root() -> str:
+        return "built in the replica"
+
+    @app.get("/twice/{n}")
+    def twice(n: int) -> int:
+        return 2 * n
+
+    return app
+
+
+@serve.deployment
+@serve.ingress(fastapi_factory)
+class FromFactory:
+    pass
+
+
+def test_ingress_takes_a_builder_of_the_fastapi_app(http_url: str) -> None:
+    serve.run(FromFactory.bind(), name="factory", route_prefix="/factory")
+    assert httpx.get(f"{http_url}/factory/").json() == "built in the replica"
+    assert httpx.get(f"{http_url}/factory/twice/21").json() == 42

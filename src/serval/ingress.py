@@ -22,7 +22,9 @@ ASGI_APP_ATTR = "_serval_asgi_app"
 
 
 def ingress(app: Any) -> Callable[[C], C]:
-    """Mark a deployment class as serving ``app`` (FastAPI, Starlette or any ASGI app)."""
+    """Mark a deployment class as serving ``app`` (FastAPI, Starlette or any ASGI app), or the
+    app a builder function returns (``def builder(): return FastAPI()``): as in Ray Serve, the
+    builder is called in each replica, so an app that cannot travel is made where it runs."""
     if not callable(app):
         raise TypeError(f"serve.ingress expects an ASGI app such as FastAPI(), got {app!r}")
     _make_state_picklable()
@@ -66,12 +68,25 @@ def _reduce_state(state: Any) -> tuple[Any, ...]:
 
 
 def asgi_app_for(instance: Any) -> Any | None:
-    """The instance's ASGI app, with class-method routes bound to it; None if it has none."""
+    """The instance's ASGI app (built now, if a builder was given), with class-method routes
+    bound to it; None if it has none."""
     app = getattr(type(instance), ASGI_APP_ATTR, None)
     if app is None:
         return None
+    if _is_builder(app):
+        app = app()
+        if not callable(app):
+            raise TypeError(f"the serve.ingress builder returned {app!r}, not an ASGI app")
     _bind_routes(app, instance)
     return app
+
+
+def _is_builder(app: Any) -> bool:
+    """A plain function that takes no argument (an ASGI app takes scope, receive, send)."""
+    if not inspect.isfunction(app):
+        return False
+    params = inspect.signature(app).parameters.values()
+    return not any(p.default is inspect.Parameter.empty for p in params)
 
 
 def _bind_routes(app: Any, instance: Any) -> None:
