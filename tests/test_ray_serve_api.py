@@ -14,6 +14,7 @@ import httpx
 import pydantic
 
 import serval as serve
+from serval.handle import RayServeDeploymentHandle
 
 
 @serve.deployment
@@ -146,3 +147,43 @@ def test_ingress_takes_a_builder_of_the_fastapi_app(http_url: str) -> None:
     serve.run(FromFactory.bind(), name="factory", route_prefix="/factory")
     assert httpx.get(f"{http_url}/factory/").json() == "built in the replica"
     assert httpx.get(f"{http_url}/factory/twice/21").json() == 42
+
+
+# -- Ray 2.0-2.6's handles -------------------------------------------------------------------------
+
+
+@serve.deployment
+class Doubler:
+    def __call__(self, x: int) -> int:
+        return 2 * x
+
+
+@serve.deployment
+class LegacyParent:
+    def __init__(self, child: RayServeDeploymentHandle) -> None:
+        self.child = child
+
+    async def __call__(self, x: int) -> list[Any]:
+        ref = await self.child.remote(x)  # Ray 2.0-2.6: awaiting remote() gives a ref
+        return [type(self.child).__name__, await ref]
+
+
+@serve.deployment
+class Switcher:
+    def __init__(self, child: Any) -> None:
+        self.old = child.options(use_new_handle_api=False)
+        self.new = child.options(use_new_handle_api=True)
+
+    async def __call__(self, x: int) -> list[int]:
+        ref = await self.old.remote(x)
+        return [await ref, await self.new.remote(x)]
+
+
+def test_a_constructor_annotated_with_the_legacy_handle_gets_one(serve_instance: Any) -> None:
+    handle = serve.run(LegacyParent.bind(Doubler.bind()), name="legacy")
+    assert handle.remote(4).result(timeout_s=30) == ["RayServeDeploymentHandle", 8]
+
+
+def test_use_new_handle_api_switches_between_the_apis(serve_instance: Any) -> None:
+    handle = serve.run(Switcher.bind(Doubler.bind()), name="switch")
+    assert handle.remote(5).result(timeout_s=30) == [10, 10]

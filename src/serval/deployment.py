@@ -271,7 +271,14 @@ def build(
         return DeploymentHandle(names[id(node)], name)
 
     specs = [
-        _spec(dep_name, node, map_applications((node.args, node.kwargs), to_handle))
+        _spec(
+            dep_name,
+            node,
+            _legacy_handles(
+                node.deployment.func_or_class,
+                map_applications((node.args, node.kwargs), to_handle),
+            ),
+        )
         for dep_name, node in nodes
     ]
     ingress = nodes[0][0]
@@ -287,6 +294,39 @@ def build(
     return AppSpec(
         name, route_prefix, ingress, tuple(specs), tuple(sys.path), os.getcwd(), source_config
     )
+
+
+def _legacy_handles(target: Any, init: tuple[Any, Any]) -> tuple[Any, Any]:
+    """As in Ray 2.0-2.6: a handle given to a constructor parameter annotated
+    ``RayServeDeploymentHandle`` is that legacy handle (``ref = await h.remote()``)."""
+    from serval.handle import DeploymentHandle, RayServeDeploymentHandle
+
+    args, kwargs = init
+    if not inspect.isclass(target):
+        return init
+    try:
+        signature = inspect.signature(target.__init__)
+        bound = signature.bind_partial(None, *args, **kwargs)
+    except (TypeError, ValueError):
+        return init
+    legacy = {
+        name
+        for name, param in signature.parameters.items()
+        if _names_legacy_handle(param.annotation)
+    }
+    if not legacy:
+        return init
+    for name in legacy & set(bound.arguments):
+        value = bound.arguments[name]
+        if type(value) is DeploymentHandle:
+            bound.arguments[name] = RayServeDeploymentHandle(value.deployment_name, value.app_name)
+    return tuple(bound.args[1:]), dict(bound.kwargs)
+
+
+def _names_legacy_handle(annotation: Any) -> bool:
+    if isinstance(annotation, str):  # (from __future__ import annotations)
+        return annotation.rsplit(".", 1)[-1] == "RayServeDeploymentHandle"
+    return getattr(annotation, "__name__", None) == "RayServeDeploymentHandle"
 
 
 def _spec(dep_name: str, node: Application, init: tuple[Any, Any]) -> DeploymentSpec:

@@ -32,6 +32,7 @@ __all__ = [
     "DeploymentResponse",
     "DeploymentResponseGenerator",
     "ObjectRef",
+    "RayServeDeploymentHandle",
     "RayServeHandle",
     "RayServeSyncHandle",
     "get",
@@ -321,12 +322,19 @@ class _HandleBase:
         changes: dict[str, Any] = {}
         if _by_reference is not None:
             changes["by_reference"] = _by_reference
+        kind = type(self)
+        if use_new_handle_api is True:  # Ray 2.7-2.9's switch to the new API
+            kind = DeploymentHandle
+        elif use_new_handle_api is False and kind is DeploymentHandle:
+            kind = RayServeHandle  # ref = await h.remote(); await ref
         if method_name is not None:
             changes["method_name"] = method_name
         if multiplexed_model_id is not None:
             changes["multiplexed_model_id"] = multiplexed_model_id
         if stream is not None:
             changes["stream"] = stream
+        if kind is not type(self):
+            return kind(self.deployment_name, self.app_name, replace(self._options, **changes))
         return self._copy(**changes)
 
     def __getattr__(self, name: str) -> Any:
@@ -411,6 +419,11 @@ class RayServeHandle(_HandleBase):
         if _on_ray():  # on Ray: `await` gives a real ray.ObjectRef
             return _RayPendingRef(_by_reference(call))
         return _PendingRef(call, _submit(call))
+
+
+class RayServeDeploymentHandle(RayServeHandle):
+    """Ray 2.0-2.6's handle of a bound deployment, injected into a constructor whose parameter
+    is annotated with it: ``ref = await self.handle.remote(x)``, then ``await ref``."""
 
 
 class _RayPendingRef:
