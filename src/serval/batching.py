@@ -5,6 +5,13 @@ or ``batch_wait_timeout_s`` has passed since the oldest waiting item arrived; at
 ``max_concurrent_batches`` batches run at once. The function returns one result per input, in
 order. If it raises, every caller of that batch gets the exception and later batches still run.
 
+With ``batch_size_fn`` (Ray Serve's), a batch's size is what that function says of its items
+(total tokens, graph nodes...) instead of their count: the batch closes, and goes at once, when
+it reaches ``max_batch_size`` or when the next waiting item would take it past that; an item
+too large to fit even alone fails its caller with a ``RuntimeError``, as does one for which
+``batch_size_fn`` raises (with that exception), without closing the batch it was measured
+with. Items keep their order.
+
 Queues are created lazily, on the event loop of the first call, one per instance for methods.
 Nothing made at decoration time holds a loop, a lock or a task, so a class using ``@batch``
 can be pickled (by value, with cloudpickle) and shipped to a replica process.
@@ -23,6 +30,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import weakref
 from collections import deque
@@ -126,11 +134,15 @@ class _BatchDecorator(Protocol):
     ) -> BatchedStreamMethod[S, T, R]: ...
 
 
+SizeFn = Callable[[list[Any]], int]
+
+
 @dataclasses.dataclass
 class _Settings:
     max_batch_size: int
     batch_wait_timeout_s: float
     max_concurrent_batches: int
+    batch_size_fn: SizeFn | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -164,6 +176,11 @@ class _BatchQueue:
         self._runner: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()  # the loop itself keeps only weak refs
+        # With batch_size_fn: how many waiting requests, from the front, are known to fit in
+        # one batch, and whether the batch they make is closed (full, or the next one does not
+        # fit). Measured as requests arrive; forgotten when the front of the queue changes.
+        self._fits = 0
+        self._closed = False
 
     async def submit(self, item: Any) -> Any:
         request = _Request(item, self.loop.create_future(), self.loop.time())
@@ -197,16 +214,23 @@ class _BatchQueue:
             self._withdraw(request)
 
     def poke(self) -> None:
-        """Make the runner look again: a batch filled or finished, or a setting changed."""
+        """Make the runner look again: a batch filled or finished."""
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+    def settings_changed(self) -> None:
+        self._forget_sizes()  # measured against the old max_batch_size
+        self.poke()
 
     def _on_arrival(self) -> None:
         if self._runner is None or self._runner.done():
             # A fresh context: a batch serves many requests, so it must not run with (and leak)
             # the request context of whichever caller happened to start the runner.
             self._runner = self.loop.create_task(self._run(), context=contextvars.Context())
-        elif len(self._pending) == self._settings.max_batch_size:
+        elif self._settings.batch_size_fn is None:
+            if len(self._pending) == self._settings.max_batch_size:
+                self.poke()
+        elif self._batch_closed():
             self.poke()
 
     def _withdraw(self, request: _Request) -> None:
@@ -214,7 +238,47 @@ class _BatchQueue:
         try:
             self._pending.remove(request)
         except ValueError:
-            pass  # already taken into a batch, whose result will be dropped
+            return  # already taken into a batch, whose result will be dropped
+        self._forget_sizes()
+
+    def _forget_sizes(self) -> None:
+        self._fits = 0
+        self._closed = False
+
+    def _batch_closed(self) -> bool:
+        """With batch_size_fn: measure the waiting requests from the front until the batch
+        they make is closed; whether it is. A request that cannot go in any batch is failed
+        and leaves the queue here."""
+        size_fn = self._settings.batch_size_fn
+        assert size_fn is not None
+        limit = self._settings.max_batch_size
+        pending = self._pending
+        while not self._closed and self._fits < len(pending):
+            at = self._fits
+            try:
+                size = _measured(size_fn, [r.item for r in itertools.islice(pending, at + 1)])
+                # An item that does not fit: alone, would it? (if not, it never will)
+                alone = size if at == 0 or size <= limit else _measured(size_fn, [pending[at].item])
+            except Exception as exc:  # batch_size_fn failed on this request's item
+                _fail(pending[at], exc)
+                del pending[at]
+                continue
+            if size <= limit:
+                self._fits = at + 1
+                self._closed = size == limit
+            elif alone > limit:
+                _fail(
+                    pending[at],
+                    RuntimeError(
+                        f"Size of item is greater than max_batch_size ({alone} > {limit}) in "
+                        f"@serve.batch function {self._name}: increase max_batch_size or check "
+                        "the batch_size_fn."
+                    ),
+                )
+                del pending[at]
+            else:
+                self._closed = True  # the next request would take the batch past the limit
+        return self._closed
 
     async def _run(self) -> None:
         # Runs only while requests wait, so an idle queue owns no task at all.
@@ -233,7 +297,10 @@ class _BatchQueue:
         settings = self._settings
         if self._running >= settings.max_concurrent_batches:
             return math.inf  # woken when a batch finishes
-        if len(self._pending) >= settings.max_batch_size:
+        if settings.batch_size_fn is None:
+            if len(self._pending) >= settings.max_batch_size:
+                return 0.0
+        elif self._batch_closed() or not self._pending:  # (measuring may fail them all)
             return 0.0
         # Measured from the oldest arrival: requests that queued behind a running batch have
         # already waited, so they go as soon as a slot frees up.
@@ -250,9 +317,16 @@ class _BatchQueue:
                 timer.cancel()
 
     def _take_batch(self) -> list[_Request]:
+        pending = self._pending
+        if self._settings.batch_size_fn is not None:
+            # Exactly the requests measured to fit (up to where the batch closes, or all).
+            self._batch_closed()
+            taken = [pending.popleft() for _ in range(self._fits)]
+            self._forget_sizes()
+            return [request for request in taken if not request.future.done()]
         batch: list[_Request] = []
-        while self._pending and len(batch) < self._settings.max_batch_size:
-            request = self._pending.popleft()
+        while pending and len(batch) < self._settings.max_batch_size:
+            request = pending.popleft()
             if not request.future.done():  # cancelled, but its caller has not withdrawn it yet
                 batch.append(request)
         return batch
@@ -312,6 +386,21 @@ class _BatchQueue:
             await steps.aclose()  # runs the generator's cleanup if it was left early
             for request in batch:
                 _end_stream(request, _END, None)
+
+
+def _measured(size_fn: SizeFn, items: list[Any]) -> float:
+    size = size_fn(items)
+    if isinstance(size, bool) or not isinstance(size, int | float) or math.isnan(size):
+        raise TypeError(f"batch_size_fn must return a number, got {size!r}")
+    return size
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    """Fail a request that never joined a batch."""
+    if request.outputs is not None:
+        _end_stream(request, _ERROR, exc)
+    elif not request.future.done():
+        request.future.set_exception(exc)
 
 
 def _is_stop(output: Any) -> bool:
@@ -396,7 +485,7 @@ class _Batcher:
         # poked from that loop (set_* may be called from a thread, e.g. a sync method).
         for queue in list(self._live):
             if not queue.loop.is_closed():
-                queue.loop.call_soon_threadsafe(queue.poke)
+                queue.loop.call_soon_threadsafe(queue.settings_changed)
 
     def _queue_for(self, instance: Any) -> _BatchQueue:
         queues, key = self._queues_of(instance)
@@ -509,6 +598,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_size_fn: SizeFn | None = None,
 ) -> BatchedFunction[T, R]: ...
 
 
@@ -520,6 +610,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_size_fn: SizeFn | None = None,
 ) -> BatchedMethod[S, T, R]: ...
 
 
@@ -531,6 +622,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_size_fn: SizeFn | None = None,
 ) -> BatchedStream[T, R]: ...
 
 
@@ -542,6 +634,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_size_fn: SizeFn | None = None,
 ) -> BatchedStreamMethod[S, T, R]: ...
 
 
@@ -553,6 +646,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_size_fn: SizeFn | None = None,
 ) -> _BatchDecorator: ...
 
 
@@ -563,6 +657,7 @@ def batch(
     max_batch_size: int = 10,
     batch_wait_timeout_s: float = 0.01,
     max_concurrent_batches: int = 1,
+    batch_size_fn: SizeFn | None = None,
 ) -> Any:
     """Batch calls to an async function or method that takes a list and returns a list.
 
@@ -572,11 +667,18 @@ def batch(
     decorated function has ``set_max_batch_size(n)`` and
     ``set_batch_wait_timeout_s(t)`` to change its settings at run time; on a method they are
     shared by all instances of the class (one per replica in a deployment).
+
+    ``batch_size_fn(items) -> int`` measures a batch by its items instead of their number:
+    ``max_batch_size`` is then a limit on that measure (see the module's docstring).
     """
     _check_count("max_batch_size", max_batch_size)
     _check_timeout(batch_wait_timeout_s)
     _check_count("max_concurrent_batches", max_concurrent_batches)
-    settings = _Settings(max_batch_size, float(batch_wait_timeout_s), max_concurrent_batches)
+    if batch_size_fn is not None and not callable(batch_size_fn):
+        raise TypeError(f"batch_size_fn must be a callable or None, got {batch_size_fn!r}")
+    settings = _Settings(
+        max_batch_size, float(batch_wait_timeout_s), max_concurrent_batches, batch_size_fn
+    )
     if _func is None:
         # Each function decorated by this decorator gets its own copy of the settings.
         return lambda fn: _decorate(fn, dataclasses.replace(settings))
