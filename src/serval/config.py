@@ -12,11 +12,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AutoscalingConfig", "DeploymentConfig", "HTTPOptions"]
+__all__ = ["AutoscalingConfig", "BackpressureConfig", "DeploymentConfig", "HTTPOptions"]
 
 # Options a replica needs when it changes; anything else can be applied in place.
 _IN_PLACE_FIELDS = frozenset(
-    {"num_replicas", "user_config", "max_queued_requests", "autoscaling_config"}
+    {
+        "num_replicas",
+        "user_config",
+        "max_queued_requests",
+        "autoscaling_config",
+        "backpressure_config",
+    }
 )
 
 
@@ -51,6 +57,44 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True)
+class BackpressureConfig:
+    """The HTTP answer to a request shed because its deployment's ``max_queued_requests``
+    is reached (Ray Serve's ``serve.config.BackpressureConfig``, a deployment option).
+
+    ``status_code``: 503 (the default) or 429. ``retry_after_s``: when set, the answer has a
+    ``Retry-After`` header of that many seconds, rounded up to a whole number. A request to a
+    deployment that cannot serve at all (deleted, failed) is still a 503; handle callers still
+    get a ``BackPressureError``.
+    """
+
+    status_code: int = 503
+    retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            type(self.status_code) is int and self.status_code in (503, 429),
+            f"backpressure_config.status_code must be 503 or 429, got {self.status_code!r}",
+        )
+        value = self.retry_after_s
+        _check(
+            value is None
+            or (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            ),
+            f"backpressure_config.retry_after_s must be a number >= 0 or None, got {value!r}",
+        )
+
+    def retry_after_header(self) -> bytes | None:
+        """The ``Retry-After`` value, whole seconds rounded up (None: no header)."""
+        if self.retry_after_s is None:
+            return None
+        return b"%d" % math.ceil(self.retry_after_s)
+
+
+@dataclass(frozen=True)
 class DeploymentConfig:
     num_replicas: int = 1
     max_ongoing_requests: int = 5
@@ -66,9 +110,19 @@ class DeploymentConfig:
     placement_group_bundles: list[dict[str, float]] | None = None
     placement_group_strategy: str = "PACK"
     max_replicas_per_node: int | None = None
+    backpressure_config: BackpressureConfig = field(default_factory=BackpressureConfig)
 
     def __post_init__(self) -> None:
         _check_placement(self)
+        backpressure = self.backpressure_config
+        if backpressure is None or isinstance(backpressure, dict):
+            # As in Ray Serve: a dict of its fields (unknown ones refused), None the default.
+            backpressure = BackpressureConfig(**(backpressure or {}))
+            object.__setattr__(self, "backpressure_config", backpressure)
+        _check(
+            isinstance(backpressure, BackpressureConfig),
+            f"backpressure_config must be a BackpressureConfig or a dict, got {backpressure!r}",
+        )
         _check(
             isinstance(self.num_replicas, int) and self.num_replicas >= 0,
             f"num_replicas must be an int >= 0, got {self.num_replicas!r}",

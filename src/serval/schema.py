@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic import model_validator as _model_validator
 from pydantic_core import PydanticCustomError
 
-from serval.config import AutoscalingConfig, DeploymentConfig, HTTPOptions
+from serval.config import AutoscalingConfig, BackpressureConfig, DeploymentConfig, HTTPOptions
 from serval.deployment import (
     _UNSUPPORTED_OPTIONS,
     Application,
@@ -137,6 +137,13 @@ else:
     AutoscalingConfigSchema = _autoscaling_model()
 
 
+class BackpressureConfigSchema(_Model):
+    """:class:`serval.config.BackpressureConfig` in a file."""
+
+    status_code: Literal[503, 429] = 503
+    retry_after_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
 class DeploymentSchema(_Model):
     """Options of one deployment; only the fields the file sets override the code's."""
 
@@ -156,6 +163,7 @@ class DeploymentSchema(_Model):
         None
     )
     max_replicas_per_node: int | None = Field(default=None, ge=1)
+    backpressure_config: BackpressureConfigSchema | None = None
 
     @field_validator("num_replicas", mode="wrap")
     @classmethod
@@ -607,5 +615,7 @@ def _options_set(config: DeploymentConfig) -> dict[str, Any]:
             continue
         if isinstance(value, AutoscalingConfig):
             value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+        elif isinstance(value, BackpressureConfig):
+            value = dataclasses.asdict(value)
         out[f.name] = value
     return out

@@ -31,7 +31,7 @@ from serval._private.wire.control import ProxyCalls, ReplicaCalls
 from serval._private.wire.messages import PUSH, Push
 from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
-from serval.config import HTTPOptions
+from serval.config import BackpressureConfig, HTTPOptions
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
@@ -41,6 +41,7 @@ _MAX_START_FAILURES = 3
 _KILL_AFTER_S = 5.0  # after a graceful timeout, how long a replica gets before SIGKILL
 _QUEUE_REPORT_MAX_AGE_S = 2.0  # a caller's queue report counts this long
 _METRICS_TIMEOUT_S = 1.0  # a replica slower than this to report is left out of a scrape
+_DEFAULT_BACKPRESSURE = BackpressureConfig()  # (tables leave it out)
 
 
 class Controller:
@@ -610,12 +611,14 @@ class Controller:
                     if r.state == ReplicaState.RUNNING
                 )
                 cfg = dep.spec.config
+                backpressure = cfg.backpressure_config
                 table[(app.spec.name, dep.name)] = DeploymentInfo(
                     app.spec.name,
                     dep.name,
                     cfg.max_ongoing_requests,
                     cfg.max_queued_requests,
                     replicas,
+                    None if backpressure == _DEFAULT_BACKPRESSURE else backpressure,
                 )
         return table
 

@@ -91,7 +91,7 @@ class _Stop(Exception):
     """Raised from a parser callback to stop parsing a connection that is being closed."""
 
 
-_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, DeploymentNotFoundError)
+_UNAVAILABLE = (DeploymentUnavailableError, DeploymentNotFoundError)
 _NEVER = math.inf
 
 
@@ -283,6 +283,8 @@ class Exchange:
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, _TimedOut):
             self.respond(*text_reply(408, "Request timed out"))
+        elif isinstance(exc, BackPressureError):
+            self.respond(*self._shed(exc))
         elif isinstance(exc, _UNAVAILABLE):
             # (not found: the app was deleted between this request's routing and its sending)
             self.respond(*text_reply(503, str(exc)))
@@ -299,6 +301,21 @@ class Exchange:
                 "request %s to %s failed: %s", self.request_id, target, _describe(exc), exc_info=exc
             )
             self.respond(*text_reply(500, "Internal Server Error"))
+
+    def _shed(self, exc: BackPressureError) -> Reply:
+        """The answer to a request its deployment's queue had no room for: a 503 unless the
+        deployment's backpressure_config says otherwise (429, Retry-After)."""
+        status, headers, body = text_reply(503, str(exc))
+        router = None
+        if self.target is not None:
+            router = self.conn.proxy.client.routers.get((self.target[0], self.target[1]))
+        config = router.info.backpressure if router is not None else None
+        if config is not None:
+            status = config.status_code
+            retry_after = config.retry_after_header()
+            if retry_after is not None:
+                headers.append((b"retry-after", retry_after))
+        return status, headers, body
 
     def _head(self, status: int, headers: Headers, length: int | None) -> tuple[list[bytes], bool]:
         """The status line and headers, as pieces; and whether the connection closes after."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serval.config import DeploymentConfig
+from serval.config import BackpressureConfig, DeploymentConfig
 
 __all__ = [
     "AppSpec",
@@ -62,6 +62,9 @@ class DeploymentInfo:
     max_ongoing_requests: int
     max_queued_requests: int
     replicas: tuple[ReplicaInfo, ...]
+    # The HTTP answer when max_queued_requests sheds a request (None: Ray Serve's default,
+    # a 503 without Retry-After).
+    backpressure: BackpressureConfig | None = None
 
 
 # route_prefix -> (app, ingress deployment)
