@@ -954,10 +954,6 @@ def test_the_guides_handles_get_and_wait(on: Cluster) -> None:
     assert caller.async_which.remote().result(timeout_s=DEADLINE_S) == "in-app"
 
 
-@ray_defect(
-    "a ray.ObjectRef passed to a handle call reaches the method unresolved (the by-reference "
-    "call sends args nested in one tuple, which Ray does not resolve; serval's wire neither)"
-)
 def test_a_ref_passed_to_another_call_is_resolved_first(on: Cluster) -> None:
     # The guide's composition: a ref (from the driver, or inside a replica) as an argument.
     serve.run(Caller.bind(Model.bind("in-app")), name="legacy", route_prefix=None)

@@ -294,8 +294,11 @@ def test_by_reference_calls_return_real_object_refs(on_ray: str) -> None:
     ref = by_ref.add.remote(20, 3)._to_object_ref_sync()
     assert isinstance(ref, ray.ObjectRef)
     assert ray.get(ref, timeout=CALL_TIMEOUT_S) == 23
-    # a ref goes to a Ray task as any ref does, resolved by Ray
+    # a ref goes to a Ray task as any ref does, resolved by Ray; and to another call (by
+    # reference or not) as its value
     assert ray.get(plus_one.remote(ref), timeout=CALL_TIMEOUT_S) == 24
+    assert by_ref.add.remote(ref, 1).result(timeout_s=CALL_TIMEOUT_S) == 24
+    assert handle.add.remote(ref, b=2).result(timeout_s=CALL_TIMEOUT_S) == 25
     refs = [by_ref.add.remote(i, i)._to_object_ref_sync() for i in range(5)]
     ready, _ = ray.wait(refs, num_returns=5, timeout=CALL_TIMEOUT_S)
     assert len(ready) == 5 and ray.get(refs) == [0, 2, 4, 6, 8]

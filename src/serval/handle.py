@@ -231,15 +231,22 @@ _PLAIN, _CLOUDPICKLE, _RESOLVE = 0, 1, 2
 
 def _classify(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """_PLAIN: builtin scalars only, which the C pickler sends (cloudpickle costs several
-    times more); _RESOLVE: a response or ref among them, to resolve before sending;
+    times more); _RESOLVE: a response or ref (serval's or Ray's) among them, to resolve
+    before sending;
     _CLOUDPICKLE: anything else."""
     kind = _PLAIN
     for a in (*args, *kwargs.values()) if kwargs else args:
         if type(a) not in _SCALARS:
-            if isinstance(a, (_Submitted, _PendingRef)):
+            if isinstance(a, (_Submitted, _PendingRef)) or _is_ray_ref(a):
                 return _RESOLVE
             kind = _CLOUDPICKLE
     return kind
+
+
+def _is_ray_ref(value: Any) -> bool:
+    """A ``ray.ObjectRef`` (told without importing Ray: only Ray's refs are named so)."""
+    cls = type(value)
+    return cls.__name__ == "ObjectRef" and cls.__module__.startswith("ray")
 
 
 async def _resolve(value: Any) -> Any:
@@ -249,6 +256,8 @@ async def _resolve(value: Any) -> Any:
         return await value._call.result_async()
     if isinstance(value, _PendingRef):
         return await value._call.result_async()
+    if _is_ray_ref(value):  # (the guide's handles on Ray give them): its value, as Ray would
+        return await value
     return value
 
 

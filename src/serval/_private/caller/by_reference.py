@@ -82,7 +82,8 @@ def _send(
     try:
         replica_id = _choose(client, call.app, call.deployment)
         actor = _actor(replica_id, namespace)
-        ref = actor.handle_request.remote(call.method, call.args, call.kwargs, call.meta)
+        # The arguments at the top level of Ray's call: Ray resolves the refs among them.
+        ref = actor.handle_request.remote(call.method, call.meta, *call.args, **call.kwargs)
     except BaseException as exc:
         refs.set_exception(exc)
         owner.call_soon_threadsafe(call.set_exception, exc)

@@ -100,12 +100,16 @@ class ReplicaActor:
     async def run(self) -> None:
         await asyncio.wrap_future(self._thread.done)
 
-    async def handle_request(self, method: str, args: Any, kwargs: Any, meta: Any) -> Any:
+    async def handle_request(
+        self, _serval_method: str, _serval_meta: Any, /, *args: Any, **kwargs: Any
+    ) -> Any:
         """A call by reference (``caller.by_reference``): served through the replica's own
-        request path, on its loop; the value is what the caller's ``ray.ObjectRef`` holds."""
+        request path, on its loop; the value is what the caller's ``ray.ObjectRef`` holds.
+        The call's arguments come at the top level, so Ray has resolved the refs among them."""
         replica = await asyncio.wrap_future(self._replica)
         served = asyncio.run_coroutine_threadsafe(
-            _serve_by_reference(replica, method, tuple(args), dict(kwargs), meta), replica.loop
+            _serve_by_reference(replica, _serval_method, args, kwargs, _serval_meta),
+            replica.loop,
         )
         try:
             return await asyncio.wrap_future(served)
