@@ -7,7 +7,7 @@
 # `starlette.requests.Request` (in an annotation, say) finds it.
 import starlette.requests  # noqa: F401
 
-from serval import exceptions, metrics
+from serval import exceptions, grpc_util, metrics
 from serval.api import (
     ReplicaContext,
     delete,
@@ -59,6 +59,7 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "grpc_util",
     "ingress",
     "metrics",
     "multiplexed",

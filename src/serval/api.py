@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from serval._private.process.cluster import LocalCluster, is_running
 from serval._private.process.settings import settings
 from serval._private.replica import request_context
 from serval._private.wire.types import AppSpec
-from serval.config import HTTPOptions
+from serval.config import HTTPOptions, gRPCOptions
 from serval.deployment import _UNSET, Application, build
 from serval.exceptions import (
     DeploymentFailedError,
@@ -80,6 +81,7 @@ def start(
     detached: bool = False,
     proxy_location: str | None = None,
     backend: str | None = None,
+    grpc_options: dict[str, Any] | gRPCOptions | None = None,
 ) -> None:
     """Start a cluster (``serve.run`` does it when needed); returns once its HTTP proxy
     listens.
@@ -97,8 +99,14 @@ def start(
     node of a Ray cluster), ``"HeadOnly"`` or ``"Disabled"`` (no HTTP proxy); on the local
     backend the first two mean one proxy on this machine. ``detached`` is accepted for Ray
     Serve compatibility (apps on Ray and on a ``serval start`` cluster outlive their deployer).
+
+    ``grpc_options`` (Ray Serve's, a dict or :class:`serval.config.gRPCOptions`): with
+    ``grpc_servicer_functions``, the proxies serve gRPC too, on ``port`` (9000) of
+    ``http_options.host``; the functions must be importable here (they are imported now, to
+    fail early) and in the proxy, which searches this process's ``sys.path``.
     """
     http_options = _with_proxy_location(http_options, proxy_location)
+    http_options = _with_grpc(http_options, grpc_options)
     started = _start(http_options, address, backend)
     try:
         control.call(lambda c: c.wait_proxy())
@@ -127,6 +135,42 @@ def _with_proxy_location(
     return dataclasses.replace(options or HTTPOptions(), location=location)
 
 
+def _with_grpc(
+    http_options: dict[str, Any] | HTTPOptions | None,
+    grpc_options: dict[str, Any] | gRPCOptions | None,
+) -> dict[str, Any] | HTTPOptions | None:
+    """``http_options`` carrying ``grpc_options`` (the same proxies serve both)."""
+    if grpc_options is None:
+        return http_options
+    if isinstance(grpc_options, dict):
+        grpc_options = gRPCOptions(**grpc_options)
+    elif not isinstance(grpc_options, gRPCOptions):  # Ray's own class, say: its fields
+        grpc_options = gRPCOptions(**_fields_of(grpc_options))
+    options = HTTPOptions(**http_options) if isinstance(http_options, dict) else http_options
+    return dataclasses.replace(options or HTTPOptions(), grpc_options=grpc_options)
+
+
+def _fields_of(options: Any) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(gRPCOptions) if f.name != "sys_path"]
+    return {n: getattr(options, n) for n in names if hasattr(options, n)}
+
+
+def _with_code_path(options: HTTPOptions) -> HTTPOptions:
+    """``options`` with the gRPC proxy told where this process finds code (its working
+    directory and ``sys.path``, as replicas are), its servicer functions checked here."""
+    grpc_options = options.grpc_options
+    if grpc_options is None or not grpc_options.enabled:
+        return options
+    from serval._private.proxy.grpc import import_servicer_function
+
+    for path in grpc_options.grpc_servicer_functions:
+        import_servicer_function(path)  # ImportError: which, and why
+    code_path = tuple(dict.fromkeys((os.getcwd(), *sys.path)))
+    return dataclasses.replace(
+        options, grpc_options=dataclasses.replace(grpc_options, sys_path=code_path)
+    )
+
+
 def _start(
     http_options: dict[str, Any] | HTTPOptions | None,
     address: str | None,
@@ -137,6 +181,8 @@ def _start(
     with _owner.lock:
         if isinstance(http_options, dict):
             http_options = HTTPOptions(**http_options)
+        if http_options is not None:
+            http_options = _with_code_path(http_options)
         if runtime.address() is not None:
             if http_options is not None and http_options != _owner.http_options:
                 logger.warning(

@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AutoscalingConfig", "BackpressureConfig", "DeploymentConfig", "HTTPOptions"]
+__all__ = [
+    "AutoscalingConfig",
+    "BackpressureConfig",
+    "DeploymentConfig",
+    "HTTPOptions",
+    "gRPCOptions",
+]
 
 # Options a replica needs when it changes; anything else can be applied in place.
 _IN_PLACE_FIELDS = frozenset(
@@ -199,6 +205,58 @@ def _check_placement(config: DeploymentConfig) -> None:
 
 
 @dataclass(frozen=True)
+class gRPCOptions:
+    """Options of the gRPC proxy (Ray Serve's ``gRPCOptions``).
+
+    - ``port``: where it listens (Ray Serve's default, 9000), on ``HTTPOptions.host`` (so
+      127.0.0.1 unless told otherwise). The same proxy process serves HTTP and gRPC.
+    - ``grpc_servicer_functions``: import paths of the ``add_<Service>Servicer_to_server``
+      functions that grpcio-tools generates; their services' methods are routed to the
+      applications. Empty (the default): no gRPC server is started.
+    - ``request_timeout_s``: end to end; DEADLINE_EXCEEDED when it passes.
+    - ``enable_reflection``: accepted (Ray Serve's); serval serves no reflection service yet.
+
+    serval's own: ``sys_path``, where the proxy also looks for the servicer functions (after
+    its own ``sys.path``); ``serve.start`` sets it to the driver's working directory and
+    ``sys.path``, as replicas get the driver's code path.
+    """
+
+    port: int = 9000
+    grpc_servicer_functions: tuple[str, ...] = ()
+    request_timeout_s: float | None = None
+    enable_reflection: bool = True
+    sys_path: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.port, int)
+            and not isinstance(self.port, bool)
+            and 0 < self.port < 65536,
+            f"grpc_options.port must be an int in 1..65535, got {self.port!r}",
+        )
+        functions = self.grpc_servicer_functions
+        _check(
+            isinstance(functions, (list, tuple)) and all(isinstance(f, str) for f in functions),
+            "grpc_options.grpc_servicer_functions must be a list of import paths, "
+            f"got {functions!r}",
+        )
+        _check(
+            self.request_timeout_s is None or _positive(self.request_timeout_s),
+            f"grpc_options.request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}",
+        )
+        # (a list, from JSON or a user, becomes a tuple: the options stay hashable)
+        object.__setattr__(self, "grpc_servicer_functions", tuple(functions))
+        if self.request_timeout_s is not None:  # a float, as Ray's model makes it
+            object.__setattr__(self, "request_timeout_s", float(self.request_timeout_s))
+        object.__setattr__(self, "sys_path", tuple(self.sys_path))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a gRPC server runs (Ray Serve's rule: it has servicer functions)."""
+        return bool(self.grpc_servicer_functions)
+
+
+@dataclass(frozen=True)
 class HTTPOptions:
     """Options of the HTTP proxy.
 
@@ -237,6 +295,8 @@ class HTTPOptions:
       to besides IP literals and ``localhost`` (a page in a browser can reach the proxy under
       a name of its own by DNS rebinding); ``"*"`` allows any. ``/-/healthz`` and the
       applications' routes answer any ``Host``.
+    - ``grpc_options``: the gRPC proxy's options (:class:`gRPCOptions`), served by the same
+      proxy processes; ``serve.start(grpc_options=...)`` and config files set it.
     """
 
     host: str = "127.0.0.1"
@@ -253,8 +313,15 @@ class HTTPOptions:
     request_body_window_bytes: int = 1024 * 1024
     system_route_hosts: tuple[str, ...] = ()
     location: str = "EveryNode"
+    grpc_options: gRPCOptions | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.grpc_options, dict):  # (from JSON)
+            object.__setattr__(self, "grpc_options", gRPCOptions(**self.grpc_options))
+        _check(
+            self.grpc_options is None or isinstance(self.grpc_options, gRPCOptions),
+            f"http_options.grpc_options must be gRPCOptions, got {self.grpc_options!r}",
+        )
         _check(
             self.location in ("EveryNode", "HeadOnly"),
             f"http_options.location must be 'EveryNode' or 'HeadOnly' (no proxy: "

@@ -7,6 +7,8 @@ Only an exception that cannot cross a process boundary becomes a :class:`UserCod
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ApplicationNotFoundError",
     "BackPressureError",
@@ -21,6 +23,7 @@ __all__ = [
     "SerializationError",
     "ServalError",
     "UserCodeError",
+    "gRPCStatusError",
 ]
 
 
@@ -84,6 +87,23 @@ class SerializationError(ServalError, TypeError):
 
 class ReplicaDiedError(ServalError):
     """The replica serving this request died before answering."""
+
+
+class gRPCStatusError(ServalError):
+    """A gRPC method raised after setting a status code on its ``grpc_context``: the proxy
+    answers with that code (and the details set, else the exception's message) rather than
+    INTERNAL. Ray Serve's name; raised in the replica, seen by the proxy."""
+
+    def __init__(
+        self, original_exception: BaseException, code: Any = None, details: str | None = None
+    ) -> None:
+        super().__init__(details or str(original_exception))
+        self.original_exception = original_exception
+        self.grpc_code = code  # a grpc.StatusCode
+        self.grpc_details = details
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.original_exception, self.grpc_code, self.grpc_details))
 
 
 class UserCodeError(ServalError):

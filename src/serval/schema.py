@@ -1,8 +1,9 @@
 """Config files in Ray Serve's schema: validation, and turning an entry into an Application.
 
-A file has ``proxy_location``, ``http_options`` and ``applications``; each application has a
-``name``, ``route_prefix``, ``import_path``, ``args``, ``runtime_env`` (Ray's fields; all but
-``env_vars`` need the Ray backend) and ``deployments`` whose options override those set in code.
+A file has ``proxy_location``, ``http_options``, ``grpc_options`` and ``applications``; each
+application has a ``name``, ``route_prefix``, ``import_path``, ``args``, ``runtime_env`` (Ray's
+fields; all but ``env_vars`` need the Ray backend) and ``deployments`` whose options override
+those set in code.
 Every model forbids unknown fields, so a misspelt option is an error, never silently ignored.
 A bad file raises :class:`ConfigError`, which names the file, the field
 (``applications[0].deployments[1].num_replicas``) and the reason.
@@ -25,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic import model_validator as _model_validator
 from pydantic_core import PydanticCustomError
 
-from serval.config import AutoscalingConfig, BackpressureConfig, DeploymentConfig, HTTPOptions
+from serval.config import (
+    AutoscalingConfig,
+    BackpressureConfig,
+    DeploymentConfig,
+    HTTPOptions,
+    gRPCOptions,
+)
 from serval.deployment import (
     _UNSUPPORTED_OPTIONS,
     Application,
@@ -44,6 +51,7 @@ __all__ = [
     "application_config",
     "build_application",
     "describe_errors",
+    "gRPCOptionsSchema",
     "import_attr",
     "load_config",
     "parse_config",
@@ -227,19 +235,20 @@ class ApplicationSchema(_Model):
         return self
 
 
-class GRPCOptionsSchema(_Model):
-    """Accepted for files written by Ray's ``serve build``; serval serves no gRPC."""
+class gRPCOptionsSchema(_Model):
+    """:class:`serval.config.gRPCOptions` in a file: with ``grpc_servicer_functions``, the
+    proxies serve gRPC on ``port`` too (see ``serve.start``)."""
 
-    port: int = 9000
+    port: int = Field(default=gRPCOptions.port, ge=1, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
-    request_timeout_s: float | None = None
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    enable_reflection: bool = gRPCOptions.enable_reflection
 
-    @field_validator("grpc_servicer_functions")
-    @classmethod
-    def _no_servicers(cls, value: list[str]) -> list[str]:
-        if value:
-            raise ValueError("gRPC is not supported by serval; serve over HTTP")
-        return value
+    def options(self) -> gRPCOptions:
+        return gRPCOptions(**self.model_dump())
+
+
+GRPCOptionsSchema = gRPCOptionsSchema  # (the name this model had before serval served gRPC)
 
 
 def _at(where: tuple[str | int, ...], reason: str) -> PydanticCustomError:
@@ -250,7 +259,7 @@ def _at(where: tuple[str | int, ...], reason: str) -> PydanticCustomError:
 class ServeDeploySchema(_Model):
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptionsSchema = Field(default_factory=lambda: HTTPOptionsSchema())
-    grpc_options: GRPCOptionsSchema | None = None
+    grpc_options: gRPCOptionsSchema | None = None
     # Ray's serve build writes one; serval's processes log as the CLI configures them.
     logging_config: dict[str, Any] | None = None
     applications: list[ApplicationSchema] = Field(min_length=1)
@@ -285,6 +294,7 @@ class ServeDeploySchema(_Model):
             port=port if port is not None else opts.port,
             enabled=self.proxy_location != "Disabled",
             location="HeadOnly" if self.proxy_location == "HeadOnly" else "EveryNode",
+            grpc_options=self.grpc_options.options() if self.grpc_options is not None else None,
         )
 
 

@@ -10,7 +10,8 @@ caller     the handle side: calls, routers, the cluster client,     wire
            process-wide state, control calls made from code
 replica    the replica runtime: the server, sync runner, HTTP in    wire, caller, telemetry
            the replica, request context, streams' flow control
-proxy      the HTTP proxy: its request cycle, routing, server       wire, caller, telemetry
+proxy      the HTTP and gRPC proxy: request cycles, routing,        wire, caller, telemetry
+           the server
 controller desired state, reconciliation, autoscaling, checkpoint   wire, backends.base,
                                                                     telemetry
 backends   where replicas run: the interface and its backends       wire, process.procs,
@@ -19,7 +20,7 @@ process    entry points, the owner and its lifeline, the daemon,    everything
            the runtime directory, /proc, settings
 ========== ======================================================== =========================
 
-Every room may also import the public leaves ``serval.exceptions``, ``serval.config`` and
-``serval.status``. ``tests/test_layout.py`` checks these rules, and that no module imports
-another in a cycle.
+Every room may also import the public leaves ``serval.exceptions``, ``serval.config``,
+``serval.status`` and ``serval.grpc_util``. ``tests/test_layout.py`` checks these rules, and
+that no module imports another in a cycle.
 """

@@ -79,6 +79,7 @@ class ProxyControl:
     def __init__(self) -> None:
         self.server: Any = None  # the uvicorn server, once it runs
         self.app: ProxyApp | None = None  # once it serves
+        self.grpc: Any = None  # the gRPC server (proxy.grpc), when grpc_options enable one
         self.draining = False
 
     def rpc_http_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
@@ -89,6 +90,8 @@ class ProxyControl:
         self.draining = True
         if self.server is not None:
             self.server.should_exit = True
+        # (the gRPC server stops once uvicorn has: see serve_proxy; meanwhile its Healthz
+        # answers UNAVAILABLE, as Ray Serve's does while a proxy drains)
 
 
 async def serve_proxy(
@@ -115,6 +118,8 @@ async def serve_proxy(
     client.on_table = ack
     await client.wait_ready()
     ack(client.table_version)
+    if options.grpc_options is not None and options.grpc_options.enabled:
+        control.grpc = await _start_grpc(client, options, node, reuse_port, control, sock)
     app = control.app = ProxyApp(client, options, node)
     fd_limit = raise_fd_limit()
     max_connections = default_max_connections(fd_limit)
@@ -151,4 +156,36 @@ async def serve_proxy(
     try:
         await server.serve(sockets=[sock])
     finally:
+        if control.grpc is not None:  # what is in flight finishes, within the grace
+            await control.grpc.stop(_GRPC_GRACE_S)
         await app.close()
+
+
+# How long a stopping proxy lets gRPC calls in flight finish (the controller waits 5 s for a
+# drained proxy to exit, HTTP's shutdown included).
+_GRPC_GRACE_S = 3.0
+
+
+async def _start_grpc(
+    client: ClusterClient,
+    options: HTTPOptions,
+    node: str,
+    reuse_port: bool,
+    control: ProxyControl,
+    sock: socket.socket,
+) -> Any:
+    """The gRPC server beside uvicorn (``proxy.grpc``); a failure to start it is the proxy's."""
+    grpc_options = options.grpc_options
+    assert grpc_options is not None
+    try:
+        from serval._private.proxy.grpc import start_grpc
+
+        return await start_grpc(client, options, lambda: control.draining, reuse_port)
+    except Exception as exc:  # not importable, a servicer function that fails, the port
+        sock.close()
+        await client.controller.proxy_ready(
+            f"cannot start the gRPC proxy on {options.host}:{grpc_options.port}: "
+            f"{type(exc).__name__}: {exc}",
+            node,
+        )
+        raise SystemExit(1) from exc

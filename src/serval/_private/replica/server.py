@@ -26,6 +26,7 @@ from typing import Any
 
 from serval._private.caller import runtime
 from serval._private.replica import errors, request_context
+from serval._private.replica.grpc import grpc_entry
 from serval._private.replica.http import (
     BodyStream,
     ResponseCollector,
@@ -418,6 +419,8 @@ class Replica:
                 fut.add_done_callback(done)
             else:
                 fn, kind = self._method(method)
+                if meta is not None and "grpc" in meta:  # from the gRPC proxy: see replica.grpc
+                    fn = grpc_entry(fn, kind)
                 fut = self._execute(conn, rid, fn, kind, args, kwargs, meta, done)
         except Exception as exc:
             self._finish(conn, rid, method, None, exc, False)
