@@ -154,6 +154,13 @@ class GrpcDeployment:
             gate = Path(user_message.origin)
             await asyncio.to_thread(hold_until, gate)
             return UserDefinedResponse(greeting="released")
+        if user_message.name == "forever":  # until cancelled: says so in <origin>.cancelled
+            touch(f"{user_message.origin}.started")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                touch(f"{user_message.origin}.cancelled")
+                raise
         await asyncio.sleep(user_message.num / 10)
         return UserDefinedResponse(greeting="slept", num=user_message.num)
 
@@ -215,6 +222,10 @@ def http_app(request: Any) -> str:
     return "over HTTP"
 
 
+def touch(path: str) -> None:
+    Path(path).touch()
+
+
 def hold_until(gate: Path) -> None:
     """Say the request started (``<gate>.started``), then wait until ``gate`` exists."""
     Path(f"{gate}.started").touch()
@@ -257,6 +268,19 @@ def test_a_servicer_function_that_does_not_import_is_an_error_at_start(protos: A
                 "grpc_servicer_functions": ["no_such_module_pb2_grpc.add_XServicer_to_server"],
             },
         )
+    serve.shutdown()
+
+
+def test_a_grpc_port_in_use_fails_start(protos: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(serve.exceptions.ServalError, match=f"gRPC proxy on 127.0.0.1:{port}"):
+            serve.start(
+                http_options={"port": free_port()},
+                grpc_options={"port": port, "grpc_servicer_functions": [SERVICER]},
+            )
     serve.shutdown()
 
 
@@ -402,6 +426,17 @@ def test_request_timeout_is_deadline_exceeded(stub: Any, protos: Any) -> None:
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert late.value.details() == "Request timed out after 3.0s."
     assert time.monotonic() - started < 8
+
+
+def test_a_client_that_gives_up_cancels_the_call(stub: Any, protos: Any, tmp_path: Path) -> None:
+    serve.run(GrpcDeployment.bind(), name="app1", route_prefix="/app1")
+    mark = tmp_path / "call"
+    forever = pb2_message(protos, name="forever", origin=str(mark))
+    with pytest.raises(grpc.RpcError) as gave_up:
+        stub.Slow(forever, metadata=app("app1"), timeout=1)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert Path(f"{mark}.started").exists()
+    poll(lambda: Path(f"{mark}.cancelled").exists(), 10, "the replica's call to be cancelled")
 
 
 def test_back_pressure_is_resource_exhausted(stub: Any, protos: Any, tmp_path: Path) -> None:
