@@ -206,6 +206,7 @@ class ContextDeployment:
         grpc_context.set_code(code)
         grpc_context.set_details(message)
         grpc_context.set_trailing_metadata([("num", str(num))])
+        grpc_context.set_compression(grpc.Compression.Gzip)
         sent = dict(grpc_context.invocation_metadata())
         return UserDefinedResponse(greeting=f"{greeting} ({sent.get('x-tag', '')})", num=num)
 
@@ -214,6 +215,8 @@ class ContextDeployment:
 
         yield UserDefinedResponse(greeting="one")
         grpc_context.set_trailing_metadata([("streamed", "1")])
+        # (too late for this stream, whose first item went: the stream still ends well)
+        grpc_context.set_compression(grpc.Compression.Gzip)
         yield UserDefinedResponse(greeting="two")
 
 

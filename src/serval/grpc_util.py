@@ -102,7 +102,9 @@ class RayServegRPCContext:
         self._trailing_metadata = list(trailing_metadata)
 
     def set_compression(self, compression: grpc.Compression) -> None:
-        """The compression of the whole response (``grpc.Compression.Gzip``, ...)."""
+        """The compression of the whole response (``grpc.Compression.Gzip``, ...). A
+        server-streaming method's context reaches the proxy after its items: there it
+        applies only when the stream sent none (grpc refuses a change once messages went)."""
         self._compression = compression
 
     def compression(self) -> grpc.Compression | None:

@@ -322,6 +322,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         # scope left open at a yield would cancel whatever grpc runs meanwhile)
         deadline = None if timeout is None else loop.time() + timeout
         returned: RayServegRPCContext | None = None
+        sent = False
         try:
             while True:
                 try:
@@ -333,6 +334,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 except StopAsyncIteration:
                     break
                 if type(item) is bytes:
+                    sent = True
                     yield item
                 else:  # the method's context: the stream's last item
                     returned = item
@@ -344,7 +346,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._cancel(call)
             await self._fail(context, exc, call, request_id)
         if returned is not None:
-            _apply(context, returned, request_id)
+            _apply(context, returned, request_id, compress=not sent)
         else:
             context.set_trailing_metadata((("request_id", request_id),))
 
@@ -402,9 +404,16 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _apply(context: grpc.aio.ServicerContext, returned: RayServegRPCContext, rid: str) -> None:
+def _apply(
+    context: grpc.aio.ServicerContext,
+    returned: RayServegRPCContext,
+    rid: str,
+    compress: bool = True,
+) -> None:
     """What the method set on its context, onto the response; ``request_id`` added to the
-    trailing metadata unless the method set one."""
+    trailing metadata unless the method set one. ``compress``: nothing is sent yet, so the
+    compression set can still apply (a stream's context comes after its items: grpc fails a
+    call whose compression changes once messages went out)."""
     code = returned.code()
     if code is not None:
         context.set_code(code)
@@ -416,7 +425,7 @@ def _apply(context: grpc.aio.ServicerContext, returned: RayServegRPCContext, rid
         trailing.append(("request_id", rid))
     context.set_trailing_metadata(tuple(trailing))
     compression = returned.compression()
-    if compression is not None:
+    if compression is not None and compress:
         context.set_compression(compression)
 
 
