@@ -60,6 +60,26 @@ service UserDefinedService {
 MODULE = "servaltest_protos"  # -> servaltest_protos_pb2, servaltest_protos_pb2_grpc
 SERVICER = f"{MODULE}_pb2_grpc.add_UserDefinedServiceServicer_to_server"
 
+# A servicer function as older grpcio-tools wrote them: a generic handler only, no methods
+# registered by name.
+GENERIC_ONLY = """
+import grpc
+import servaltest_protos_pb2 as pb2
+
+
+def add_GenericOnlyServicer_to_server(servicer, server):
+    handlers = {
+        "__call__": grpc.unary_unary_rpc_method_handler(
+            servicer.__call__,
+            request_deserializer=pb2.UserDefinedMessage.FromString,
+            response_serializer=pb2.UserDefinedResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("servaltest.GenericOnly", handlers),)
+    )
+"""
+
 
 def compile_protos(directory: Path) -> None:
     (directory / f"{MODULE}.proto").write_text(PROTO)
@@ -80,6 +100,7 @@ def protos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The compiled protos, importable here (and so in the proxy and the replicas)."""
     directory = tmp_path_factory.mktemp("protos")
     compile_protos(directory)
+    (directory / "servaltest_generic_only.py").write_text(GENERIC_ONLY)
     sys.path.insert(0, str(directory))
     try:
         import servaltest_protos_pb2 as pb2
@@ -98,7 +119,10 @@ def grpc_port(protos: Any) -> Iterator[int]:
         http_options={"port": http_port[0]},
         grpc_options={
             "port": port,
-            "grpc_servicer_functions": [SERVICER],
+            "grpc_servicer_functions": [
+                SERVICER,
+                "servaltest_generic_only.add_GenericOnlyServicer_to_server",
+            ],
             "request_timeout_s": 3,
         },
     )
@@ -415,6 +439,22 @@ def test_method_the_deployment_lacks_and_unknown_rpc(
         with pytest.raises(grpc.RpcError) as unknown:
             channel.unary_unary("/servaltest.Nope/Missing")(b"", metadata=app("app1"))
         assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        channel.close()
+
+
+def test_a_servicer_function_with_a_generic_handler_only(
+    stub: Any, protos: Any, grpc_port: int
+) -> None:
+    serve.run(GrpcDeployment.bind(), name="app1", route_prefix="/app1")
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    try:
+        call = channel.unary_unary(
+            "/servaltest.GenericOnly/__call__",
+            request_serializer=protos.UserDefinedMessage.SerializeToString,
+            response_deserializer=protos.UserDefinedResponse.FromString,
+        )
+        assert call(message(protos, "old")).greeting == "Hello old from bar"
     finally:
         channel.close()
 

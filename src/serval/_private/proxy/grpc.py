@@ -80,7 +80,8 @@ async def start_grpc(
     cluster's apps there; raises (ImportError, RuntimeError, ...) when that cannot be."""
     grpc_options = options.grpc_options
     assert grpc_options is not None and grpc_options.enabled
-    proxy = GrpcProxy(client, grpc_options, load_methods(grpc_options), draining)
+    methods = load_methods(grpc_options)
+    proxy = GrpcProxy(client, grpc_options, methods, draining)
     server = grpc.aio.server(
         handlers=(proxy,),
         options=[
@@ -91,6 +92,12 @@ async def start_grpc(
             ("grpc.max_send_message_length", _SEND_LIMIT),
         ],
     )
+    # Methods the generated code registers by name are served by name too: grpc then finds
+    # their handler without a call of the generic one per request (the floor's path).
+    if hasattr(server, "add_registered_method_handlers"):  # (grpcio >= 1.62)
+        for service, names in methods.services.items():
+            handlers = {name: proxy.service_of(f"/{service}/{name}") for name in names}
+            server.add_registered_method_handlers(service, handlers)
     host = f"[{options.host}]" if ":" in options.host else options.host
     address = f"{host}:{grpc_options.port}"
     try:
@@ -111,6 +118,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.generic: list[Any] = []  # grpc.GenericRpcHandler
         self.registered: dict[str, Any] = {}  # "/pkg.Service/Method" -> grpc.RpcMethodHandler
+        self.services: dict[str, list[str]] = {}  # "pkg.Service" -> its registered methods
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         self.generic.extend(handlers)
@@ -118,6 +126,7 @@ class _Recorder:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         for name, handler in handlers.items():
             self.registered[f"/{service}/{name}"] = handler
+            self.services.setdefault(service, []).append(name)
 
 
 class _NoServicer:
@@ -197,6 +206,13 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             found = self._handlers[path] = self._routed(path, user)
         return found
 
+    def service_of(self, path: str) -> Any:
+        """The routed handler of a registered method (``path``: ``/pkg.Service/Method``)."""
+        found = self._handlers.get(path)
+        if found is None:
+            found = self._handlers[path] = self._routed(path, self.methods.registered[path])
+        return found
+
     def _user_handler(self, path: str, details: Any) -> Any:
         found = self.methods.registered.get(path)
         if found is not None:
@@ -274,8 +290,11 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             meta["multiplexed_model_id"] = model
         if stream:
             meta["stream"] = True
-        args = (request, RayServegRPCContext(context))
-        return Call(app, ingress, method, args, {}, meta, stream=stream), request_id, None
+        call = Call(app, ingress, method, (request, RayServegRPCContext(context)), {}, meta, stream)
+        # The message's class is importable (its servicer function imported it) and the
+        # context is serval's: plain pickle, without cloudpickle's per-object hooks.
+        call.plain = True
+        return call, request_id, None
 
     def _target(self, app_name: str | None) -> tuple[str, str] | None:
         """(app, ingress deployment) for the ``application`` metadata value."""
