@@ -245,6 +245,21 @@ class ContextDeployment:
 
 
 @serve.deployment
+class Multiplexed:
+    """The guide's Multiplexing example (on the __call__ method of this test's proto)."""
+
+    @serve.multiplexed(max_num_models_per_replica=1)
+    async def get_model(self, model_id: str) -> str:
+        return f"loading model: {model_id}"
+
+    async def __call__(self, user_message: Any) -> Any:
+        from servaltest_protos_pb2 import UserDefinedResponse
+
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        return UserDefinedResponse(greeting=f"Method2 called model, {model}")
+
+
+@serve.deployment
 def http_app(request: Any) -> str:
     return "over HTTP"
 
@@ -373,6 +388,19 @@ def test_server_streaming(stub: Any, protos: Any) -> None:
     assert received == ["async 0", "async 1", "async 2"]
     assert broke.value.code() == grpc.StatusCode.INTERNAL
     assert broke.value.details() == "RuntimeError: the stream broke"
+
+
+def test_metadata_request_id_and_multiplexed_model_id(stub: Any, protos: Any) -> None:
+    """The guide's "Work with gRPC metadata" example."""
+    serve.run(Multiplexed.bind(), name="app1", route_prefix="/app1")
+    metadata = (
+        ("application", "app1"),
+        ("request_id", "123"),
+        ("multiplexed_model_id", "999"),
+    )
+    response, call = stub.__call__.with_call(request=message(protos), metadata=metadata)
+    assert response.greeting == "Method2 called model, loading model: 999"
+    assert ("request_id", "123") in [(m.key, m.value) for m in call.trailing_metadata()]
 
 
 def test_grpc_context_code_details_and_trailing_metadata(stub: Any, protos: Any) -> None:

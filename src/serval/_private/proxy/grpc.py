@@ -274,16 +274,10 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         request_id = request_id or f"{_ID_PREFIX}{next(_ids):016x}"
         target = self._target(app_name)
         if target is None:
-            said = (
-                f"Application {app_name!r} not found."
-                if app_name
-                else ("Application metadata not set.")
-            )
-            return (
-                None,
-                request_id,
-                (f"{said} Ping {LIST_APPLICATIONS} for available applications."),
-            )
+            said = f"Application {app_name!r} not found." if app_name else "Application"
+            if not app_name:
+                said += " metadata not set."
+            return None, request_id, f"{said} Ping {LIST_APPLICATIONS} for available applications."
         app, ingress = target
         meta: dict[str, Any] = {"grpc": True, "request_id": request_id, "route": app}
         if model:
