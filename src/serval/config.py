@@ -12,11 +12,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from serval._autoscaling_types import (
+    AutoscalingContext,
+    AutoscalingPolicy,
+    DeploymentID,
+    ReplicaID,
+    TimeStampedValue,
+)
+
 __all__ = [
     "AutoscalingConfig",
+    "AutoscalingContext",
+    "AutoscalingPolicy",
     "BackpressureConfig",
     "DeploymentConfig",
+    "DeploymentID",
     "HTTPOptions",
+    "ReplicaID",
+    "TimeStampedValue",
     "gRPCOptions",
 ]
 
@@ -44,8 +57,25 @@ class AutoscalingConfig:
     look_back_period_s: float = 30.0
     upscaling_factor: float | None = None
     downscaling_factor: float | None = None
+    # 1 -> 0 waits this long instead of downscale_delay_s (None: downscale_delay_s)
+    downscale_to_zero_delay_s: float | None = None
+    # A custom policy (AutoscalingPolicy, or a dict of its fields); the default is built in.
+    policy: AutoscalingPolicy = field(default_factory=AutoscalingPolicy)
 
     def __post_init__(self) -> None:
+        policy = self.policy
+        if policy is None or isinstance(policy, dict):
+            object.__setattr__(self, "policy", AutoscalingPolicy(**(policy or {})))
+        elif isinstance(policy, str) or callable(policy):  # the policy function alone
+            object.__setattr__(self, "policy", AutoscalingPolicy(policy_function=policy))
+        _check(
+            isinstance(self.policy, AutoscalingPolicy),
+            f"autoscaling_config.policy must be an AutoscalingPolicy or a dict, got {policy!r}",
+        )
+        _check(
+            self.downscale_to_zero_delay_s is None or self.downscale_to_zero_delay_s >= 0,
+            "autoscaling_config.downscale_to_zero_delay_s must be >= 0",
+        )
         _check(self.min_replicas >= 0, "autoscaling_config.min_replicas must be >= 0")
         _check(
             self.max_replicas >= max(self.min_replicas, 1),

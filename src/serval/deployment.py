@@ -15,7 +15,7 @@ import cloudpickle
 
 from serval._private.caller import control
 from serval._private.wire.types import AppSpec, DeploymentSpec
-from serval.config import AutoscalingConfig, DeploymentConfig
+from serval.config import AutoscalingConfig, AutoscalingPolicy, DeploymentConfig
 from serval.handle import RayServeHandle, RayServeSyncHandle
 
 __all__ = ["Application", "Deployment", "deployment"]
@@ -291,8 +291,17 @@ def build(
             raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
         if len(route_prefix) > 1 and route_prefix.endswith("/"):
             route_prefix = route_prefix.rstrip("/")
+    # A config file's application-level autoscaling policy (Ray Serve takes it from files only)
+    app_policy = (source_config or {}).get("autoscaling_policy")
     return AppSpec(
-        name, route_prefix, ingress, tuple(specs), tuple(sys.path), os.getcwd(), source_config
+        name,
+        route_prefix,
+        ingress,
+        tuple(specs),
+        tuple(sys.path),
+        os.getcwd(),
+        source_config,
+        AutoscalingPolicy(**app_policy) if app_policy else None,
     )
 
 

@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic import model_validator as _model_validator
 from pydantic_core import PydanticCustomError
 
+from serval._autoscaling_types import DEFAULT_AUTOSCALING_POLICY
 from serval.config import (
     AutoscalingConfig,
+    AutoscalingPolicy,
     BackpressureConfig,
     DeploymentConfig,
     HTTPOptions,
@@ -129,12 +131,26 @@ class RayActorOptionsSchema(_Model):
     runtime_env: RuntimeEnvSchema | None = None
 
 
+class AutoscalingPolicySchema(_Model):
+    """:class:`serval.config.AutoscalingPolicy` in a file: the policy by its import path."""
+
+    policy_function: str = DEFAULT_AUTOSCALING_POLICY
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("policy_function")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        AutoscalingPolicy(policy_function=value)  # 'module:name' (imported where it runs)
+        return value
+
+
 def _autoscaling_model() -> type[BaseModel]:
     """The fields of :class:`serval.config.AutoscalingConfig`, unknown ones rejected."""
     hints = typing.get_type_hints(AutoscalingConfig)
     fields: dict[str, Any] = {
         f.name: (hints[f.name], f.default) for f in dataclasses.fields(AutoscalingConfig)
     }
+    fields["policy"] = (AutoscalingPolicySchema | None, None)
     model: type[BaseModel] = create_model("AutoscalingConfigSchema", __config__=_STRICT, **fields)
     return model
 
@@ -202,6 +218,8 @@ class ApplicationSchema(_Model):
     args: dict[str, Any] = Field(default_factory=dict)
     runtime_env: RuntimeEnvSchema = Field(default_factory=RuntimeEnvSchema)
     deployments: list[DeploymentSchema] = Field(default_factory=list)
+    # Ray Serve's application-level autoscaling policy (its deployments with autoscaling)
+    autoscaling_policy: AutoscalingPolicySchema | None = None
 
     @field_validator("route_prefix")
     @classmethod
@@ -624,7 +642,16 @@ def _options_set(config: DeploymentConfig) -> dict[str, Any]:
         if value == getattr(_DEFAULTS, f.name):
             continue
         if isinstance(value, AutoscalingConfig):
-            value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+            policy = value.policy
+            value = {
+                k: v
+                for k, v in dataclasses.asdict(value).items()
+                if v is not None and k != "policy"
+            }
+            if not policy.is_default_policy_function():
+                value["policy"] = {"policy_function": policy.policy_function}
+                if policy.policy_kwargs:
+                    value["policy"]["policy_kwargs"] = policy.policy_kwargs
         elif isinstance(value, BackpressureConfig):
             value = dataclasses.asdict(value)
         out[f.name] = value

@@ -217,6 +217,11 @@ class Script:
     drain_s: float = 0.0  # from a drain to its exit
     ignores_drain: bool = False  # a drain changes nothing: it must be killed
     reconfigure_error: str | None = None  # reconfigure() raises this
+    # Runs a custom autoscaling policy (ReplicaCalls.autoscale): called with the call's
+    # arguments, may be async; e.g. replica.autoscaling.PolicyRunner().run, or a stand-in.
+    # None: the call fails.
+    autoscale: Callable[..., Any] | None = None
+    autoscaling_stats: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -373,6 +378,21 @@ class MemoryReplica(_MemoryHost):
     def rpc_export_metrics(self, peer: MemoryPeer) -> list[Any]:
         self.calls.append("export_metrics")
         return []  # (an empty metrics snapshot)
+
+    async def rpc_autoscale(
+        self, peer: MemoryPeer, policy: Any, contexts: list[Any], state: bytes, app_level: bool
+    ) -> Any:
+        self.calls.append("autoscale")
+        if self.script.autoscale is None:
+            raise RuntimeError(f"replica {self.replica_id} runs no policy (scripted)")
+        answer = self.script.autoscale(
+            policy=policy, contexts=contexts, state=state, app_level=app_level
+        )
+        return await answer if inspect.isawaitable(answer) else answer
+
+    def rpc_autoscaling_stats(self, peer: MemoryPeer) -> dict[str, float]:
+        self.calls.append("autoscaling_stats")
+        return dict(self.script.autoscaling_stats)
 
     def rpc_drain(self, peer: MemoryPeer) -> None:
         self.calls.append("drain")

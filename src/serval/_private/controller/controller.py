@@ -17,6 +17,7 @@ from serval._private.backends.base import Backend, Exit
 from serval._private.controller import checkpoint
 from serval._private.controller.autoscaling import AutoscalingPolicy
 from serval._private.controller.clock import Clock, RealClock
+from serval._private.controller.custom_autoscaling import CustomPolicies
 from serval._private.controller.proxies import Proxies
 from serval._private.controller.state import (
     AppState,
@@ -65,6 +66,8 @@ class Controller:
         self.stopped = asyncio.Event()
         self.tasks = TaskOwner("the controller")  # watches, loops, drains: close() ends them
         self._replicas: dict[str, tuple[AppState, DeploymentState, ReplicaRecord]] = {}
+        # custom autoscaling policies (run by replicas: the controller keeps user code opaque)
+        self.custom = CustomPolicies(self.clock, self._apply_decision)
         # The HTTP proxies (None: the cluster has none)
         self.proxies: Proxies | None = None
         if http is not None and http.enabled:
@@ -410,6 +413,10 @@ class Controller:
         self, app: AppState, dep: DeploymentState, policy: AutoscalingPolicy, interval: float
     ) -> None:
         running = [r for r in dep.running() if r.peer is not None and not r.peer.closed]
+        custom = self.custom.policy_of(app, dep)
+        stats = None
+        if custom is not None:  # its custom metrics, gathered alongside
+            stats = asyncio.ensure_future(self.custom.collect_stats(dep, running, interval))
         counts = await asyncio.gather(
             *(
                 self.clock.wait_for(ReplicaCalls(r.peer.call).metrics(), interval)
@@ -420,8 +427,14 @@ class Controller:
         )
         now = self.clock.monotonic()
         ongoing = sum(c for c in counts if isinstance(c, int))
-        policy.record(now, ongoing + dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S))
-        self._apply_decision(app, dep, policy.decide(now, dep.autoscale_target))
+        queued = dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S)
+        policy.record(now, ongoing + queued, queued)
+        if custom is None:
+            self._apply_decision(app, dep, policy.decide(now, dep.autoscale_target))
+            return
+        assert stats is not None
+        await stats
+        await self.custom.decide(app, dep, custom, interval)
 
     def _apply_decision(self, app: AppState, dep: DeploymentState, wanted: int) -> None:
         if wanted != dep.autoscale_target:
@@ -441,8 +454,12 @@ class Controller:
             dep.queued[id(peer)] = (n, now)
             if n > 0 and dep.policy is not None and dep.autoscale_target == 0:
                 # Requests wait at zero replicas: scale from zero now, not at the next tick.
-                dep.policy.record(now, float(dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S)))
-                self._apply_decision(app, dep, dep.policy.decide(now, 0))
+                queued = float(dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S))
+                dep.policy.record(now, queued, queued)
+                if self.custom.policy_of(app, dep) is not None:
+                    self.custom.cold_start(app, dep)
+                else:
+                    self._apply_decision(app, dep, dep.policy.decide(now, 0))
 
     def _is_live(self, app: AppState, dep: DeploymentState) -> bool:
         return self.apps.get(app.spec.name) is app and app.deployments.get(dep.name) is dep

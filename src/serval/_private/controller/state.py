@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -57,6 +58,21 @@ class ReplicaRecord:
 
 
 @dataclass
+class CustomPolicyState:
+    """What the controller keeps of a custom autoscaling policy, for a deployment or (an
+    application-level policy) an application (``controller/custom_autoscaling.py``)."""
+
+    basis: object  # what it was set up for: a new basis starts it afresh
+    state: bytes = b""  # the policy's policy_state, pickled by the replica that ran it
+    runner: str | None = None  # the replica that ran it last (asked again while it runs)
+    # replica id -> metric name -> (time.time(), value): record_autoscaling_stats() results
+    stats: dict[str, dict[str, deque[tuple[float, float]]]] = field(default_factory=dict)
+    last_scale_up: float | None = None
+    last_scale_down: float | None = None
+    error: str = ""  # the last failure logged (logged again only when it changes)
+
+
+@dataclass
 class DeploymentState:
     app: str
     spec: DeploymentSpec
@@ -67,6 +83,7 @@ class DeploymentState:
     reconfiguring: int = 0  # reconfigure() calls in flight
     policy: AutoscalingPolicy | None = None
     autoscale_target: int = 0
+    custom: CustomPolicyState | None = None  # its custom autoscaling policy's, if it has one
     # Requests waiting at callers, as each caller last reported it: peer id -> (count, time).
     queued: dict[int, tuple[int, float]] = field(default_factory=dict)
 
@@ -129,6 +146,7 @@ class AppState:
     deployed_at: float = field(default_factory=time.time)
     deleting: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    custom: CustomPolicyState | None = None  # its application-level autoscaling policy's
 
     def status(self) -> tuple[str, str]:
         if self.deleting:

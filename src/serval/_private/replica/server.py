@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any
 
 from serval._private.caller import runtime
-from serval._private.replica import errors, request_context
+from serval._private.replica import autoscaling, errors, request_context
 from serval._private.replica.grpc import grpc_entry
 from serval._private.replica.http import (
     BodyStream,
@@ -74,7 +74,7 @@ from serval._private.wire.rpc import RpcPeer
 from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.transport import Undecodable
 from serval._private.wire.types import ReplicaInit
-from serval.config import DeploymentConfig
+from serval.config import AutoscalingContext, AutoscalingPolicy, DeploymentConfig
 from serval.exceptions import RequestCancelledError, SerializationError
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class Replica:
         self._tcp: transport.TcpListener | None = None
         self.controller: RpcPeer | None = None
         self._reattach_task: asyncio.Task[None] | None = None
+        self._policies: autoscaling.PolicyRunner | None = None  # custom autoscaling, if asked
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -276,6 +277,23 @@ class Replica:
     def rpc_metrics(self, peer: RpcPeer) -> int:
         """Requests here now: running, and waiting for a slot."""
         return self.ongoing + len(self._backlog)
+
+    async def rpc_autoscale(
+        self,
+        peer: RpcPeer,
+        policy: AutoscalingPolicy,
+        contexts: list[AutoscalingContext],
+        state: bytes,
+        app_level: bool,
+    ) -> tuple[list[float | None], bytes]:
+        """Run the application's custom autoscaling policy (``replica/autoscaling.py``)."""
+        if self._policies is None:
+            self._policies = autoscaling.PolicyRunner()
+        return await self._policies.run(policy, contexts, state, app_level)
+
+    async def rpc_autoscaling_stats(self, peer: RpcPeer) -> dict[str, float]:
+        """The user's custom metrics (``record_autoscaling_stats()``), for custom policies."""
+        return await autoscaling.record_stats(self.user, self._call_control)
 
     def rpc_export_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
         """The user's metrics recorded in this process, and this replica's own."""

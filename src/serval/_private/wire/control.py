@@ -19,6 +19,7 @@ from serval._private.wire.types import AppSpec, ReplicaInit, Table
 
 if TYPE_CHECKING:
     from serval._private.telemetry.metrics import Snapshot
+    from serval.config import AutoscalingContext, AutoscalingPolicy
     from serval.status import ServeStatus
 
 __all__ = ["CallFn", "ControllerCalls", "ProxyCalls", "ReplicaCalls"]
@@ -118,6 +119,24 @@ class ReplicaCalls(_Stub):
 
     async def export_metrics(self) -> Snapshot:
         return cast("Snapshot", await self._call("export_metrics"))
+
+    async def autoscale(
+        self,
+        policy: AutoscalingPolicy,
+        contexts: list[AutoscalingContext],
+        state: bytes,
+        app_level: bool,
+    ) -> tuple[list[float | None], bytes]:
+        """A custom autoscaling policy's raw decision and new (pickled) state."""
+        return cast(
+            "tuple[list[float | None], bytes]",
+            await self._call(
+                "autoscale", policy=policy, contexts=contexts, state=state, app_level=app_level
+            ),
+        )
+
+    async def autoscaling_stats(self) -> dict[str, float]:
+        return cast("dict[str, float]", await self._call("autoscaling_stats"))
 
     async def drain(self) -> None:
         """Finish the requests in flight (callers stop sending), then exit."""

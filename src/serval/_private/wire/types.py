@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serval.config import BackpressureConfig, DeploymentConfig
+from serval.config import AutoscalingPolicy, BackpressureConfig, DeploymentConfig
 
 __all__ = [
     "AppSpec",
@@ -44,6 +44,8 @@ class AppSpec:
     cwd: str
     # The config-file entry this app was deployed from (``serval config`` shows it).
     source_config: dict[str, Any] | None = None
+    # The entry's application-level autoscaling policy (a path; run by a replica)
+    autoscaling_policy: AutoscalingPolicy | None = None
 
 
 @dataclass(frozen=True)
