@@ -114,14 +114,33 @@ def test_unknown_option_rejected_by_name() -> None:
     assert "frobnicate" in str(info.value)
 
 
-def test_max_concurrent_queries_gives_the_rename_hint() -> None:
-    with pytest.raises(TypeError) as info:
-        serve.deployment(max_concurrent_queries=3)(Plain)
-    text = str(info.value)
-    assert "max_concurrent_queries" in text and "max_ongoing_requests" in text
-    with pytest.raises(TypeError) as info:
-        serve.deployment(Plain).options(max_concurrent_queries=3)
-    assert "max_ongoing_requests" in str(info.value)
+def test_deprecated_names_are_taken_with_a_warning() -> None:
+    # As Ray Serve still takes them: max_concurrent_queries, and the autoscaling names.
+    with pytest.warns(DeprecationWarning, match="max_concurrent_queries is deprecated"):
+        dep = serve.deployment(max_concurrent_queries=3)(Plain)
+    assert dep.max_ongoing_requests == 3
+    with pytest.warns(DeprecationWarning, match="use max_ongoing_requests"):
+        assert serve.deployment(Plain).options(max_concurrent_queries=7).max_ongoing_requests == 7
+    old_names = {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_num_ongoing_requests_per_replica": 3,
+        "smoothing_factor": 2.0,
+    }
+    with pytest.warns(DeprecationWarning) as warned:
+        config = serve.deployment(autoscaling_config=old_names)(Plain).config
+    said = " ".join(str(w.message) for w in warned)
+    assert "target_num_ongoing_requests_per_replica" in said and "smoothing_factor" in said
+    auto = config.autoscaling_config
+    assert auto is not None
+    assert (auto.target_ongoing_requests, auto.upscaling_factor, auto.downscaling_factor) == (
+        3,
+        2.0,
+        2.0,
+    )
+    with pytest.warns(DeprecationWarning, match="upscale_smoothing_factor"):
+        direct = serve.AutoscalingConfig(max_replicas=2, upscale_smoothing_factor=1.5)
+    assert direct.upscaling_factor == 1.5 and direct.downscaling_factor is None
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,54 @@ def test_a_constructor_annotated_with_the_legacy_handle_gets_one(serve_instance:
 def test_use_new_handle_api_switches_between_the_apis(serve_instance: Any) -> None:
     handle = serve.run(Switcher.bind(Doubler.bind()), name="switch")
     assert handle.remote(5).result(timeout_s=30) == [10, 10]
+
+
+def test_rays_public_types_are_where_ray_has_them(serve_instance: Any) -> None:
+    from serval.config import (  # noqa: F401 - importable is the point
+        AutoscalingConfig,
+        AutoscalingContext,
+        AutoscalingPolicy,
+        BackpressureConfig,
+        DeploymentConfig,
+        DeploymentMode,
+        HTTPOptions,
+        ProxyLocation,
+        gRPCOptions,
+    )
+    from serval.context import ReplicaContext
+    from serval.handle import (  # noqa: F401
+        DeploymentHandle,
+        DeploymentResponse,
+        DeploymentResponseGenerator,
+        RayServeHandle,
+        RayServeSyncHandle,
+    )
+    from serval.schema import (  # noqa: F401
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentSchema,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        HTTPOptionsSchema,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+        ServeStatus,
+        gRPCOptionsSchema,
+    )
+
+    serve.run(NoArgs.bind(), name="typed", route_prefix="/typed")
+    status = serve.status()
+    assert isinstance(status, ServeStatus)
+    app = status.applications["typed"]
+    assert isinstance(app, ApplicationStatusOverview)
+    assert app.status == ApplicationStatus.RUNNING
+    assert app.deployments["NoArgs"].status == DeploymentStatus.HEALTHY
+    assert ProxyLocation.EveryNode == "EveryNode" and DeploymentMode.NoServer == "NoServer"
+
+    @serve.deployment
+    class Context:
+        def __call__(self) -> bool:
+            return isinstance(serve.get_replica_context(), ReplicaContext)
+
+    assert serve.run(Context.bind(), name="ctx", route_prefix="/ctx").remote().result(30)

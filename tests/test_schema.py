@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from serval.config import AutoscalingConfig
+from serval.config import RENAMED_AUTOSCALING_OPTIONS, AutoscalingConfig
 from serval.deployment import Application
 from serval.schema import (
     AutoscalingConfigSchema,
@@ -279,7 +279,37 @@ def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
 
 def test_autoscaling_schema_follows_the_dataclass() -> None:
     names = {f.name for f in dataclasses.fields(AutoscalingConfig)}
-    assert set(AutoscalingConfigSchema.model_fields) == names
+    deprecated = {*RENAMED_AUTOSCALING_OPTIONS, "smoothing_factor"}  # still taken, warned
+    assert set(AutoscalingConfigSchema.model_fields) == names | deprecated
+
+
+def test_deprecated_names_in_a_file_are_taken_with_a_warning(app_module: str) -> None:
+    cfg = parse_config(
+        {
+            "applications": [
+                {
+                    "import_path": f"{app_module}:app",
+                    "deployments": [
+                        {
+                            "name": "Leaf",
+                            "max_concurrent_queries": 9,
+                            "autoscaling_config": {
+                                "max_replicas": 3,
+                                "target_num_ongoing_requests_per_replica": 4,
+                            },
+                        }
+                    ],
+                }
+            ]
+        },
+        "deprecated.yaml",
+    )
+    with pytest.warns(DeprecationWarning):
+        app = build_application(cfg.applications[0], 0, "deprecated.yaml")
+    leaf = dict(walk(app))["Leaf"].deployment.config
+    assert leaf.max_ongoing_requests == 9
+    assert leaf.autoscaling_config is not None
+    assert leaf.autoscaling_config.target_ongoing_requests == 4
 
 
 # -- from an entry to an Application ---------------------------------------------------------------

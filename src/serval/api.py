@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from serval._private.caller import control, runtime
@@ -18,6 +17,7 @@ from serval._private.process.settings import settings
 from serval._private.replica import request_context
 from serval._private.wire.types import AppSpec
 from serval.config import HTTPOptions, gRPCOptions
+from serval.context import ReplicaContext
 from serval.deployment import _UNSET, Application, build
 from serval.exceptions import (
     DeploymentFailedError,
@@ -44,20 +44,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class ReplicaContext:
-    """What ``serve.get_replica_context()`` returns inside a replica."""
-
-    app_name: str
-    deployment: str
-    replica_id: str
-    servable_object: Any
-
-    @property
-    def replica_tag(self) -> str:
-        return self.replica_id
 
 
 class _Owner:

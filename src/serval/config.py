@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from serval._autoscaling_types import (
@@ -27,7 +29,9 @@ __all__ = [
     "BackpressureConfig",
     "DeploymentConfig",
     "DeploymentID",
+    "DeploymentMode",
     "HTTPOptions",
+    "ProxyLocation",
     "ReplicaID",
     "TimeStampedValue",
     "gRPCOptions",
@@ -43,6 +47,53 @@ _IN_PLACE_FIELDS = frozenset(
         "backpressure_config",
     }
 )
+
+
+class ProxyLocation(StrEnum):
+    """Where HTTP proxies run (``serve.start(proxy_location=...)``, Ray Serve's enum)."""
+
+    Disabled = "Disabled"
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+
+
+class DeploymentMode(StrEnum):
+    """Ray Serve's older name of ``ProxyLocation`` (``NoServer`` is ``Disabled``)."""
+
+    NoServer = "NoServer"
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+
+
+# Names Ray Serve renamed and still accepts, with a deprecation warning: old -> new.
+RENAMED_DEPLOYMENT_OPTIONS = {"max_concurrent_queries": "max_ongoing_requests"}
+RENAMED_AUTOSCALING_OPTIONS = {
+    "target_num_ongoing_requests_per_replica": "target_ongoing_requests",
+    "upscale_smoothing_factor": "upscaling_factor",
+    "downscale_smoothing_factor": "downscaling_factor",
+}
+
+
+def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    warnings.warn(
+        f"{old} is deprecated (as in Ray Serve); use {new}",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def migrate_renamed(options: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
+    """``options`` with the deprecated names of ``renamed`` moved to their new ones (warned
+    about; a new name given too wins)."""
+    out = dict(options)
+    if not any(old in out for old in renamed):
+        return out
+    for old, new in renamed.items():
+        if old in out:
+            warn_renamed(old, new, stacklevel=4)
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -61,8 +112,25 @@ class AutoscalingConfig:
     downscale_to_zero_delay_s: float | None = None
     # A custom policy (AutoscalingPolicy, or a dict of its fields); the default is built in.
     policy: AutoscalingPolicy = field(default_factory=AutoscalingPolicy)
+    # Ray Serve's deprecated names, still accepted (with a warning) for the fields above.
+    target_num_ongoing_requests_per_replica: InitVar[float | None] = None
+    smoothing_factor: InitVar[float | None] = None
+    upscale_smoothing_factor: InitVar[float | None] = None
+    downscale_smoothing_factor: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self,
+        target_num_ongoing_requests_per_replica: float | None,
+        smoothing_factor: float | None,
+        upscale_smoothing_factor: float | None,
+        downscale_smoothing_factor: float | None,
+    ) -> None:
+        self._take_deprecated(
+            target_num_ongoing_requests_per_replica,
+            smoothing_factor,
+            upscale_smoothing_factor,
+            downscale_smoothing_factor,
+        )
         policy = self.policy
         if policy is None or isinstance(policy, dict):
             object.__setattr__(self, "policy", AutoscalingPolicy(**(policy or {})))
@@ -90,6 +158,41 @@ class AutoscalingConfig:
         for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
             _check(getattr(self, name) >= 0, f"autoscaling_config.{name} must be >= 0")
         _check(self.metrics_interval_s > 0, "autoscaling_config.metrics_interval_s must be > 0")
+
+    def _take_deprecated(
+        self,
+        target_per_replica: float | None,
+        smoothing: float | None,
+        upscale_smoothing: float | None,
+        downscale_smoothing: float | None,
+    ) -> None:
+        moves = [
+            (
+                "target_num_ongoing_requests_per_replica",
+                "target_ongoing_requests",
+                target_per_replica,
+            ),
+            ("upscale_smoothing_factor", "upscaling_factor", upscale_smoothing),
+            ("downscale_smoothing_factor", "downscaling_factor", downscale_smoothing),
+            ("smoothing_factor", "upscaling_factor", smoothing),
+            ("smoothing_factor", "downscaling_factor", smoothing),
+        ]
+        warned = set()
+        for old, new, value in moves:
+            if value is None:
+                continue
+            if old not in warned:
+                warn_renamed(
+                    old,
+                    "upscaling_factor and downscaling_factor" if old == "smoothing_factor" else new,
+                    stacklevel=5,
+                )
+                warned.add(old)
+            if getattr(self, new) in (None, _AUTOSCALING_DEFAULTS.get(new)):
+                object.__setattr__(self, new, value)
+
+
+_AUTOSCALING_DEFAULTS = {"target_ongoing_requests": 2.0}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,13 @@ import cloudpickle
 
 from serval._private.caller import control
 from serval._private.wire.types import AppSpec, DeploymentSpec
-from serval.config import AutoscalingConfig, AutoscalingPolicy, DeploymentConfig
+from serval.config import (
+    RENAMED_DEPLOYMENT_OPTIONS,
+    AutoscalingConfig,
+    AutoscalingPolicy,
+    DeploymentConfig,
+    migrate_renamed,
+)
 from serval.handle import RayServeHandle, RayServeSyncHandle
 
 __all__ = ["Application", "Deployment", "deployment"]
@@ -165,9 +171,7 @@ def deployment(
 
 
 def _validate_option_names(options: dict[str, Any]) -> None:
-    unknown = set(options) - _CONFIG_FIELDS
-    if "max_concurrent_queries" in unknown:
-        raise TypeError("max_concurrent_queries was renamed max_ongoing_requests (as in Ray Serve)")
+    unknown = set(options) - _CONFIG_FIELDS - set(RENAMED_DEPLOYMENT_OPTIONS)
     for name in sorted(unknown & set(_UNSUPPORTED_OPTIONS)):
         raise ValueError(
             f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}"
@@ -177,7 +181,7 @@ def _validate_option_names(options: dict[str, Any]) -> None:
 
 
 def _normalize(options: dict[str, Any]) -> dict[str, Any]:
-    out = dict(options)
+    out = migrate_renamed(dict(options), RENAMED_DEPLOYMENT_OPTIONS)
     if out.get("num_replicas") == "auto":
         # Ray Serve's defaults for num_replicas="auto".
         out["num_replicas"] = 1

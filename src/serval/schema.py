@@ -18,6 +18,7 @@ import inspect
 import traceback
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
@@ -28,6 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from serval._autoscaling_types import DEFAULT_AUTOSCALING_POLICY
 from serval.config import (
+    RENAMED_AUTOSCALING_OPTIONS,
     AutoscalingConfig,
     AutoscalingPolicy,
     BackpressureConfig,
@@ -44,12 +46,27 @@ from serval.deployment import (
 )
 from serval.exceptions import ServalError
 
+# Ray Serve's schema module has the status types too (``ray.serve.schema.ServeStatus``, ...).
+from serval.status import (
+    ApplicationStatus,
+    ApplicationStatusOverview,
+    DeploymentStatus,
+    DeploymentStatusOverview,
+    ServeStatus,
+)
+
 __all__ = [
     "ApplicationSchema",
+    "ApplicationStatus",
+    "ApplicationStatusOverview",
     "ConfigError",
     "DeploymentSchema",
+    "DeploymentStatus",
+    "DeploymentStatusOverview",
     "HTTPOptionsSchema",
+    "ServeApplicationSchema",
     "ServeDeploySchema",
+    "ServeStatus",
     "application_config",
     "build_application",
     "describe_errors",
@@ -151,6 +168,8 @@ def _autoscaling_model() -> type[BaseModel]:
         f.name: (hints[f.name], f.default) for f in dataclasses.fields(AutoscalingConfig)
     }
     fields["policy"] = (AutoscalingPolicySchema | None, None)
+    for old in (*RENAMED_AUTOSCALING_OPTIONS, "smoothing_factor"):  # deprecated, still taken
+        fields[old] = (float | None, None)
     model: type[BaseModel] = create_model("AutoscalingConfigSchema", __config__=_STRICT, **fields)
     return model
 
@@ -174,6 +193,7 @@ class DeploymentSchema(_Model):
     name: str = Field(min_length=1)
     num_replicas: int | Literal["auto"] | None = None
     max_ongoing_requests: int | None = Field(default=None, ge=1)
+    max_concurrent_queries: int | None = Field(default=None, ge=1)  # deprecated name of it
     max_queued_requests: int | None = Field(default=None, ge=-1)
     user_config: Any = None
     autoscaling_config: AutoscalingConfigSchema | None = None
@@ -203,7 +223,9 @@ class DeploymentSchema(_Model):
     @classmethod
     def _autoscaling(cls, value: BaseModel | None) -> BaseModel | None:
         if value is not None:
-            AutoscalingConfig(**value.model_dump())  # cross-field checks (min <= max, ...)
+            with warnings.catch_warnings():  # (a deprecated name is warned about once, later)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                AutoscalingConfig(**value.model_dump())  # cross-field checks (min <= max, ...)
         return value
 
     def overrides(self) -> dict[str, Any]:
@@ -251,6 +273,9 @@ class ApplicationSchema(_Model):
                 )
             seen[dep.name] = i
         return self
+
+
+ServeApplicationSchema = ApplicationSchema  # Ray Serve's name for an application's entry
 
 
 class gRPCOptionsSchema(_Model):
@@ -391,8 +416,6 @@ def _unknown_field(loc: tuple[str | int, ...]) -> str:
         )
     if parent is DeploymentSchema and name in _UNSUPPORTED_OPTIONS:
         return f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}"
-    if parent is DeploymentSchema and name == "max_concurrent_queries":
-        return "unknown field: max_concurrent_queries was renamed max_ongoing_requests"
     reason = "unknown field"
     if parent is not None:
         close = difflib.get_close_matches(name, list(parent.model_fields), n=1)

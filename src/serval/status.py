@@ -8,8 +8,46 @@ state (``STARTING``, ``RUNNING``, ``STOPPING``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-__all__ = ["ApplicationStatusOverview", "DeploymentStatusOverview", "ServeStatus"]
+__all__ = [
+    "ApplicationStatus",
+    "ApplicationStatusOverview",
+    "DeploymentStatus",
+    "DeploymentStatusOverview",
+    "ReplicaState",
+    "ServeStatus",
+]
+
+
+class ApplicationStatus(StrEnum):
+    """Ray Serve's application states (a member equals its name as a string)."""
+
+    NOT_STARTED = "NOT_STARTED"
+    DEPLOYING = "DEPLOYING"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    DELETING = "DELETING"
+
+
+class DeploymentStatus(StrEnum):
+    """Ray Serve's deployment states (serval reports UPDATING, HEALTHY and UNHEALTHY)."""
+
+    UPDATING = "UPDATING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    UPSCALING = "UPSCALING"
+    DOWNSCALING = "DOWNSCALING"
+
+
+class ReplicaState(StrEnum):
+    """The replica states ``replica_states`` counts."""
+
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
 
 
 @dataclass(frozen=True)
