@@ -238,3 +238,25 @@ def test_rays_public_types_are_where_ray_has_them(serve_instance: Any) -> None:
             return isinstance(serve.get_replica_context(), ReplicaContext)
 
     assert serve.run(Context.bind(), name="ctx", route_prefix="/ctx").remote().result(30)
+
+
+@serve.deployment(max_ongoing_requests=16)
+class BatchedModels:
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.5)
+    async def handle(self, items: list[int]) -> list[str]:
+        model = serve.get_multiplexed_model_id()  # the batch's: batches are split by model
+        return [f"{model}:{len(items)}:{i}" for i in items]
+
+    async def __call__(self, x: int) -> str:
+        return await self.handle(x)
+
+
+def test_get_multiplexed_model_id_inside_a_batch(serve_instance: Any) -> None:
+    handle = serve.run(BatchedModels.bind(), name="batched", route_prefix=None)
+    responses = [
+        handle.options(multiplexed_model_id=model).remote(i)
+        for i in range(4)
+        for model in ("a", "b")
+    ]
+    got = sorted(r.result(timeout_s=30) for r in responses)
+    assert got == sorted(f"{m}:4:{i}" for i in range(4) for m in ("a", "b"))

@@ -46,6 +46,8 @@ from collections.abc import (
 )
 from typing import Any, Protocol, TypeGuard, TypeVar, overload
 
+from serval._private.replica import request_context
+
 __all__ = ["BatchedFunction", "BatchedMethod", "BatchedStream", "BatchedStreamMethod", "batch"]
 
 S = TypeVar("S")
@@ -164,10 +166,18 @@ class _BatchQueue:
     """Waiting requests of one batched function (or one instance's method) on one event loop."""
 
     def __init__(
-        self, call: Callable[[list[Any]], Any], settings: _Settings, name: str, streaming: bool
+        self,
+        call: Callable[[list[Any]], Any],
+        settings: _Settings,
+        name: str,
+        streaming: bool,
+        model_id: str = "",
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._call = call
+        # The multiplexed model id every request here names ("": none): batches are split by
+        # model, and get_multiplexed_model_id() in the batch returns it, as in Ray Serve.
+        self._model_id = model_id
         self._streaming = streaming
         self._settings = settings  # shared with the decorator, so set_* apply at once
         self._name = name
@@ -226,7 +236,10 @@ class _BatchQueue:
         if self._runner is None or self._runner.done():
             # A fresh context: a batch serves many requests, so it must not run with (and leak)
             # the request context of whichever caller happened to start the runner.
-            self._runner = self.loop.create_task(self._run(), context=contextvars.Context())
+            context = contextvars.Context()
+            if self._model_id:
+                context.run(request_context.set_request, {"multiplexed_model_id": self._model_id})
+            self._runner = self.loop.create_task(self._run(), context=context)
         elif self._settings.batch_size_fn is None:
             if len(self._pending) == self._settings.max_batch_size:
                 self.poke()
@@ -489,10 +502,15 @@ class _Batcher:
 
     def _queue_for(self, instance: Any) -> _BatchQueue:
         queues, key = self._queues_of(instance)
+        meta = request_context.current_request()
+        model_id = str(meta.get("multiplexed_model_id") or "") if meta else ""
+        if model_id:  # a queue per model: requests for different models never share a batch
+            key = (key, model_id)
         queue = queues.get(key)
         if queue is None or queue.loop is not asyncio.get_running_loop():
             call = functools.partial(self.fn, instance) if self.is_method else self.fn
-            queue = queues[key] = _BatchQueue(call, self.settings, self.name, self.streaming)
+            queue = _BatchQueue(call, self.settings, self.name, self.streaming, model_id)
+            queues[key] = queue
             self._live.add(queue)
         return queue
 
