@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pydantic
+import pytest
 
 import serval as serve
 from serval.handle import RayServeDeploymentHandle
@@ -260,3 +261,61 @@ def test_get_multiplexed_model_id_inside_a_batch(serve_instance: Any) -> None:
     ]
     got = sorted(r.result(timeout_s=30) for r in responses)
     assert got == sorted(f"{m}:4:{i}" for i in range(4) for m in ("a", "b"))
+
+
+# -- responses nested in arguments ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pair:
+    left: Any
+    right: Any
+
+
+@serve.deployment
+class Summer:
+    async def total(self, items: list[Any]) -> int:
+        return sum([await item for item in items])  # the callee awaits them, as in Ray Serve
+
+    async def from_dict(self, parts: dict[str, Any]) -> int:
+        return await parts["a"] + parts["b"]
+
+    async def from_pair(self, pair: Pair) -> int:
+        return await pair.left + await pair.right
+
+    def sync_total(self, items: tuple[Any, ...]) -> int:
+        return sum(item.result() for item in items)
+
+
+@serve.deployment
+class Fails:
+    def __call__(self, x: int) -> int:
+        raise ValueError(f"no {x}")
+
+
+@serve.deployment
+class Fan:
+    def __init__(self, summer: Any, doubler: Any) -> None:
+        self.summer = summer
+        self.doubler = doubler
+
+    async def __call__(self, n: int) -> int:
+        parts = [self.doubler.remote(i) for i in range(n)]
+        return await self.summer.total.remote(parts)
+
+
+def test_a_response_nested_in_an_argument_reaches_the_callee_to_await(serve_instance: Any) -> None:
+    fan = serve.run(Fan.bind(Summer.bind(), Doubler.bind()), name="fan", route_prefix=None)
+    assert fan.remote(4).result(timeout_s=30) == 12  # 0+2+4+6, inside the app
+    summer = serve.get_deployment_handle("Summer", app_name="fan")
+    doubler = serve.get_deployment_handle("Doubler", app_name="fan")
+    parts = [doubler.remote(1), doubler.remote(2)]
+    assert summer.total.remote(parts).result(timeout_s=30) == 6  # from the driver
+    assert summer.from_dict.remote({"a": doubler.remote(5), "b": 1}).result(timeout_s=30) == 11
+    pair = Pair(doubler.remote(3), doubler.remote(4))
+    assert summer.from_pair.remote(pair).result(timeout_s=30) == 14
+    assert summer.sync_total.remote((doubler.remote(10),)).result(timeout_s=30) == 20
+    # a nested response that failed fails the call with its error
+    failing = serve.run(Fails.bind(), name="fails", route_prefix=None)
+    with pytest.raises(ValueError, match="no 7"):
+        summer.total.remote([failing.remote(7)]).result(timeout_s=30)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
+import dataclasses
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, overload
 
 from serval._private.caller import runtime
-from serval._private.caller.calls import Call
+from serval._private.caller.calls import Call, NestedResponse, set_nested_resolver
 from serval._private.caller.client import ClusterClient
 from serval.exceptions import GetTimeoutError, ServalError
 
@@ -58,6 +60,10 @@ class _Submitted:
     def __init__(self, call: Call, owner: asyncio.AbstractEventLoop) -> None:
         self._call = call
         self._owner = owner
+
+    def __reduce__(self) -> Any:
+        # Met while a call's arguments are pickled: the router resolves it, then sends again.
+        raise NestedResponse(f"{type(self).__name__} cannot be pickled; await it first")
 
     def _check_not_blocking_owner(self, what: str) -> None:
         if runtime.running_loop() is self._owner:
@@ -210,6 +216,9 @@ class _PendingRef:
         self._call = call
         self._owner = owner
 
+    def __reduce__(self) -> Any:
+        raise NestedResponse("an un-awaited legacy handle call cannot be pickled; await it first")
+
     def __await__(self) -> Generator[Any, None, ObjectRef]:
         return self._wait().__await__()
 
@@ -259,6 +268,69 @@ async def _resolve(value: Any) -> Any:
     if _is_ray_ref(value):  # (the guide's handles on Ray give them): its value, as Ray would
         return await value
     return value
+
+
+class ResolvedResponse:
+    """What a callee gets for a response that was nested in its arguments (in a list, a dict,
+    a dataclass): its value, to ``await`` (as Ray Serve's callee does) or take with
+    ``result()``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._value
+        yield  # (a generator: awaiting it finishes at once)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        return self._value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ResolvedResponse, (self._value,))
+
+    def __repr__(self) -> str:
+        return f"ResolvedResponse({self._value!r})"
+
+
+async def _resolve_nested(call: Call) -> None:
+    """Replace the responses nested in ``call``'s arguments by ``ResolvedResponse``s."""
+    call.args = tuple([(await _nested(a))[0] for a in call.args])
+    call.kwargs = {k: (await _nested(v))[0] for k, v in call.kwargs.items()}
+
+
+async def _nested(value: Any) -> tuple[Any, bool]:
+    """(``value`` with its responses resolved, whether any was): containers are rebuilt only
+    when they hold one (lists, tuples, named tuples, dicts, sets, dataclass instances)."""
+    if isinstance(value, DeploymentResponseGenerator):
+        raise TypeError("a streaming response cannot be passed as an argument")
+    if isinstance(value, (_Submitted, _PendingRef)):
+        return ResolvedResponse(await _resolve(value)), True
+    if type(value) in _SCALARS:
+        return value, False
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [await _nested(v) for v in value]
+        if not any(changed for _, changed in items):
+            return value, False
+        values = [v for v, _ in items]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*values), True
+        return type(value)(values), True
+    if isinstance(value, dict):
+        pairs = [(k, await _nested(v)) for k, v in value.items()]
+        if not any(changed for _, (_, changed) in pairs):
+            return value, False
+        return type(value)({k: v for k, (v, _) in pairs}), True
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: await _nested(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if not any(changed for _, changed in fields.values()):
+            return value, False
+        copied = copy.copy(value)
+        for name, (v, _) in fields.items():
+            object.__setattr__(copied, name, v)
+        return copied, True
+    return value, False
 
 
 async def _resolve_then_submit(client: ClusterClient, call: Call) -> None:
@@ -452,6 +524,9 @@ def _on_ray() -> bool:
     """Whether this process's cluster runs on Ray (without importing Ray to know)."""
     address = runtime.address()
     return address is not None and address.startswith("ray:")
+
+
+set_nested_resolver(_resolve_nested)
 
 
 # -- get / wait ---------------------------------------------------------------------------------

@@ -113,6 +113,25 @@ _PENDING = object()
 _CREATE_LOCK = threading.Lock()
 
 
+class NestedResponse(Exception):
+    """Raised while pickling a call's arguments that hold a response not yet resolved (a
+    ``DeploymentResponse`` in a list, a dict, a dataclass): the router then has the arguments
+    resolved (``resolve_nested``) and sends the call again. Costs nothing otherwise."""
+
+
+# Set by serval.handle: replaces the responses nested in ``call``'s arguments by their values
+# (wrapped so that the callee can still ``await`` them); raises what one of them raised.
+_nested_resolver: list[Callable[[Call], Any]] = []
+
+
+def set_nested_resolver(resolve: Callable[[Call], Any]) -> None:
+    _nested_resolver[:] = [resolve]
+
+
+def nested_resolver() -> Callable[[Call], Any] | None:
+    return _nested_resolver[0] if _nested_resolver else None
+
+
 class Call:
     """A request: where it goes, what it carries, and (later) how it ended."""
 
@@ -130,6 +149,7 @@ class Call:
         "method",
         "plain",
         "replica",
+        "resolved",
         "rid",
         "stream",
         "waiter",
@@ -161,6 +181,7 @@ class Call:
         self._error: BaseException | None = None
         self.stream: StreamBuffer | None = StreamBuffer() if stream else None
         self.plain = False  # arguments are builtins only: pickle without cloudpickle
+        self.resolved = False  # its nested responses were resolved (see NestedResponse)
         # One future of the owner loop, resolved directly on completion: the common single
         # ``await`` on the owner loop needs no callback on ``done`` (see waiter_future).
         self.waiter: asyncio.Future[None] | None = None

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from serval._private.caller.calls import Call
+from serval._private.caller.calls import Call, NestedResponse, nested_resolver
 from serval._private.wire import messages, protocol, transport
 from serval._private.wire.messages import (
     DRAINED,
@@ -98,6 +98,9 @@ class ReplicaSlot:
         """Send ``call`` from the loop (``Router.lock`` held)."""
         try:
             rid, pieces = _request(call)
+        except NestedResponse:
+            self.router.resolve_then_submit(call)
+            return
         except BaseException as exc:  # an argument's __reduce__ may raise anything
             call.set_exception(_args_error(call, exc))
             return
@@ -398,6 +401,30 @@ class Router:
                     return True
             self.handed_over += 1
             return False
+
+    def resolve_then_submit(self, call: Call) -> None:
+        """``call``'s arguments hold responses not ready to send: resolve them, then route it
+        again (``lock`` held: the resolution runs in a task of its own)."""
+        resolve = nested_resolver()
+        if call.resolved or resolve is None:
+            call.set_exception(
+                SerializationError(
+                    f"a DeploymentResponse inside an argument of {call.label} could not be "
+                    "resolved there (it is resolved in lists, tuples, dicts, sets and "
+                    "dataclasses); await it first"
+                )
+            )
+            return
+        call.resolved = True
+        self.tasks.spawn(self._resolve_then_submit(call, resolve))
+
+    async def _resolve_then_submit(self, call: Call, resolve: Callable[[Call], Any]) -> None:
+        try:
+            await resolve(call)
+        except BaseException as exc:  # an argument's own failure is this call's failure
+            call.set_exception(exc)
+            return
+        self.submit(call)
 
     def handed_over_routed(self, call: Call) -> None:
         """On the loop: route a call a thread handed over (see ``submit_from_thread``)."""
