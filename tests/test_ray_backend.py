@@ -414,3 +414,26 @@ def test_the_cli_deploys_shows_and_shuts_down_a_cluster_on_ray(on_ray: str, tmp_
     poll(lambda: serval_actors() == [], CALL_TIMEOUT_S, "every serval actor gone")
     serve.shutdown()  # (this driver's connection)
     serve.start(http_options={"port": _port[0]})  # the module's cluster, for what follows
+
+
+def test_runtime_env_working_dir_is_the_replicas_directory_and_code(
+    on_ray: str, tmp_path: Any
+) -> None:
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "shipped_module.py").write_text("VALUE = 'from the working_dir'\n")
+    env = {"working_dir": str(shipped), "env_vars": {"SERVAL_T_SHIPPED": "1"}}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": env})
+    class Shipped:
+        def __call__(self) -> list[Any]:
+            import shipped_module  # type: ignore[import-not-found]
+
+            return [
+                shipped_module.VALUE,
+                os.path.exists("shipped_module.py"),  # the working_dir is its cwd
+                os.environ.get("SERVAL_T_SHIPPED"),
+            ]
+
+    handle = serve.run(Shipped.bind(), name="shipped", route_prefix="/shipped")
+    assert handle.remote().result(timeout_s=CALL_TIMEOUT_S) == ["from the working_dir", True, "1"]

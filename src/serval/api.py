@@ -18,7 +18,7 @@ from serval._private.replica import request_context
 from serval._private.wire.types import AppSpec
 from serval.config import HTTPOptions, gRPCOptions
 from serval.context import ReplicaContext
-from serval.deployment import _UNSET, Application, build
+from serval.deployment import _UNSET, Application, build, spec_version
 from serval.exceptions import (
     DeploymentFailedError,
     DeploymentNotFoundError,
@@ -176,6 +176,10 @@ def _start(
                     "(call serve.shutdown() first to change them)"
                 )
             return False
+        if http_options is not None and http_options.tls:  # (the files, here: a clear error)
+            from serval._private.proxy.tls import checked
+
+            http_options = checked(http_options)
         _owner.http_options = http_options or HTTPOptions()
         address = address or settings().address
         if not _owner.atexit_registered:
@@ -230,6 +234,8 @@ def run(
         raise ServalError("serve.run cannot be called from inside a deployment")
     started = _start(None, None)
     try:
+        if _owner.ray_namespace is not None:
+            spec = _for_ray(spec)
         status_, message = runtime.run_sync(_deploy(spec))
     except BaseException:
         if started:  # e.g. its HTTP proxy could not start: leave no half-started cluster
@@ -241,6 +247,29 @@ def run(
     if blocking:
         _block_forever()
     return handle
+
+
+def _for_ray(spec: AppSpec) -> AppSpec:
+    """``spec`` as replica actors can start it: runtime_envs prepared in this driver (see
+    ``ray_cluster.deployable_runtime_env``)."""
+    from serval._private.process import ray_cluster
+
+    deployments = []
+    for dep in spec.deployments:
+        actor = dict(dep.config.ray_actor_options)
+        env = ray_cluster.deployable_runtime_env(actor.get("runtime_env"))
+        if env == actor.get("runtime_env"):
+            deployments.append(dep)
+            continue
+        if env is None:
+            actor.pop("runtime_env", None)
+        else:
+            actor["runtime_env"] = env
+        config = dataclasses.replace(dep.config, ray_actor_options=actor)
+        deployments.append(
+            dataclasses.replace(dep, config=config, version=spec_version(dep.payload, config))
+        )
+    return dataclasses.replace(spec, deployments=tuple(deployments))
 
 
 async def _deploy(spec: AppSpec) -> tuple[str, str]:

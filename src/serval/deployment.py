@@ -352,7 +352,13 @@ def _spec(dep_name: str, node: Application, init: tuple[Any, Any]) -> Deployment
             f"arguments): {type(exc).__name__}: {exc}"
         ) from exc
     config = node.deployment.config
-    version = hashlib.sha256(
-        payload + json.dumps(config.restart_fields(), sort_keys=True, default=repr).encode()
-    ).hexdigest()[:16]
-    return DeploymentSpec(dep_name, payload, config, version, not inspect.isclass(target))
+    return DeploymentSpec(
+        dep_name, payload, config, spec_version(payload, config), not inspect.isclass(target)
+    )
+
+
+def spec_version(payload: bytes, config: DeploymentConfig) -> str:
+    """What changes when a deployment needs new replicas: its code and arguments, and the
+    options that replicas start with."""
+    restart = json.dumps(config.restart_fields(), sort_keys=True, default=repr).encode()
+    return hashlib.sha256(payload + restart).hexdigest()[:16]

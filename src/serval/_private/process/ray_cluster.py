@@ -25,6 +25,7 @@ from serval.exceptions import ServalError
 __all__ = [
     "DEFAULT_NAMESPACE",
     "connect",
+    "deployable_runtime_env",
     "init_ray",
     "is_ray_address",
     "is_running",
@@ -113,6 +114,31 @@ def _start_controller(http_options: HTTPOptions, namespace: str) -> Any:
     actor_class = ray.remote(ControllerActor)
     json = http_options.to_json() if http_options.enabled else None
     return actor_class.options(**options).remote(namespace, json)
+
+
+def deployable_runtime_env(env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A deployment's ``runtime_env`` as its replica actors can take it. As in Ray Serve, the
+    driver's job ``runtime_env`` (``ray.init(runtime_env=...)``) lies under it: the
+    deployment's fields win, ``env_vars`` merge by name. A local ``working_dir`` or
+    ``py_modules`` entry is uploaded from here to the cluster (only a driver can: the replica
+    actors are started by the controller) and replaced by its URI."""
+    job = dict(ray.get_runtime_context().runtime_env or {})
+    own = dict(env or {})
+    merged = {**job, **own}
+    env_vars = {**(job.get("env_vars") or {}), **(own.get("env_vars") or {})}
+    if env_vars:
+        merged["env_vars"] = env_vars
+    if not merged:
+        return None
+    if merged.get("working_dir") or merged.get("py_modules"):
+        from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+        from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+        include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+        merged = upload_py_modules_if_needed(merged, include_gitignore, logger=logger)
+        merged = upload_working_dir_if_needed(merged, include_gitignore, logger=logger)
+        merged.pop("excludes", None)  # (used by the upload only)
+    return merged
 
 
 def is_running(namespace: str = DEFAULT_NAMESPACE) -> bool:
