@@ -139,6 +139,7 @@ def _resources(options: dict[str, Any]) -> dict[str, float]:
 
 
 def _alive_node_resources() -> dict[str, dict[str, float]]:
+    """The Ray cluster's live nodes: id -> total resources."""
     return {
         str(n["NodeID"]): dict(n.get("Resources", {}))
         for n in ray.nodes()  # type: ignore[no-untyped-call]
@@ -147,12 +148,8 @@ def _alive_node_resources() -> dict[str, dict[str, float]]:
 
 
 def _alive_nodes() -> list[str]:
-    """The ids of the Ray cluster's live nodes (those a proxy can be placed on)."""
-    return sorted(
-        str(n["NodeID"])
-        for n in ray.nodes()  # type: ignore[no-untyped-call]
-        if n.get("Alive") and n.get("Resources", {}).get("CPU") is not None
-    )
+    """The ids of the live nodes a proxy can be placed on (those with CPUs)."""
+    return sorted(node for node, total in _alive_node_resources().items() if "CPU" in total)
 
 
 def _first_line(exc: BaseException) -> str:
