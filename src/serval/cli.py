@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
 def _http_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", "--http-host", dest="host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", "--http-port", dest="port", type=int, help="HTTP port (default 8000)")
+    # HTTPS (http_options.ssl_*; an encrypted key's password: in a config file's http_options)
+    p.add_argument("--ssl-keyfile", help="serve HTTPS with this PEM private key")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument(
+        "--ssl-ca-certs", help="require client certificates signed by these PEM CA certificates"
+    )
 
 
 def _address_flag(p: argparse.ArgumentParser, text: str | None = None) -> None:
@@ -278,14 +284,24 @@ def _check_port_free(options: HTTPOptions) -> None:
 
 def _http_options(args: argparse.Namespace, base: HTTPOptions | None = None) -> HTTPOptions:
     base = base or HTTPOptions()
+    given = {
+        name: getattr(args, name)
+        for name in ("host", "port", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
+        if getattr(args, name, None) is not None
+    }
     try:
-        return dataclasses.replace(  # every option the file set, but host and port
-            base,
-            host=args.host if args.host is not None else base.host,
-            port=args.port if args.port is not None else base.port,
-        )
+        options = dataclasses.replace(base, **given)  # every option the file set, but these
+        if options.tls:  # the files load here (else: which, and why), with absolute paths
+            from serval._private.proxy.tls import checked
+
+            options = checked(options)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    return options
+
+
+def _scheme(http: HTTPOptions) -> str:
+    return "https" if http.tls else "http"
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -434,7 +450,7 @@ def _print_serving(cfg: ApplicationSchema, http: HTTPOptions | None) -> None:
         where = "HTTP disabled"
     else:
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-        where = f"http://{host}:{http.port}{http.root_path}{cfg.route_prefix}"
+        where = f"{_scheme(http)}://{host}:{http.port}{http.root_path}{cfg.route_prefix}"
     print(f"application {cfg.name!r} is running: {where}", flush=True)
 
 
@@ -504,7 +520,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot create {address}: its parent directory does not exist")
     _check_port_free(http)
     start_detached(address, http)
-    print(f"serval cluster started at {address} (HTTP on http://{http.host}:{http.port})")
+    print(
+        f"serval cluster started at {address} (HTTP on {_scheme(http)}://{http.host}:{http.port})"
+    )
     if address != _default_address():
         print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}")
     return 0

@@ -430,6 +430,22 @@ class HTTPOptions:
       applications' routes answer any ``Host``.
     - ``grpc_options``: the gRPC proxy's options (:class:`gRPCOptions`), served by the same
       proxy processes; ``serve.start(grpc_options=...)`` and config files set it.
+
+    HTTPS (Ray Serve's fields): ``ssl_keyfile`` and ``ssl_certfile`` (PEM files; both or
+    neither) make the proxy serve HTTPS only, on the same port; ``ssl_keyfile_password``
+    decrypts an encrypted key; with ``ssl_ca_certs`` (a PEM file of CA certificates) every
+    client must present a certificate one of them signed, else its handshake fails (Ray Serve
+    hands the file to uvicorn without asking clients for certificates, so it checks none; the
+    docs' "for client certificate verification" is what serval does). ``serve.start`` loads
+    the files and fails with the reason when one is missing, unreadable, not PEM, the key's
+    password is wrong or the key is not the certificate's; relative paths are taken from the
+    directory it runs in. On Ray the proxies read the files on their own nodes: each node
+    (and the driver's machine, where they are checked) needs them at the same absolute paths;
+    a proxy that cannot load them fails ``serve.start`` with its reason. The TLS handshake
+    counts against ``request_header_timeout_s`` (the head must be whole that long after the
+    connection opened) and a connection in its handshake against ``max_connections`` (the
+    first to be closed for room). The password is kept out of ``repr``, logs and command
+    lines.
     """
 
     host: str = "127.0.0.1"
@@ -447,8 +463,13 @@ class HTTPOptions:
     system_route_hosts: tuple[str, ...] = ()
     location: str = "EveryNode"
     grpc_options: gRPCOptions | None = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = field(default=None, repr=False)
+    ssl_ca_certs: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_ssl()
         if isinstance(self.grpc_options, dict):  # (from JSON)
             object.__setattr__(self, "grpc_options", gRPCOptions(**self.grpc_options))
         _check(
@@ -491,12 +512,41 @@ class HTTPOptions:
         # Host names compare case-insensitively; a list (from JSON or a user) becomes a tuple.
         object.__setattr__(self, "system_route_hosts", tuple(h.lower() for h in hosts))
 
+    def _check_ssl(self) -> None:
+        for name in _SSL_FIELDS:
+            value = getattr(self, name)
+            if value == "":  # (Ray Serve treats an empty one as not set)
+                object.__setattr__(self, name, None)
+            elif value is not None and not isinstance(value, str):
+                # (the password's value is not shown: it may be the password)
+                shown = "a " + type(value).__name__ if name == "ssl_keyfile_password" else value
+                raise ValueError(f"http_options.{name} must be a string or None, got {shown!r}")
+        key, cert = self.ssl_keyfile, self.ssl_certfile
+        _check(
+            (key is None) == (cert is None),
+            "http_options.ssl_keyfile and http_options.ssl_certfile go together (HTTPS needs "
+            f"both); {'ssl_keyfile' if key is None else 'ssl_certfile'} is not set",
+        )
+        for name in ("ssl_keyfile_password", "ssl_ca_certs"):
+            _check(
+                cert is not None or getattr(self, name) is None,
+                f"http_options.{name} needs ssl_certfile and ssl_keyfile (HTTPS)",
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether the proxy serves HTTPS."""
+        return self.ssl_certfile is not None
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> HTTPOptions:
         return cls(**json.loads(text))
+
+
+_SSL_FIELDS = ("ssl_keyfile", "ssl_certfile", "ssl_keyfile_password", "ssl_ca_certs")
 
 
 def _positive(value: Any) -> bool:

@@ -113,6 +113,39 @@ class HTTPOptionsSchema(_Model):
     max_connections: int | None = Field(default=None, gt=0)
     request_body_window_bytes: int = Field(default=HTTPOptions.request_body_window_bytes, gt=0)
     system_route_hosts: list[str] = Field(default_factory=list)
+    # HTTPS (Ray Serve's fields; HTTPOptions says what they do)
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
+
+    @field_validator("ssl_keyfile_password", mode="before")
+    @classmethod
+    def _password_is_text(cls, value: Any) -> Any:
+        # pydantic's own message would show the value: the password (a YAML number, say).
+        if value is not None and not isinstance(value, str):
+            raise PydanticCustomError(
+                "serval_field", "{reason}", {"reason": "must be a string (quote it in YAML)"}
+            )
+        return value
+
+    @_model_validator(mode="after")
+    def _ssl_pairs(self) -> HTTPOptionsSchema:
+        key, cert = self.ssl_keyfile or None, self.ssl_certfile or None  # ("": not set)
+        if (key is None) != (cert is None):
+            missing = "ssl_keyfile" if key is None else "ssl_certfile"
+            raise _at(
+                (missing,),
+                "ssl_keyfile and ssl_certfile go together (HTTPS needs both); this one is not set",
+            )
+        for name in ("ssl_keyfile_password", "ssl_ca_certs"):
+            if cert is None and getattr(self, name):
+                raise _at((name,), "needs ssl_certfile and ssl_keyfile (HTTPS)")
+        return self
+
+    def __repr_args__(self) -> Any:  # (the password never shows)
+        for name, value in super().__repr_args__():
+            yield name, ("**" if name == "ssl_keyfile_password" and value else value)
 
     def options(self, **overrides: Any) -> HTTPOptions:
         """These options as :class:`HTTPOptions`, with ``overrides`` winning."""

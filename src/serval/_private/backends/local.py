@@ -24,7 +24,12 @@ from pathlib import Path
 
 from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
 from serval._private.process import procs
-from serval._private.process.settings import USER_PYTHONPATH_VAR, settings
+from serval._private.process.settings import (
+    PASSWORD_ENV,
+    USER_PYTHONPATH_VAR,
+    http_options_argv,
+    settings,
+)
 from serval._private.wire import layout
 from serval.config import DeploymentConfig
 
@@ -61,6 +66,7 @@ def replica_env(user_pythonpath: str | None, extra: dict[str, str] | None) -> di
     env = dict(os.environ)
     env.pop(USER_PYTHONPATH_VAR, None)
     env.pop("PYTHONPATH", None)
+    env.pop(PASSWORD_ENV, None)  # the proxy's secret, not the user's code's
     if user_pythonpath:
         env["PYTHONPATH"] = user_pythonpath
     return {**env, **extra} if extra else env
@@ -226,7 +232,8 @@ class LocalBackend(Backend):
 
     def start_proxy(self, http_options_json: str, node: str = "") -> ReplicaHost:
         label = os.path.basename(self.address)
-        args = ["--http-options", http_options_json]
+        # (the key's password, if any, is in this process's environment, which it inherits)
+        args = ["--http-options", http_options_argv(http_options_json)]
         # (no user PYTHONPATH to carry on: the proxy starts nothing)
         return self._spawn("proxy", label, "serval::proxy", args, system_env(None))
 

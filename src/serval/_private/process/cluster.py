@@ -23,7 +23,7 @@ from serval._private.backends.local import system_env, worker_argv
 from serval._private.process import lifeline, procs, rundir
 from serval._private.process.rundir import is_running
 from serval._private.process.rundir import make_private as make_private_dir
-from serval._private.process.settings import settings
+from serval._private.process.settings import http_options_argv, http_options_env, settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
@@ -69,7 +69,7 @@ class LocalCluster:
             "--lifeline-fd",
             str(self._lifeline_r),
             "--http-options",
-            self.http_options.to_json(),
+            http_options_argv(self.http_options.to_json()),  # (a password: in its env)
         ]
         if recover:
             args.append("--recover")
@@ -77,7 +77,7 @@ class LocalCluster:
             worker_argv("controller", os.path.basename(self.address), *args),
             pass_fds=(self._lifeline_r,),
             stdin=subprocess.DEVNULL,
-            env=system_env(self._user_pythonpath),
+            env=http_options_env(system_env(self._user_pythonpath), self.http_options),
             start_new_session=True,  # Ctrl-C in the terminal reaches only the owner
         )
 

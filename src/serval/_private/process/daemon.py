@@ -15,7 +15,7 @@ import time
 from serval._private.backends.local import system_env, worker_argv
 from serval._private.process import procs, rundir
 from serval._private.process.cluster import LocalCluster, is_running, make_private_dir
-from serval._private.process.settings import settings
+from serval._private.process.settings import http_options_argv, http_options_env, settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
@@ -51,12 +51,12 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
                 "--address",
                 address,
                 "--http-options",
-                http_options.to_json(),
+                http_options_argv(http_options.to_json()),  # (a password: in its env)
             ),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            env=system_env(settings().user_pythonpath),
+            env=http_options_env(system_env(settings().user_pythonpath), http_options),
             start_new_session=True,
         )
     deadline = time.monotonic() + timeout

@@ -26,12 +26,12 @@ from serval._private.backends.base import load as load_backend
 from serval._private.caller import runtime
 from serval._private.controller.controller import Controller
 from serval._private.process import lifeline, procs, rundir
+from serval._private.process.settings import http_options_from_argv
 from serval._private.replica.server import Replica
 from serval._private.wire import transport
 from serval._private.wire.layout import controller_path
 from serval._private.wire.rpc import RpcPeer
 from serval._private.wire.tasks import TaskOwner
-from serval.config import HTTPOptions
 
 logger = logging.getLogger("serval")
 
@@ -107,7 +107,7 @@ async def _end_cluster(controller: Controller, address: str) -> None:
 
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    http = HTTPOptions.from_json(args.http_options) if args.http_options else None
+    http = http_options_from_argv(args.http_options) if args.http_options else None
     backend = load_backend(args.backend).for_controller(args.address, args.lifeline_fd)
     controller = Controller(backend, http, args.address)
     tasks = TaskOwner("the controller process")  # what signals and the lifeline start
@@ -155,7 +155,7 @@ async def _proxy_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     _exit_with_owner(args)
     runtime.set_address(args.address)
-    await serve_proxy(runtime.client(loop), HTTPOptions.from_json(args.http_options))
+    await serve_proxy(runtime.client(loop), http_options_from_argv(args.http_options))
 
 
 _MAINS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.role == "serval::daemon":
         from serval._private.process.daemon import run_daemon
 
-        run_daemon(args.address, HTTPOptions.from_json(args.http_options))
+        run_daemon(args.address, http_options_from_argv(args.http_options))
         return
     body = _MAINS[args.role]
     tune_gc()

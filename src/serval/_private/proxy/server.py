@@ -11,6 +11,7 @@ from typing import Any
 from serval._private.caller.client import ClusterClient
 from serval._private.proxy.app import ProxyApp
 from serval._private.proxy.http_protocol import protocol_for
+from serval._private.proxy.tls import server_context
 from serval._private.telemetry import metrics
 from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
@@ -115,6 +116,15 @@ async def serve_proxy(
     def ack(version: int) -> None:
         client.tasks.spawn(_ack(client, version, node), loop)
 
+    ssl_context = None
+    if options.tls:  # (checked where serve.start ran: this proxy's node may differ)
+        try:
+            ssl_context = server_context(options)
+        except ValueError as exc:
+            sock.close()
+            await client.controller.proxy_ready(f"cannot serve HTTPS: {exc}", node)
+            raise SystemExit(1) from None
+
     client.on_table = ack
     await client.wait_ready()
     ack(client.table_version)
@@ -132,9 +142,12 @@ async def serve_proxy(
                 fd_limit,
             )
         max_connections = options.max_connections
+    # (no ssl_* for uvicorn: the protocol does TLS itself, so that the handshake has the
+    # header timeout and counts against max_connections; see TlsHttpProtocol)
+    protocol = protocol_for(app, max_connections, ssl_context)
     config = uvicorn.Config(
         app,
-        http=protocol_for(app, max_connections),
+        http=protocol,
         ws="websockets-sansio",
         lifespan="off",
         access_log=False,
@@ -148,7 +161,8 @@ async def serve_proxy(
     server.should_exit = control.draining  # (asked to stop before it started)
     await client.controller.proxy_ready(None, node)
     logger.info(
-        "HTTP proxy listening on http://%s:%s (at most %d connections)",
+        "HTTP proxy listening on %s://%s:%s (at most %d connections)",
+        "https" if ssl_context is not None else "http",
         options.host,
         options.port,
         max_connections,
@@ -156,6 +170,7 @@ async def serve_proxy(
     try:
         await server.serve(sockets=[sock])
     finally:
+        protocol.close_handshakes()
         if control.grpc is not None:  # what is in flight finishes, within the grace
             await control.grpc.stop(_GRPC_GRACE_S)
         await app.close()
