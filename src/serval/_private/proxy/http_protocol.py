@@ -28,10 +28,9 @@ import asyncio
 import heapq
 import logging
 import math
-import ssl
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
 import httptools
@@ -461,7 +460,7 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     header_timeout: float
     body_timeout: float
     keep_alive_timeout: float
-    # Connections in their TLS handshake -> when they opened (TlsHttpProtocol's; none here).
+    # TLS connections in their handshake -> when they opened (tls.TlsHttpProtocol's)
     handshaking: ClassVar[dict[ProxyHttpProtocol, float]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -728,20 +727,16 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
     def _make_room(self) -> None:
         """More connections than allowed: close those idle longest, this new one excepted, or
-        refuse this one when none is idle. A batch of them, so the connections that come
-        next find room without this scan. Idle: between requests, not through their first
-        head, or (TLS) still in their handshake."""
+        refuse this one when none is idle (or, TLS, in its handshake). A batch of them, so the
+        connections that come next find room without this scan."""
         live = [c for c in self.connections if not c.transport.is_closing()]
         handshaking = self.handshaking
         excess = len(live) + len(handshaking) - self.max_connections
         if excess <= 0:
             return
-        idle = [
-            (c._free_since, c)
-            for c in live
-            if type(c) is type(self) and c is not self and c._active is None
-        ]
-        idle += [(opened, c) for c, opened in handshaking.items() if c is not self]
+        idle = [(c._free_since, c) for c in live if type(c) is type(self) and c._active is None]
+        idle += [(opened, c) for c, opened in handshaking.items()]
+        idle = [pair for pair in idle if pair[1] is not self]
         if not idle:
             if self in handshaking:
                 return  # (it is checked again once through its handshake, and told then)
@@ -753,16 +748,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             conn._stopped = True
             conn._drop()
 
-    def _drop(self) -> None:
-        """Close this connection, which has nothing on its way to the client."""
+    def _drop(self) -> None:  # (it has nothing on its way to the client)
         self.transport.close()
-
-    @classmethod
-    def close_handshakes(cls) -> None:
-        """End the connections still in their TLS handshake (the server stops; uvicorn knows
-        only those past it)."""
-        for conn in list(cls.handshaking):
-            conn._drop()
 
     # -- the connection's end ------------------------------------------------------------------
 
@@ -784,108 +771,6 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             ex.keep_alive = False
 
 
-class TlsHttpProtocol(ProxyHttpProtocol):
-    """``ProxyHttpProtocol`` over TLS, which it starts itself on the accepted connection
-    (``loop.start_tls``) rather than leaving it to the server (uvicorn's ``ssl_*``): so the
-    handshake has the header timeout instead of the event loop's 60 s (the head must be
-    whole ``header_timeout`` after the connection opened, handshake included), and a
-    connection in its handshake counts against ``max_connections``, the first to go for
-    room, instead of holding a descriptor unseen. uvicorn's part of the connection starts
-    once the handshake is through, on the TLS transport, as with uvicorn's own TLS."""
-
-    ssl_context: ssl.SSLContext
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._raw = transport
-        self._tls_ready = False
-        self._lost = False
-        self._early: list[bytes] = []
-        opened = self.loop.time()
-        self.handshaking[self] = opened
-        if len(self.connections) + len(self.handshaking) > self.max_connections:
-            self._make_room()
-        if transport.is_closing():
-            self.handshaking.pop(self, None)
-            return
-        handshake = self.loop.start_tls(
-            transport,  # type: ignore[arg-type]
-            self,
-            self.ssl_context,
-            server_side=True,
-            ssl_handshake_timeout=self.header_timeout,
-        )
-        # Now, not in a task: start_tls takes the connection from this protocol as its first
-        # step, and a task's first step comes a loop turn later, after uvloop has started
-        # reading (it does once connection_made returns): the ClientHello would reach this
-        # protocol's data_received, lost to TLS.
-        _run_now(handshake, lambda tls, exc: self._handshake_done(tls, exc, opened))
-
-    def _handshake_done(
-        self, tls: asyncio.BaseTransport | None, exc: BaseException | None, opened: float
-    ) -> None:
-        self.handshaking.pop(self, None)
-        if exc is not None or tls is None:  # not TLS, a certificate refused, too slow, gone
-            logger.debug("a TLS handshake failed: %s", _describe(exc) if exc else "no transport")
-            self._raw.abort()  # type: ignore[attr-defined]
-            return
-        if self._lost:
-            return  # (gone right after its handshake)
-        self._tls_ready = True
-        super().connection_made(tls)
-        if self._stopped:
-            return  # refused for want of room
-        # The header timeout counts from the opening, the handshake included.
-        self._head_since = opened
-        self._wake_by(opened + self.header_timeout)
-        early, self._early = self._early, []
-        for data in early:
-            self.data_received(data)
-
-    def data_received(self, data: bytes) -> None:
-        if self._tls_ready:
-            super().data_received(data)
-        else:  # through the handshake; start_tls has not returned yet
-            self._early.append(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._tls_ready:
-            super().connection_lost(exc)
-            return
-        self._lost = True  # in (or right after) its handshake: HTTP never began
-        self.handshaking.pop(self, None)
-
-    def _drop(self) -> None:
-        # No close_notify, no wait for the client's: a client that is not reading (idle in
-        # its pool) would keep the descriptor for the shutdown's timeout.
-        if self._tls_ready:
-            self.transport.abort()
-        else:
-            self.handshaking.pop(self, None)
-            self._raw.abort()  # type: ignore[attr-defined]
-
-
-def _run_now(
-    coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]
-) -> None:
-    """Run ``coro`` up to its first wait now, in this callback, then on as each future it
-    waits for completes, as a task would (without the task's loop turn before its first
-    step); ``done(result, None)`` or ``done(None, exception)`` at its end."""
-
-    def step(_: object = None) -> None:
-        try:
-            waiting = coro.send(None)
-        except StopIteration as stop:
-            done(stop.value, None)
-            return
-        except (Exception, asyncio.CancelledError) as exc:
-            done(None, exc)
-            return
-        waiting._asyncio_future_blocking = False  # (taken, as a task marks it)
-        waiting.add_done_callback(step)
-
-    step()
-
-
 def _describe(exc: BaseException) -> str:
     # A user's exception reaches the proxy as itself: its __str__ may raise.
     return f"{type(exc).__name__}: {safe_str(exc)}"
@@ -896,13 +781,11 @@ def _head_size(url: bytes, headers: Headers) -> int:
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
-def protocol_for(
-    proxy: ProxyApp, max_connections: int, ssl_context: ssl.SSLContext | None = None
-) -> type[ProxyHttpProtocol]:
+def protocol_for(proxy: ProxyApp, max_connections: int) -> type[ProxyHttpProtocol]:
     """The protocol class uvicorn instantiates per connection, bound to ``proxy`` and its
-    limits; over TLS with ``ssl_context``."""
+    limits (``tls.https_protocol`` makes its TLS variant)."""
     options = proxy.options
-    limits: dict[str, Any] = {
+    limits = {
         "proxy": proxy,
         "max_connections": max_connections,
         "max_head": options.max_request_header_bytes,
@@ -912,10 +795,7 @@ def protocol_for(
         "body_timeout": options.request_body_timeout_s,
         "keep_alive_timeout": options.keep_alive_timeout_s,
     }
-    if ssl_context is None:
-        return type("ServalHttpProtocol", (ProxyHttpProtocol,), limits)
-    limits.update(ssl_context=ssl_context, handshaking={})
-    return type("ServalHttpsProtocol", (TlsHttpProtocol,), limits)
+    return type("ServalHttpProtocol", (ProxyHttpProtocol,), limits)
 
 
 def unquote_path(raw_path: bytes) -> str:

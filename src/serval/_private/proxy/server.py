@@ -11,7 +11,7 @@ from typing import Any
 from serval._private.caller.client import ClusterClient
 from serval._private.proxy.app import ProxyApp
 from serval._private.proxy.http_protocol import protocol_for
-from serval._private.proxy.tls import server_context
+from serval._private.proxy.tls import https_protocol, server_context
 from serval._private.telemetry import metrics
 from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
@@ -144,7 +144,9 @@ async def serve_proxy(
         max_connections = options.max_connections
     # (no ssl_* for uvicorn: the protocol does TLS itself, so that the handshake has the
     # header timeout and counts against max_connections; see TlsHttpProtocol)
-    protocol = protocol_for(app, max_connections, ssl_context)
+    protocol = protocol_for(app, max_connections)
+    if ssl_context is not None:
+        protocol = https = https_protocol(protocol, ssl_context)
     config = uvicorn.Config(
         app,
         http=protocol,
@@ -170,7 +172,8 @@ async def serve_proxy(
     try:
         await server.serve(sockets=[sock])
     finally:
-        protocol.close_handshakes()
+        if ssl_context is not None:
+            https.close_handshakes()
         if control.grpc is not None:  # what is in flight finishes, within the grace
             await control.grpc.stop(_GRPC_GRACE_S)
         await app.close()

@@ -8,19 +8,28 @@ the terminal for an encrypted key, which would hang a driver and fail a proxy ob
 with ``ssl_ca_certs``, clients must show a certificate that CA signed. Messages name the field
 and the file, never the password.
 
+Connections: ``TlsHttpProtocol`` (why it, not uvicorn, starts TLS: its docstring).
+
 On the local backend the password travels in the environment, not on command lines (see
 ``process.settings.http_options_argv``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import os
 import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from serval._private.proxy.http_protocol import ProxyHttpProtocol
 from serval.config import HTTPOptions
 
-__all__ = ["checked", "server_context"]
+__all__ = ["TlsHttpProtocol", "checked", "https_protocol", "server_context"]
+
+logger = logging.getLogger("serval.proxy")
 
 # A PEM file larger than this is no certificate or key (and not read whole to find out).
 _MAX_PEM_BYTES = 1 << 20
@@ -109,3 +118,123 @@ def checked(options: HTTPOptions) -> HTTPOptions:
     options = dataclasses.replace(options, **paths)
     server_context(options)
     return options
+
+
+# -- the connections ---------------------------------------------------------------------------
+
+
+def https_protocol(
+    plain: type[ProxyHttpProtocol], ssl_context: ssl.SSLContext
+) -> type[TlsHttpProtocol]:
+    """``plain`` (``http_protocol.protocol_for``'s class, with its limits) over TLS."""
+    attributes = {"ssl_context": ssl_context, "handshaking": {}}
+    return type("ServalHttpsProtocol", (TlsHttpProtocol, plain), attributes)
+
+
+class TlsHttpProtocol(ProxyHttpProtocol):
+    """``ProxyHttpProtocol`` over TLS, which it starts itself on the accepted connection
+    (``loop.start_tls``) rather than leaving it to the server (uvicorn's ``ssl_*``): so the
+    handshake has the header timeout instead of the event loop's 60 s (the head must be
+    whole ``header_timeout`` after the connection opened, handshake included), and a
+    connection in its handshake counts against ``max_connections``, the first to go for
+    room, instead of holding a descriptor unseen. uvicorn's part of the connection starts
+    once the handshake is through, on the TLS transport, as with uvicorn's own TLS."""
+
+    ssl_context: ssl.SSLContext
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = transport
+        self._tls_ready = False
+        self._lost = False
+        self._early: list[bytes] = []
+        opened = self.loop.time()
+        self.handshaking[self] = opened
+        if len(self.connections) + len(self.handshaking) > self.max_connections:
+            self._make_room()
+        if transport.is_closing():
+            self.handshaking.pop(self, None)
+            return
+        handshake = self.loop.start_tls(
+            transport,  # type: ignore[arg-type]
+            self,
+            self.ssl_context,
+            server_side=True,
+            ssl_handshake_timeout=self.header_timeout,
+        )
+        # Now, not in a task: start_tls takes the connection from this protocol as its first
+        # step, and a task's first step comes a loop turn later, after uvloop has started
+        # reading (it does once connection_made returns): the ClientHello would reach this
+        # protocol's data_received, lost to TLS.
+        _run_now(handshake, lambda tls, exc: self._handshake_done(tls, exc, opened))
+
+    def _handshake_done(
+        self, tls: asyncio.BaseTransport | None, exc: BaseException | None, opened: float
+    ) -> None:
+        self.handshaking.pop(self, None)
+        if exc is not None or tls is None:  # not TLS, a certificate refused, too slow, gone
+            logger.debug("a TLS handshake failed: %r", exc)
+            self._raw.abort()  # type: ignore[attr-defined]
+            return
+        if self._lost:
+            return  # (gone right after its handshake)
+        self._tls_ready = True
+        super().connection_made(tls)
+        if self._stopped:
+            return  # refused for want of room
+        # The header timeout counts from the opening, the handshake included.
+        self._head_since = opened
+        self._wake_by(opened + self.header_timeout)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tls_ready:
+            super().data_received(data)
+        else:  # through the handshake; start_tls has not returned yet
+            self._early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._tls_ready:
+            super().connection_lost(exc)
+            return
+        self._lost = True  # in (or right after) its handshake: HTTP never began
+        self.handshaking.pop(self, None)
+
+    @classmethod
+    def close_handshakes(cls) -> None:
+        """End the connections still in their handshake (the server stops; uvicorn knows only
+        those past it)."""
+        for conn in list(cls.handshaking):
+            conn._drop()
+
+    def _drop(self) -> None:
+        # No close_notify, no wait for the client's: a client that is not reading (idle in
+        # its pool) would keep the descriptor for the shutdown's timeout.
+        if self._tls_ready:
+            self.transport.abort()
+        else:
+            self.handshaking.pop(self, None)
+            self._raw.abort()  # type: ignore[attr-defined]
+
+
+def _run_now(
+    coro: Coroutine[Any, Any, Any], done: Callable[[Any, BaseException | None], None]
+) -> None:
+    """Run ``coro`` up to its first wait now, in this callback, then on as each future it
+    waits for completes, as a task would (without the task's loop turn before its first
+    step); ``done(result, None)`` or ``done(None, exception)`` at its end."""
+
+    def step(_: object = None) -> None:
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            done(stop.value, None)
+            return
+        except (Exception, asyncio.CancelledError) as exc:
+            done(None, exc)
+            return
+        waiting._asyncio_future_blocking = False  # (taken, as a task marks it)
+        waiting.add_done_callback(step)
+
+    step()
