@@ -34,8 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from websockets.sync.client import connect
 
 import serval as serve
 from conftest import free_port, poll, replica_pids, serval_processes
@@ -199,6 +201,22 @@ class Site:
         }
 
 
+sockets_app = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(sockets_app)
+class Sockets:
+    @sockets_app.websocket("/echo")
+    async def echo(self, ws: WebSocket) -> None:
+        await ws.accept()
+        try:
+            while True:
+                await ws.send_text(f"{ws.url.scheme}:{await ws.receive_text()}")
+        except WebSocketDisconnect:
+            pass
+
+
 def _start(certs: Certs, **options: Any) -> str:
     """A local cluster serving HTTPS with ``options``, the Site app at /; its base URL."""
     port = free_port()
@@ -274,6 +292,16 @@ class TestServing:
         r = httpx.post(f"{site}/upload", content=body(), verify=certs.client(), timeout=30)
         assert r.status_code == 200
         assert r.json() == {"sha256": expected, "size": 128 * len(piece)}
+
+    def test_a_websocket_over_tls(self, site: str, certs: Certs) -> None:
+        serve.run(Sockets.bind(), name="sockets", route_prefix="/live")
+        url = site.replace("https://", "wss://")
+        with connect(f"{url}/live/echo", ssl=certs.client(), open_timeout=10) as ws:
+            for text in ("hello", "x" * 100_000):
+                ws.send(text)
+                assert ws.recv(timeout=10) == f"wss:{text}"
+        r = httpx.get(f"{site}/hello", verify=certs.client(), timeout=10)  # (and HTTP on)
+        assert r.status_code == 200
 
     def test_plain_http_to_the_tls_port_is_closed_and_serving_goes_on(
         self, site: str, certs: Certs
