@@ -209,7 +209,7 @@ def test_concurrent_scrapes_make_one_gathering() -> None:
             self.gatherings = 0
             self.controller = self
 
-        async def collect_metrics(self) -> list[object]:
+        async def collect_metrics(self, node: str | None = None) -> list[object]:
             self.gatherings += 1
             await asyncio.sleep(0.1)
             return []
