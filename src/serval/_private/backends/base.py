@@ -38,10 +38,13 @@ HostRef = dict[str, Any]
 
 @dataclass(frozen=True)
 class Exit:
-    """How a host ended: its exit code where there is one, and the reason in words."""
+    """How a host ended: its exit code where there is one, and the reason in words.
+    ``place_gone``: it could not run where it was meant to (its node is gone), so starting it
+    there again is pointless."""
 
     code: int | None
     reason: str
+    place_gone: bool = False
 
 
 class ReplicaHost(ABC):

@@ -29,7 +29,7 @@ from serval._private.backends import ray_store
 from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
 from serval.config import DeploymentConfig
 
-__all__ = ["RayBackend", "RayHost", "actor_options"]
+__all__ = ["RayBackend", "RayHost", "actor_options", "head_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,14 @@ class RayHost(ReplicaHost):
     async def wait(self) -> Exit:
         try:
             await asyncio.shield(self._ended)
+        except ray.exceptions.ActorUnschedulableError as exc:  # its node is gone (affinity)
+            self._release()
+            return Exit(None, f"its actor cannot be placed: {_first_line(exc)}", place_gone=True)
         except ray.exceptions.RayError as exc:
             self._release()
-            return Exit(None, f"its actor died: {_first_line(exc)}")
+            node = self.node
+            gone = node is not None and node not in await asyncio.to_thread(_alive_node_resources)
+            return Exit(None, f"its actor died: {_first_line(exc)}", place_gone=gone)
         except Exception as exc:  # the actor's run raised: it could not start
             self.kill()
             return Exit(1, f"it failed: {_first_line(exc)}")
@@ -145,6 +150,14 @@ def _alive_node_resources() -> dict[str, dict[str, float]]:
         for n in ray.nodes()  # type: ignore[no-untyped-call]
         if n.get("Alive")
     }
+
+
+def head_node() -> str | None:
+    """The head node's id (Ray marks it with a resource of its own), if it is alive."""
+    for node, total in _alive_node_resources().items():
+        if "node:__internal_head__" in total:
+            return node
+    return None
 
 
 def _alive_nodes() -> list[str]:
@@ -267,13 +280,11 @@ class RayBackend(Backend):
 
     def proxy_nodes(self, location: str) -> list[str]:
         if location == "HeadOnly":
-            return [self.node_id]  # the controller's node: the head, where Ray can
+            return [head_node() or self.node_id]
         return _alive_nodes()
 
     async def current_proxy_nodes(self, location: str) -> list[str]:
-        if location == "HeadOnly":
-            return [self.node_id]
-        return await asyncio.to_thread(_alive_nodes)
+        return await asyncio.to_thread(self.proxy_nodes, location)
 
     def start_proxy(self, http_options_json: str, node: str = "") -> ReplicaHost:
         node = node or self.node_id
@@ -290,7 +301,7 @@ class RayBackend(Backend):
             )
             .remote(self.namespace, http_options_json, node)
         )
-        return RayHost("serval::proxy", actor, name, self.namespace)
+        return RayHost("serval::proxy", actor, name, self.namespace, node=node)
 
     def adopt(self, host_id: str, ref: HostRef) -> ReplicaHost | None:
         name = ref.get("actor")

@@ -112,16 +112,26 @@ class Proxies:
                 logger.info("a new node (%s): starting an HTTP proxy there", node)
                 self._start(self.by_node.setdefault(node, _Proxy(node)))
             for node in set(self.by_node) - places:
-                proxy = self.by_node.pop(node)
-                proxy.removed = True
-                if proxy.host is not None:
-                    proxy.host.kill()
-                self._notify()
-                self._on_change()
+                self._forget(node)
+
+    def _forget(self, node: str) -> None:
+        """Place ``node`` is gone: its proxy is stopped and no longer waited for."""
+        proxy = self.by_node.pop(node, None)
+        if proxy is None:
+            return
+        proxy.removed = True
+        if proxy.host is not None:
+            proxy.host.kill()
+        self._notify()
+        self._on_change()
 
     async def _watch(self, proxy: _Proxy, host: ReplicaHost) -> None:
         ended = await host.wait()
         if self.stopping or proxy.removed or proxy.error is not None or host is not proxy.host:
+            return
+        if ended.place_gone:  # its node left: not a failure; a node that comes back gets one
+            logger.info("the HTTP proxy's node %s is gone (%s)", proxy.node, ended.reason)
+            self._forget(proxy.node)
             return
         proxy.version = -1  # it routes no more: who waits for one waits for the next
         if proxy.ready_at is None:

@@ -18,6 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serval._private.backends import ray_store
+from serval._private.backends.ray_backend import head_node
 from serval._private.process.ray_actors import ControllerActor, connect_process
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
@@ -70,13 +71,6 @@ def join(namespace: str = DEFAULT_NAMESPACE) -> None:
     connect_process(namespace)
 
 
-def _head_node() -> str | None:
-    for node in ray.nodes():  # type: ignore[no-untyped-call]
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return str(node["NodeID"])
-    return None
-
-
 def connect(http_options: HTTPOptions, namespace: str = DEFAULT_NAMESPACE) -> bool:
     """Join the serval cluster of ``namespace``, starting its controller if there is none;
     whether this call started it."""
@@ -108,7 +102,7 @@ def _start_controller(http_options: HTTPOptions, namespace: str) -> Any:
         "num_cpus": 0,
         "get_if_exists": True,  # another driver may be starting it too
     }
-    head = _head_node()
+    head = head_node()
     if head is not None:  # as in Ray Serve: on the head node, which lives as long as Ray does
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
     actor_class = ray.remote(ControllerActor)
