@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import copy
 import dataclasses
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
@@ -606,12 +605,9 @@ def wait(
 
 def _ray_refs(refs: Any) -> bool:
     """Whether ``refs`` are ``ray.ObjectRef``s (by-reference calls on the Ray backend)."""
-    ray = sys.modules.get("ray")
-    if ray is None:
-        return False
     if isinstance(refs, (list, tuple)):
-        return bool(refs) and all(isinstance(r, ray.ObjectRef) for r in refs)
-    return isinstance(refs, ray.ObjectRef)
+        return bool(refs) and all(_is_ray_ref(r) for r in refs)
+    return _is_ray_ref(refs)
 
 
 def _as_ref(value: Any) -> _Submitted:

@@ -27,10 +27,9 @@ from serval._private.caller import runtime
 from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
 from serval._private.controller.controller import Controller
-from serval._private.process.worker import run_to_the_end, tune_gc
+from serval._private.process.worker import ControlPeers, run_to_the_end, tune_gc
 from serval._private.replica.server import ListenAt, Replica
 from serval._private.wire import endpoints, transport
-from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
 
 __all__ = ["ControllerActor", "ProxyActor", "ReplicaActor", "connect_process"]
@@ -193,19 +192,11 @@ async def _serve_controller(
     listening: concurrent.futures.Future[str],
 ) -> None:
     controller = Controller(RayBackend(namespace, node), http, ray_store.address_of(namespace))
-    peers: set[RpcPeer] = set()
-
-    def forget(peer: RpcPeer) -> None:
-        peers.discard(peer)
-        controller.subscribers.discard(peer)
-
-    def new_peer() -> transport.Connection:
-        peer = RpcPeer(controller, on_close=forget)
-        peers.add(peer)
-        return peer.protocol_factory()
-
+    peers = ControlPeers(controller)
     try:
-        listener = await transport.TcpListener.start(ip, 0, new_peer, endpoints.secret())
+        listener = await transport.TcpListener.start(
+            ip, 0, peers.new_connection, endpoints.secret()
+        )
         ray_store.set_controller_endpoint(namespace, listener.address)
         controller.start(recover=True)  # (a first controller finds no checkpoint)
     except BaseException as exc:
@@ -214,9 +205,7 @@ async def _serve_controller(
     listening.set_result(listener.address)
     await controller.stopped.wait()
     listener.close()
-    for peer in list(peers):
-        peer.close()  # flushes the reply to the shutdown call first
-    await asyncio.sleep(0)
+    await peers.close()
     await controller.close()
     await listener.aclose()
     ray_store.forget_cluster(namespace)

@@ -105,25 +105,38 @@ async def _end_cluster(controller: Controller, address: str) -> None:
     os._exit(0)
 
 
+class ControlPeers:
+    """A controller's control connections, one ``RpcPeer`` per caller, wherever it listens
+    (a Unix socket here, TCP on Ray): ``new_connection`` is the listener's factory."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.peers: set[RpcPeer] = set()
+
+    def new_connection(self) -> transport.Connection:
+        peer = RpcPeer(self.controller, on_close=self._forget)
+        self.peers.add(peer)
+        return peer.protocol_factory()
+
+    def _forget(self, peer: RpcPeer) -> None:
+        self.peers.discard(peer)
+        self.controller.subscribers.discard(peer)
+
+    async def close(self) -> None:
+        for peer in list(self.peers):
+            peer.close()  # flushes the reply to the shutdown call first
+        await asyncio.sleep(0)
+
+
 async def _controller_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     http = http_options_from_argv(args.http_options) if args.http_options else None
     backend = load_backend(args.backend).for_controller(args.address, args.lifeline_fd)
     controller = Controller(backend, http, args.address)
     tasks = TaskOwner("the controller process")  # what signals and the lifeline start
-    peers: set[RpcPeer] = set()
-
-    def forget(peer: RpcPeer) -> None:
-        peers.discard(peer)
-        controller.subscribers.discard(peer)
-
-    def new_peer() -> transport.Connection:
-        peer = RpcPeer(controller, on_close=forget)
-        peers.add(peer)
-        return peer.protocol_factory()
-
+    peers = ControlPeers(controller)
     _controller_exits_with_owner(loop, args, controller, tasks)
-    server = await transport.listen(controller_path(args.address), new_peer)
+    server = await transport.listen(controller_path(args.address), peers.new_connection)
     controller.start(recover=args.recover)
     loop.add_signal_handler(
         signal.SIGTERM,
@@ -131,9 +144,7 @@ async def _controller_main(args: argparse.Namespace) -> None:
     )
     await controller.stopped.wait()
     server.close()
-    for peer in list(peers):
-        peer.close()  # flushes the reply to the shutdown call first
-    await asyncio.sleep(0)
+    await peers.close()
     await controller.close()
     await tasks.close()
 
