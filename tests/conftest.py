@@ -119,6 +119,31 @@ def poll(predicate: Callable[[], T], timeout: float, what: str, interval: float 
     return wait_for(predicate, timeout, what, interval)
 
 
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(url: str, timeout: float) -> list[tuple[str, dict[str, str], float]]:
+    """The samples at ``url``/-/metrics (Prometheus text): (name, labels, value)."""
+    import httpx
+
+    reply = httpx.get(f"{url}/-/metrics", timeout=timeout)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out = []
+    for line in reply.text.splitlines():
+        if line and not line.startswith("#"):
+            m = _SAMPLE.match(line)
+            assert m is not None, f"not a sample line: {line!r}"
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out.append((m.group(1), labels, float(m.group(3))))
+    return out
+
+
+def total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for n, lbl, v in samples if n == name and labels.items() <= lbl.items())
+
+
 class BackgroundThreads:
     """A context for work in background threads: entering it starts ``self.threads`` (as
     daemons); leaving it sets ``self.stop`` and asserts that every thread finished within 15 s."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import signal
 import threading
 import time
@@ -34,7 +33,7 @@ from starlette.responses import StreamingResponse
 
 import serval as serve
 from chaos.harness import free_port
-from conftest import SCALE_TO_ZERO, BackgroundThreads, pid_alive, poll
+from conftest import SCALE_TO_ZERO, BackgroundThreads, pid_alive, poll, scrape, total
 from ray_clusters import one_node
 from serval._private.backends import ray_store
 from serval.exceptions import (
@@ -847,28 +846,6 @@ class Scored:
         return "ok"
 
 
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-
-
-def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
-    """The samples at ``url``/-/metrics: (name, labels, value)."""
-    reply = httpx.get(f"{url}/-/metrics", timeout=DEADLINE_S)
-    assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
-    out = []
-    for line in reply.text.splitlines():
-        if line and not line.startswith("#"):
-            m = SAMPLE.match(line)
-            assert m is not None, f"not a sample line: {line!r}"
-            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            out.append((m.group(1), labels, float(m.group(3))))
-    return out
-
-
-def total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    return sum(v for n, lbl, v in samples if n == name and labels.items() <= lbl.items())
-
-
 def test_replica_and_proxy_metrics_are_served_at_the_proxy(on: Cluster) -> None:
     handle = serve.run(Scored.bind(), name="scored", route_prefix="/scored")
     assert [handle.record.remote(n).result(timeout_s=DEADLINE_S) for n in (1, 2, 3)] == [1, 2, 3]
@@ -879,7 +856,7 @@ def test_replica_and_proxy_metrics_are_served_at_the_proxy(on: Cluster) -> None:
 
     def settled() -> list[tuple[str, dict[str, str], float]] | None:
         # (a sync call's answer leaves before the replica counts it: counts catch up)
-        samples = scrape(on.url)
+        samples = scrape(on.url, DEADLINE_S)
         done = total(samples, "serve_deployment_request_counter_total", **where)
         return samples if done == 5 else None
 

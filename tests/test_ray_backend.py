@@ -8,6 +8,7 @@ that deployed them, and ``serve.shutdown`` leaves no actor behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,9 +24,10 @@ import yaml  # type: ignore[import-untyped]
 
 import serval as serve
 from chaos.harness import free_port
-from conftest import poll
+from conftest import poll, scrape, total
 from ray_clusters import CALL_TIMEOUT_S, loopback, one_node, run_driver, serval_actors
 from serval._private.backends import ray_store
+from serval.exceptions import RequestCancelledError
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -280,6 +282,9 @@ class Calc:
     def fail(self) -> None:
         raise KeyError("missing")
 
+    def lock(self) -> Any:
+        return threading.Lock()
+
 
 @ray.remote(num_cpus=0)
 def plus_one(x: int) -> int:
@@ -306,6 +311,13 @@ def test_by_reference_calls_return_real_object_refs(on_ray: str) -> None:
         by_ref.fail.remote().result(timeout_s=CALL_TIMEOUT_S)
     with pytest.raises(KeyError, match="missing"):
         ray.get(by_ref.fail.remote()._to_object_ref_sync(), timeout=CALL_TIMEOUT_S)
+    # a result that cannot be serialized: Ray's error names the call and what failed, and
+    # the replica serves on
+    with pytest.raises(TypeError) as failed:
+        by_ref.lock.remote().result(timeout_s=CALL_TIMEOUT_S)
+    assert "serval:calc.Calc.lock" in str(failed.value)
+    assert "cannot pickle '_thread.lock' object" in str(failed.value)
+    assert by_ref.add.remote(1, 2).result(timeout_s=CALL_TIMEOUT_S) == 3
 
     async def from_a_loop() -> list[Any]:
         value = await by_ref.add.remote(1, 1)
@@ -360,6 +372,143 @@ def test_by_reference_calls_keep_max_ongoing_requests(on_ray: str) -> None:
     by_ref = handle.options(_by_reference=True)
     refs = [by_ref.work.remote()._to_object_ref_sync() for _ in range(8)]
     assert max(ray.get(refs, timeout=CALL_TIMEOUT_S)) == 1
+
+
+@serve.deployment(max_ongoing_requests=24, ray_actor_options={"num_cpus": 0})
+class Gathering:
+    """Async calls that each wait until ``n`` of them run at once (or 20 s pass)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.all_in = asyncio.Event()
+        self.cancelled = 0
+
+    async def meet(self, n: int) -> int:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        if self.running >= n:
+            self.all_in.set()
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.all_in.wait(), 20)
+            return self.most
+        finally:
+            self.running -= 1
+
+    async def forever(self) -> None:
+        self.running += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+
+    def counts(self) -> dict[str, int]:
+        return {"running": self.running, "cancelled": self.cancelled}
+
+
+def test_by_reference_calls_to_async_methods_run_as_many_at_once_as_the_replica_may(
+    on_ray: str,
+) -> None:
+    # More than the threads a replica actor keeps for sync methods: an async method's calls
+    # are not held to those.
+    handle = serve.run(Gathering.bind(), name="gather", route_prefix="/gather")
+    by_ref = handle.options(_by_reference=True)
+    refs = [by_ref.meet.remote(24)._to_object_ref_sync() for _ in range(24)]
+    assert ray.get(refs, timeout=CALL_TIMEOUT_S) == [24] * 24
+
+
+def test_a_cancelled_by_reference_call_is_cancelled_in_the_replica(on_ray: str) -> None:
+    handle = serve.run(
+        Gathering.options(max_ongoing_requests=2).bind(), name="cancel", route_prefix="/cancel"
+    )
+    by_ref = handle.options(_by_reference=True)
+    response = by_ref.forever.remote()
+    ref = response._to_object_ref_sync()
+
+    def counts() -> dict[str, int]:
+        return handle.counts.remote().result(timeout_s=CALL_TIMEOUT_S)  # type: ignore[no-any-return]
+
+    poll(lambda: counts()["running"] == 1, CALL_TIMEOUT_S, "the call running in the replica")
+    response.cancel()
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=CALL_TIMEOUT_S)
+    with pytest.raises(RequestCancelledError):  # what a cancelled call raises on any backend
+        response.result(timeout_s=CALL_TIMEOUT_S)
+    poll(
+        lambda: counts() == {"running": 0, "cancelled": 1},
+        CALL_TIMEOUT_S,
+        "its coroutine cancelled",
+    )
+    # both slots are free again: two calls that wait for each other meet
+    refs = [by_ref.meet.remote(2)._to_object_ref_sync() for _ in range(2)]
+    assert ray.get(refs, timeout=CALL_TIMEOUT_S) == [2, 2]
+
+
+def test_by_reference_and_other_calls_share_max_ongoing_requests(on_ray: str) -> None:
+    two_at_a_time = OneAtATime.options(max_ongoing_requests=2)
+    handle = serve.run(two_at_a_time.bind(), name="two", route_prefix="/two")
+    by_ref = handle.options(_by_reference=True)
+    refs = [by_ref.work.remote()._to_object_ref_sync() for _ in range(8)]
+    plain = [handle.work.remote() for _ in range(8)]
+    most = ray.get(refs, timeout=CALL_TIMEOUT_S) + [
+        r.result(timeout_s=CALL_TIMEOUT_S) for r in plain
+    ]
+    assert max(most) == 2
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Slow:
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    def work(self, seconds: float) -> str:
+        self.started.set()
+        time.sleep(seconds)
+        return "finished"
+
+    def has_started(self) -> bool:
+        return self.started.is_set()
+
+
+def test_a_by_reference_call_in_flight_finishes_while_its_replica_drains(on_ray: str) -> None:
+    handle = serve.run(Slow.bind(), name="slow", route_prefix="/slow")
+    by_ref = handle.options(_by_reference=True)
+    ref = by_ref.work.remote(1.5)._to_object_ref_sync()
+    poll(
+        lambda: handle.has_started.remote().result(timeout_s=CALL_TIMEOUT_S),
+        CALL_TIMEOUT_S,
+        "the call running in the replica",
+    )
+    deleting = threading.Thread(target=serve.delete, args=("slow",))
+    deleting.start()
+    assert ray.get(ref, timeout=CALL_TIMEOUT_S) == "finished"
+    deleting.join(CALL_TIMEOUT_S)
+    assert not deleting.is_alive()
+    assert "slow" not in serve.status().applications
+
+
+def test_by_reference_calls_count_in_the_replicas_metrics(on_ray: str) -> None:
+    handle = serve.run(Echo.bind(), name="counted", route_prefix="/counted")
+    by_ref = handle.options(_by_reference=True)
+    refs = [by_ref.remote(i)._to_object_ref_sync() for i in range(10)]
+    assert ray.get(refs, timeout=CALL_TIMEOUT_S) == list(range(10))
+    with pytest.raises(TypeError):
+        by_ref.where.remote("unexpected").result(timeout_s=CALL_TIMEOUT_S)
+    where = {"application": "counted", "deployment": "Echo"}
+
+    def counted() -> list[tuple[str, dict[str, str], float]] | None:
+        samples = scrape(on_ray, CALL_TIMEOUT_S)
+        done = total(samples, "serve_deployment_request_counter_total", **where)
+        return samples if done == 11 else None
+
+    samples = poll(counted, CALL_TIMEOUT_S, "the 11 calls by reference counted")
+    assert total(samples, "serve_deployment_error_counter_total", **where) == 1
+    latency = total(samples, "serve_deployment_processing_latency_ms_count", **where)
+    assert latency == 11
 
 
 # -- the CLI, naming the Ray cluster as Ray's tools do --------------------------------------------

@@ -29,20 +29,55 @@ from serval._private.backends import ray_store
 from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
 from serval.config import DeploymentConfig
 
-__all__ = ["RayBackend", "RayHost", "actor_options", "head_node"]
+__all__ = [
+    "CONTROL_GROUP",
+    "RayBackend",
+    "RayHost",
+    "actor_options",
+    "head_node",
+    "replica_threads",
+]
 
 logger = logging.getLogger(__name__)
 
 _ACTORS = "serval._private.process.ray_actors"
 # A replica reserves one CPU unless told otherwise, as in Ray Serve; serval's own actors none.
 _DEFAULT_NUM_CPUS = 1.0
-_REPLICA_MAX_CONCURRENCY = 100_000  # by-reference calls; the replica applies its own limit
+# A replica actor's concurrency groups (``process/ray_actors.ReplicaActor``): its ``run``'s,
+# and the one whose threads wait for async methods
+CONTROL_GROUP = "serval_control"
+ASYNC_GROUP = "serval_async"
+# Ray makes an actor's threads when it starts it, and hands each call to the next in turn: the
+# more threads, the slower every call (measured here: 16 cost nothing, 64 halve throughput),
+# so sync methods get a few, as a replica rarely runs more than a few at once on its GIL:
+# twice max_ongoing_requests (the calls beyond it wait in the replica, counted in its queue),
+# at most 16 (beyond, calls wait in Ray).
+_SYNC_THREADS = 16
+# Threads that wait for async methods (calls beyond wait in Ray): what the replica may run,
+# in a few sizes (each size is a class Ray exports)
+_ASYNC_THREADS = (8, 32, 128, 512)
+
+
+def replica_threads(config: DeploymentConfig) -> tuple[int, int]:
+    """A replica actor's threads for calls by reference: (sync methods, async methods)."""
+    wanted = config.max_ongoing_requests
+    sync = min(2 * wanted, _SYNC_THREADS)
+    for size in _ASYNC_THREADS:
+        if size >= wanted:
+            return sync, size
+    return sync, _ASYNC_THREADS[-1]
 
 
 @functools.cache
-def _actor_class(name: str) -> Any:
-    """The Ray actor class (made once: Ray exports a class's code each time it is made)."""
-    return ray.remote(getattr(importlib.import_module(_ACTORS), name))
+def _actor_class(name: str, async_threads: int = 0) -> Any:
+    """The Ray actor class (made once: Ray exports a class's code each time it is made). A
+    replica's has the threads of its concurrency groups (which Ray takes here, not in
+    ``.options()``)."""
+    cls = getattr(importlib.import_module(_ACTORS), name)
+    if async_threads:
+        groups = {CONTROL_GROUP: 1, ASYNC_GROUP: async_threads}
+        return ray.remote(concurrency_groups=groups)(cls)  # type: ignore[call-overload]
+    return ray.remote(cls)
 
 
 def actor_options(config: DeploymentConfig) -> dict[str, Any]:
@@ -224,14 +259,15 @@ class RayBackend(Backend):
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         working_dir = bool((options.get("runtime_env") or {}).get("working_dir"))
         name = ray_store.replica_actor_name(replica_id)
+        sync_threads, async_threads = replica_threads(config)
         actor = (
-            _actor_class("ReplicaActor")
+            _actor_class("ReplicaActor", async_threads)
             .options(
                 name=name,
                 namespace=self.namespace,
                 lifetime="detached",
                 max_restarts=0,
-                max_concurrency=_REPLICA_MAX_CONCURRENCY,
+                max_concurrency=sync_threads,
                 **options,
             )
             .remote(self.namespace, replica_id, label, working_dir)

@@ -26,7 +26,13 @@ from serval._private.caller import runtime
 from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
 from serval._private.wire.layout import replica_actor_name
-from serval.exceptions import DeploymentNotFoundError, DeploymentUnavailableError, ServalError
+from serval._private.wire.types import ReplicaInfo
+from serval.exceptions import (
+    DeploymentNotFoundError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+    ServalError,
+)
 
 __all__ = ["submit"]
 
@@ -35,6 +41,7 @@ _TABLE_TIMEOUT_S = 30.0
 _lock = threading.Lock()
 _in_flight: dict[str, int] = {}  # replica id -> by-reference calls of this process not done
 _actors: dict[str, Any] = {}  # replica id -> its actor handle
+_entries: dict[tuple[str, str], Any] = {}  # (replica id, method) -> the actor method to call
 
 
 def _namespace() -> str:
@@ -80,10 +87,13 @@ def _send(
     refs: concurrent.futures.Future[Any],
 ) -> None:
     try:
-        replica_id = _choose(client, call.app, call.deployment)
-        actor = _actor(replica_id, namespace)
-        # The arguments at the top level of Ray's call: Ray resolves the refs among them.
-        ref = actor.handle_request.remote(call.method, call.meta, *call.args, **call.kwargs)
+        info = _choose(client, call.app, call.deployment)
+        replica_id = info.replica_id
+        entry = _entry(info, call, namespace)
+        # The arguments at the top level of Ray's call: Ray resolves the refs among them. The
+        # method's name alone when the call has no metadata (each argument costs Ray time).
+        what = call.method if call.meta is None else (call.method, call.meta)
+        ref = entry.remote(what, *call.args, **call.kwargs)
     except BaseException as exc:
         refs.set_exception(exc)
         owner.call_soon_threadsafe(call.set_exception, exc)
@@ -107,6 +117,8 @@ def _finished(
     try:
         value = done.result()
     except BaseException as exc:
+        if isinstance(exc, ray.exceptions.TaskCancelledError):  # as on any backend
+            exc = RequestCancelledError(f"{call.deployment}.{call.method} was cancelled")
         with contextlib.suppress(RuntimeError):  # the owner loop is gone: nobody waits
             owner.call_soon_threadsafe(call.set_exception, exc)
         return
@@ -135,19 +147,41 @@ def _client_with_table() -> ClusterClient | None:
     return home if home.has_table else None
 
 
-def _choose(client: ClusterClient, app: str, deployment: str) -> str:
+def _choose(client: ClusterClient, app: str, deployment: str) -> ReplicaInfo:
     router = client.routers.get((app, deployment))
     if router is None:
         raise DeploymentNotFoundError(f"no deployment {deployment!r} in application {app!r}")
     with router.lock:
-        ids = [rid for rid, s in router.slots.items() if not s.dead and not s.draining]
-    if not ids:
+        live = [s.info for s in router.slots.values() if not s.dead and not s.draining]
+    if not live:
         raise DeploymentUnavailableError(f"deployment {app}.{deployment} has no running replica")
-    if len(ids) == 1:
-        return ids[0]
-    a, b = random.sample(ids, 2)
+    if len(live) == 1:
+        return live[0]
+    a, b = random.sample(live, 2)
     with _lock:
-        return a if _in_flight.get(a, 0) <= _in_flight.get(b, 0) else b
+        return a if _in_flight.get(a.replica_id, 0) <= _in_flight.get(b.replica_id, 0) else b
+
+
+def _entry(info: ReplicaInfo, call: Call, namespace: str) -> Any:
+    """The actor method that serves ``call`` on replica ``info``. An async method waits on
+    the replica's loop: on a thread of the actor's group for such calls, as many as the replica
+    may run, not of the few that run sync ones. Named for the call's method, as Ray shows it
+    (its dashboard, and the errors raised by the call, such as a result that cannot be
+    serialized)."""
+    key = (info.replica_id, call.method)
+    entry = _entries.get(key)
+    if entry is None:
+        actor = _actor(info.replica_id, namespace)
+        method = (
+            actor.handle_async_request
+            if call.method in info.async_methods
+            else actor.handle_request
+        )
+        entry = method.options(name=f"serval:{call.app}.{call.deployment}.{call.method}")
+        if len(_entries) > 4096:  # replicas come and go: forget the old ones
+            _entries.clear()
+        _entries[key] = entry
+    return entry
 
 
 def _actor(replica_id: str, namespace: str) -> Any:

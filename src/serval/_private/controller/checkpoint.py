@@ -35,6 +35,7 @@ class SavedReplica:
     address: str
     state: str
     model_ids: frozenset[str]
+    async_methods: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _save_app(app: AppState) -> SavedApp:
                     r.address,
                     r.state.value,
                     r.model_ids,
+                    r.async_methods,
                 )
                 for r in dep.replicas.values()
             ],
@@ -152,4 +154,5 @@ def _adopt(backend: Backend, sr: SavedReplica) -> ReplicaRecord | None:
         return None
     rec = ReplicaRecord(sr.replica_id, sr.index, sr.version, host, sr.address, state)
     rec.model_ids = sr.model_ids
+    rec.async_methods = sr.async_methods
     return rec

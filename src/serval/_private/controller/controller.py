@@ -317,7 +317,13 @@ class Controller:
             if found[2].state == ReplicaState.RUNNING:
                 self._publish()
 
-    def rpc_replica_ready(self, peer: ControlPeer, replica_id: str, error: str | None) -> None:
+    def rpc_replica_ready(
+        self,
+        peer: ControlPeer,
+        replica_id: str,
+        error: str | None,
+        async_methods: frozenset[str] = frozenset(),
+    ) -> None:
         found = self._replicas.get(replica_id)
         if found is None:
             return
@@ -330,6 +336,7 @@ class Controller:
             self._after_change(app, dep)
             return
         rec.state = ReplicaState.RUNNING
+        rec.async_methods = async_methods
         dep.start_failures = 0
         self._publish()
         self.tasks.spawn(self._health_loop(app, dep, rec))
@@ -623,7 +630,7 @@ class Controller:
                 continue
             for dep in app.deployments.values():
                 replicas = tuple(
-                    ReplicaInfo(r.replica_id, r.address, r.model_ids)
+                    ReplicaInfo(r.replica_id, r.address, r.model_ids, r.async_methods)
                     for r in dep.replicas.values()
                     if r.state == ReplicaState.RUNNING
                 )

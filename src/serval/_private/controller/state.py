@@ -55,6 +55,7 @@ class ReplicaRecord:
     state: ReplicaState = ReplicaState.STARTING
     peer: ControlPeer | None = None
     model_ids: frozenset[str] = frozenset()
+    async_methods: frozenset[str] = frozenset()  # (what the replica reported when ready)
 
 
 @dataclass

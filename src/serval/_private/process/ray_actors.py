@@ -22,15 +22,15 @@ from typing import Any
 import ray
 
 from serval._private.backends import ray_store
-from serval._private.backends.ray_backend import RayBackend
+from serval._private.backends.ray_backend import ASYNC_GROUP, CONTROL_GROUP, RayBackend
 from serval._private.caller import runtime
-from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
 from serval._private.controller.controller import Controller
 from serval._private.process.worker import ControlPeers, run_to_the_end, tune_gc
 from serval._private.replica.server import ListenAt, Replica
 from serval._private.wire import endpoints, transport
 from serval.config import HTTPOptions
+from serval.exceptions import RequestCancelledError
 
 __all__ = ["ControllerActor", "ProxyActor", "ReplicaActor", "connect_process"]
 
@@ -82,6 +82,15 @@ def _setup(role: str, namespace: str) -> tuple[str, str]:
 
 
 class ReplicaActor:
+    """A threaded actor (no async method): a call by reference runs on the Ray thread that
+    executes it (``replica.direct``), as a bare Ray actor's method does, instead of crossing to
+    an event loop of Ray's and to the replica's.
+
+    Its concurrency groups: the default one, a few threads (Ray hands calls to its threads in
+    turn, and many threads make every call slower), runs sync methods; ``ASYNC_GROUP``, as many
+    threads as the replica may run calls, waits for async methods running on the replica's
+    loop; ``CONTROL_GROUP`` holds ``run``, which waits for the replica's end."""
+
     def __init__(self, namespace: str, replica_id: str, label: str, keep_cwd: bool) -> None:
         node, ip = _setup(f"replica {label}", namespace)
         path = os.path.join(ray_store.node_socket_dir(node), f"{replica_id}.sock")
@@ -96,40 +105,39 @@ class ReplicaActor:
 
         self._thread = _LoopThread(f"serval-replica-{label}", body)
 
-    async def run(self) -> None:
-        await asyncio.wrap_future(self._thread.done)
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def run(self) -> None:
+        self._thread.done.result()
 
-    async def handle_request(
-        self, _serval_method: str, _serval_meta: Any, /, *args: Any, **kwargs: Any
-    ) -> Any:
-        """A call by reference (``caller.by_reference``): served through the replica's own
-        request path, on its loop; the value is what the caller's ``ray.ObjectRef`` holds.
-        The call's arguments come at the top level, so Ray has resolved the refs among them."""
-        replica = await asyncio.wrap_future(self._replica)
-        served = asyncio.run_coroutine_threadsafe(
-            _serve_by_reference(replica, _serval_method, args, kwargs, _serval_meta),
-            replica.loop,
-        )
+    def handle_request(self, _serval_call: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """A call by reference (``caller.by_reference``), on one of Ray's threads; the value is
+        what the caller's ``ray.ObjectRef`` holds. ``_serval_call`` is the method's name, or
+        (name, the call's metadata). The call's arguments come at the top level, so Ray has
+        resolved the refs among them."""
+        return self._serve(_serval_call, args, kwargs)
+
+    @ray.method(concurrency_group=ASYNC_GROUP)
+    def handle_async_request(self, _serval_call: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """``handle_request`` for an async method (the caller knows which are: the replica
+        table says)."""
+        return self._serve(_serval_call, args, kwargs)
+
+    def _serve(self, what: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        method, meta = (what, None) if type(what) is str else what
         try:
-            return await asyncio.wrap_future(served)
-        except asyncio.CancelledError:  # ray.cancel: the call is cancelled in the replica too
-            served.cancel()
-            raise
+            return self._replica.result().direct.serve(method, args, kwargs, meta, _cancelled)
+        except RequestCancelledError:
+            if not _cancelled():
+                raise
+            # Ray's own answer to a cancelled call (TaskCancelledError) is what its caller
+            # gets when the call returns: not this error wrapped as the call's failure.
+            return None
 
 
-async def _serve_by_reference(
-    replica: Replica, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any
-) -> Any:
-    client = runtime.client(replica.loop)
-    await client.wait_ready()
-    pinned = {**(meta or {}), "pinned_replica": replica.replica_id}
-    call = Call(replica.app, replica.deployment, method, args, kwargs, pinned)
-    client.submit(call)
-    try:
-        return await call.result_async()
-    except asyncio.CancelledError:
-        client.cancel(call)
-        raise
+def _cancelled() -> bool:
+    """``ray.cancel`` was called on the call this thread runs (a threaded actor's running call
+    is not interrupted: it is asked)."""
+    return bool(ray.get_runtime_context().is_canceled())
 
 
 class ProxyActor:

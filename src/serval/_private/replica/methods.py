@@ -15,6 +15,8 @@ from serval._private.replica import request_context
 __all__ = [
     "FunctionDeployment",
     "Kind",
+    "async_methods",
+    "check_stream",
     "http_entry",
     "kind",
     "kind_cached",
@@ -60,6 +62,36 @@ def kind(fn: Callable[..., Any]) -> Kind:
     ):
         return Kind.ASYNC
     return Kind.SYNC
+
+
+def async_methods(user: Any) -> frozenset[str]:
+    """The names of ``user``'s async methods (those a handle may call: public, and
+    ``__call__``). Found on the class, without running a property's code."""
+    found = set()
+    names = [n for n in dir(type(user)) if not n.startswith("_")] + ["__call__"]
+    for name in names:
+        try:
+            static = inspect.getattr_static(user, name)
+        except AttributeError:
+            continue
+        if isinstance(static, property):
+            continue
+        fn = getattr(user, name, None)
+        if callable(fn) and kind(fn) is Kind.ASYNC:
+            found.add(name)
+    return frozenset(found)
+
+
+def check_stream(kind: Kind, stream: bool, deployment: str, fn: Callable[..., Any]) -> None:
+    """A generator is called with ``stream=True``, and only a generator is."""
+    if stream == (kind in (Kind.ASYNC_GEN, Kind.SYNC_GEN)):
+        return
+    name = f"{deployment}.{getattr(fn, '__name__', 'method')}"
+    raise TypeError(
+        f"{name} is a {kind.value} function: call it with handle.options(stream=True)"
+        if not stream
+        else f"{name} is not a generator, so it cannot be called with stream=True"
+    )
 
 
 async def with_context(meta: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:

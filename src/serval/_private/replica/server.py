@@ -26,6 +26,7 @@ from typing import Any
 
 from serval._private.caller import runtime
 from serval._private.replica import autoscaling, errors, request_context
+from serval._private.replica.direct import DirectCalls
 from serval._private.replica.grpc import grpc_entry
 from serval._private.replica.http import (
     BodyStream,
@@ -37,6 +38,8 @@ from serval._private.replica.http import (
 from serval._private.replica.methods import (
     FunctionDeployment,
     Kind,
+    async_methods,
+    check_stream,
     http_entry,
     kind,
     kind_cached,
@@ -132,8 +135,6 @@ class Replica:
         self.latency = metrics.HistogramSeries(metrics.LATENCY_BOUNDARIES_MS)
         self.unanswered = 0  # requests no reply could be sent for: the replica is unhealthy
         self.draining = False
-        self.idle = asyncio.Event()
-        self.idle.set()
         self._drainer: asyncio.Task[None] | None = None
         # The replica's own background work (reattaching, reporting models, draining);
         # requests' tasks belong to their connections (``_running``).
@@ -141,7 +142,10 @@ class Replica:
         self._unacked: set[transport.Connection] = set()  # callers yet to say Drained
         self._drained = asyncio.Event()
         self.stopped = asyncio.Event()  # drained: the process may exit
-        self._backlog: deque[tuple[transport.Connection, int, str, Any, Any, Any]] = deque()
+        # Calls waiting for a slot (read by ``direct`` under its lock, so changed under it)
+        self.backlog: deque[tuple[transport.Connection, int, str, Any, Any, Any]] = deque()
+        # Calls by reference: on Ray's threads, sharing the slots (``direct.lock`` guards both)
+        self.direct = DirectCalls(self)
         self._methods: dict[str, tuple[Callable[..., Any], Kind]] = {}
         self._running: dict[transport.Connection, dict[int, asyncio.Future[Any]]] = {}
         self._pool: SyncRunner | None = None
@@ -169,7 +173,8 @@ class Replica:
         calls = ControllerCalls(self.controller.call)
         init = await calls.register(self.replica_id, self.own_address)
         error = await self._init_user(init)
-        await calls.replica_ready(self.replica_id, error)
+        loop_methods = async_methods(self.user) if error is None else frozenset()
+        await calls.replica_ready(self.replica_id, error, loop_methods)
         # Only now: a controller lost while starting means starting over, not reattaching.
         self.controller.on_close = self._controller_lost
 
@@ -246,6 +251,7 @@ class Replica:
             logger.error("replica %s of %s failed to start", self.replica_id, self.deployment)
             return "".join(traceback.format_exception(exc))
         request_context.set_servable(self.user)
+        self.direct.ready.set()
         request_context.set_model_listener(self._models_changed)
         return None
 
@@ -276,7 +282,7 @@ class Replica:
 
     def rpc_metrics(self, peer: RpcPeer) -> int:
         """Requests here now: running, and waiting for a slot."""
-        return self.ongoing + len(self._backlog)
+        return self.ongoing + len(self.backlog) + self.direct.ongoing + self.direct.waiting
 
     async def rpc_autoscale(
         self,
@@ -298,13 +304,15 @@ class Replica:
     def rpc_export_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
         """The user's metrics recorded in this process, and this replica's own."""
         tags = (self.deployment, self.replica_id, self.app)
-        values: tuple[float | metrics.HistogramValue, ...] = (
-            float(self.finished),
-            float(self.failed),
-            float(self.ongoing),
-            float(len(self._backlog)),
-            self.latency.value(),
-        )
+        direct = self.direct
+        with direct.lock:
+            values: tuple[float | metrics.HistogramValue, ...] = (
+                float(self.finished + direct.finished),
+                float(self.failed + direct.failed),
+                float(self.ongoing + direct.ongoing),
+                float(len(self.backlog) + direct.waiting),
+                metrics.add_histograms(self.latency.value(), direct.latency.value()),
+            )
         families = metrics.OWN_FAMILIES
         own: metrics.Snapshot = [
             (family, [(tags, value)]) for family, value in zip(families, values, strict=True)
@@ -317,7 +325,7 @@ class Replica:
                 f"replica {self.replica_id} could not answer {self.unanswered} request(s); "
                 "see its log"
             )
-        if self._backlog and self.ongoing < self.config.max_ongoing_requests:
+        if self.backlog and self.ongoing + self.direct.ongoing < self.config.max_ongoing_requests:
             # Requests wait though a slot is free: nothing will ever start them.
             raise RuntimeError(f"replica {self.replica_id} stopped starting queued requests")
         fn = getattr(self.user, "check_health", None)
@@ -350,8 +358,9 @@ class Replica:
             fut.cancel()
         for key in [k for k in self._outflows if k[0] is conn]:
             self._outflows.pop(key).cancel()
-        if self._backlog:
-            self._backlog = deque(entry for entry in self._backlog if entry[0] is not conn)
+        if self.backlog:
+            with self.direct.lock:
+                self.backlog = deque(entry for entry in self.backlog if entry[0] is not conn)
         if self._unacked:
             self._unacked.discard(conn)
             self._drain_progress()
@@ -371,10 +380,11 @@ class Replica:
             rid = msg.rid
             if self.draining:
                 conn.send(Reject(REJECT, rid, None, self.ongoing), rid)
-            elif self.ongoing >= self.config.max_ongoing_requests:
-                self._backlog.append((conn, rid, msg.method, msg.args, msg.kwargs, msg.meta))
-            else:
+            elif self._take_slot():
                 self._run(conn, rid, msg.method, msg.args, msg.kwargs, msg.meta)
+            else:
+                with self.direct.lock:  # (``direct`` reads the backlog under its lock)
+                    self.backlog.append((conn, rid, msg.method, msg.args, msg.kwargs, msg.meta))
         elif type(msg) is Credit:
             flow = self._outflows.get((conn, msg.rid))
             if flow is not None:
@@ -397,9 +407,10 @@ class Replica:
             if flow is not None:
                 flow.cancel()  # a sync generator waiting for credit stops now
             return
-        for entry in self._backlog:  # not started yet: it never will be
+        for entry in self.backlog:  # not started yet: it never will be
             if entry[0] is conn and entry[1] == rid:
-                self._backlog.remove(entry)
+                with self.direct.lock:
+                    self.backlog.remove(entry)
                 self._reply_error(
                     conn, rid, RequestCancelledError(f"{self.deployment}.{entry[2]} was cancelled")
                 )
@@ -416,8 +427,6 @@ class Replica:
     def _run(
         self, conn: transport.Connection, rid: int, method: str, args: Any, kwargs: Any, meta: Any
     ) -> None:
-        self.ongoing += 1
-        self.idle.clear()
         asgi = meta is not None and "asgi" in meta
         # (HTTP: the reply is a plain result, whatever was streamed before it)
         stream = not asgi and bool(meta and meta.get("stream"))
@@ -436,7 +445,7 @@ class Replica:
                 fut = self.loop.create_task(self._serve_http(conn, rid, args[0], args[1], meta))
                 fut.add_done_callback(done)
             else:
-                fn, kind = self._method(method)
+                fn, kind = self.method(method)
                 if meta is not None and "grpc" in meta:  # from the gRPC proxy: see replica.grpc
                     fn = grpc_entry(fn, kind)
                 fut = self._execute(conn, rid, fn, kind, args, kwargs, meta, done)
@@ -457,15 +466,7 @@ class Replica:
         done: Callable[[asyncio.Future[Any]], None],
     ) -> asyncio.Future[Any]:
         """Start ``fn``; ``done`` is called with its future when it has finished."""
-        stream = bool(meta and meta.get("stream"))
-        if stream != (kind in (Kind.ASYNC_GEN, Kind.SYNC_GEN)):
-            raise TypeError(
-                f"{self.deployment}.{getattr(fn, '__name__', 'method')} is a {kind.value} "
-                "function: call it with handle.options(stream=True)"
-                if not stream
-                else f"{self.deployment}.{getattr(fn, '__name__', 'method')} is not a generator, "
-                "so it cannot be called with stream=True"
-            )
+        check_stream(kind, bool(meta and meta.get("stream")), self.deployment, fn)
         assert self._pool is not None
         if kind is Kind.SYNC:
             call = (meta, fn, args, kwargs)
@@ -666,7 +667,8 @@ class Replica:
         if not conn.closed:
             conn.send(Credit(CREDIT, rid, nbytes), rid, True)
 
-    def _method(self, name: str) -> tuple[Callable[..., Any], Kind]:
+    def method(self, name: str) -> tuple[Callable[..., Any], Kind]:
+        """The user's method ``name`` and its kind (any thread may ask)."""
         found = self._methods.get(name)
         if found is None:
             fn = getattr(self.user, name, None)
@@ -747,16 +749,35 @@ class Replica:
                 ),
             )
 
+    def _take_slot(self) -> bool:
+        """One of the ``max_ongoing_requests`` slots for a call about to ``_run``, if one is
+        free (calls by reference on Ray's threads take them too: see ``direct``)."""
+        direct = self.direct
+        with direct.lock:
+            if self.ongoing + direct.ongoing >= self.config.max_ongoing_requests:
+                return False
+            self.ongoing += 1
+            return True
+
     def _account(self) -> None:
         """A call has finished: one slot free, for the backlog first."""
-        self.ongoing -= 1
+        with self.direct.lock:
+            self.ongoing -= 1
+            self.direct.slot_freed_on_loop()
         self.finished += 1
-        while self._backlog and self.ongoing < self.config.max_ongoing_requests:
-            self._run(*self._backlog.popleft())
-        if self.ongoing == 0:
-            self.idle.set()
-            if self.draining:
-                self._drain_progress()
+        self.slot_freed()
+
+    def slot_freed(self) -> None:
+        """(On the loop) a slot is free: the backlog's first calls start; a drain may be over."""
+        while self.backlog:
+            with self.direct.lock:
+                if self.ongoing + self.direct.ongoing >= self.config.max_ongoing_requests:
+                    return
+                self.ongoing += 1
+                entry = self.backlog.popleft()
+            self._run(*entry)
+        if self.draining and self.ongoing == 0:
+            self._drain_progress()
 
     def _reply_error(self, conn: transport.Connection, rid: int, exc: BaseException) -> None:
         """Send ``exc`` to the caller: the first of ``errors.payloads`` that pickles. Every
@@ -805,6 +826,7 @@ class Replica:
         self._drain_progress()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._drained.wait(), self.config.graceful_shutdown_timeout_s)
+        self.direct.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         destructor = getattr(type(self.user), "__del__", None)
@@ -819,7 +841,9 @@ class Replica:
 
     def _drain_progress(self) -> None:
         """While draining: done once every caller has acknowledged and nothing runs."""
-        if self.draining and not self._unacked and self.ongoing == 0 and not self._backlog:
+        if not self.draining or self._unacked or self.ongoing or self.backlog:
+            return
+        if self.direct.close_if_idle():  # (calls by reference: none runs, and none may now)
             self._drained.set()
 
 

@@ -221,11 +221,19 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             merged = series.setdefault(family.name, {})
             for tags, value in values:
                 before = merged.get(tags)
-                if isinstance(before, float) and isinstance(value, float):
-                    merged[tags] = before + value  # the same series in two proxies: summed
-                elif before is None:
+                if before is None:
                     merged[tags] = value
+                elif isinstance(before, float) and isinstance(value, float):
+                    merged[tags] = before + value  # the same series in two proxies: summed
+                elif isinstance(before, tuple) and isinstance(value, tuple):
+                    merged[tags] = add_histograms(before, value)
     return [(families[name], list(series[name].items())) for name in families]
+
+
+def add_histograms(a: HistogramValue, b: HistogramValue) -> HistogramValue:
+    """Two counts of one histogram (the same boundaries) as one."""
+    buckets = [x + y for x, y in zip(a[0], b[0], strict=True)]
+    return (buckets, a[1] + b[1], a[2] + b[2])
 
 
 def render(snapshot: Snapshot) -> str:

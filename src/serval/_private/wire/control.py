@@ -93,8 +93,12 @@ class ControllerCalls(_Stub):
         reply = await self._call("register", replica_id=replica_id, address=address)
         return cast(ReplicaInit, reply)
 
-    async def replica_ready(self, replica_id: str, error: str | None) -> None:
-        await self._call("replica_ready", replica_id=replica_id, error=error)
+    async def replica_ready(
+        self, replica_id: str, error: str | None, async_methods: frozenset[str] = frozenset()
+    ) -> None:
+        await self._call(
+            "replica_ready", replica_id=replica_id, error=error, async_methods=async_methods
+        )
 
     async def reattach(self, replica_id: str) -> None:
         await self._call("reattach", replica_id=replica_id)

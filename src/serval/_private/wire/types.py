@@ -55,6 +55,9 @@ class ReplicaInfo:
     replica_id: str
     address: str  # where it listens (``transport.dial``)
     model_ids: frozenset[str] = frozenset()
+    # Its user's async methods: a call by reference to one goes to the replica actor's
+    # entry that may wait on the loop (the Ray backend: ``process/ray_actors.py``)
+    async_methods: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
