@@ -34,7 +34,7 @@ SYSTEM_CONFIG: dict[str, Any] = {
 NODE_CPUS = 6
 
 
-def _ray_tmpdir() -> str:
+def ray_tmpdir() -> str:
     # Ray's sockets live under its temp dir: keep the path short (Unix socket paths <= 107).
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ray")
     os.makedirs(path, exist_ok=True)
@@ -48,7 +48,7 @@ def one_node() -> Iterator[None]:
         num_cpus=NODE_CPUS,
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
-        _temp_dir=_ray_tmpdir(),
+        _temp_dir=ray_tmpdir(),
         _system_config=SYSTEM_CONFIG,
         log_to_driver=False,
     )
@@ -71,7 +71,7 @@ def three_nodes() -> Iterator[Cluster]:
             "resources": {"head": 100},
             "include_dashboard": False,
             "_system_config": SYSTEM_CONFIG,
-            "temp_dir": _ray_tmpdir(),
+            "temp_dir": ray_tmpdir(),
         },
     )
     try:
