@@ -127,7 +127,7 @@ def replica_states(app: str, deployment: str) -> dict[str, int]:
 
 def identity() -> tuple[str, int]:
     """(replica id, pid) of the replica running the caller."""
-    return serve.get_replica_context().replica_id, os.getpid()
+    return serve.get_replica_context().replica_id.unique_id, os.getpid()
 
 
 def mark_started(marker: str) -> None:
@@ -369,7 +369,7 @@ def test_calls_for_a_model_go_to_the_replica_holding_it(on: Cluster) -> None:
 class Scaled:
     async def __call__(self, delay: float = 0.3) -> str:
         await asyncio.sleep(delay)
-        return serve.get_replica_context().replica_id
+        return serve.get_replica_context().replica_id.unique_id
 
 
 class Load(BackgroundThreads):
@@ -420,7 +420,7 @@ def test_load_scales_up_within_bounds_and_back_down(on: Cluster) -> None:
 @serve.deployment(autoscaling_config=SCALE_TO_ZERO, **FAST)
 class ToZero:
     async def __call__(self, request: Any = None) -> str:
-        return "served by " + serve.get_replica_context().replica_id
+        return "served by " + serve.get_replica_context().replica_id.unique_id
 
 
 def test_scale_to_zero_holds_an_http_request_until_a_replica_is_up(on: Cluster) -> None:

@@ -44,7 +44,7 @@ def total(states: dict[str, int]) -> int:
 class Slow:
     async def __call__(self, delay: float = 0.3) -> str:
         await asyncio.sleep(delay)
-        return serve.get_replica_context().replica_id
+        return serve.get_replica_context().replica_id.unique_id
 
 
 class Load(BackgroundThreads):
@@ -111,7 +111,7 @@ def test_load_scales_up_within_bounds_and_back_down(serve_instance: Any) -> None
 class ToZero:
     async def __call__(self, request: Any = None) -> str:
         await asyncio.sleep(0.05)
-        return "served " + serve.get_replica_context().replica_id
+        return "served " + serve.get_replica_context().replica_id.unique_id
 
 
 def test_scale_to_zero_holds_a_request_until_a_replica_is_up(serve_instance: Any) -> None:

@@ -171,7 +171,7 @@ class Configurable:
 
     def __call__(self) -> tuple[str, str, int, int]:
         ctx = serve.get_replica_context()
-        return self.greeting, ctx.replica_id, os.getpid(), self.reconfigured
+        return self.greeting, ctx.replica_id.unique_id, os.getpid(), self.reconfigured
 
 
 def _answers(handle: Any, n: int = 40) -> list[tuple[str, str, int, int]]:

@@ -286,7 +286,10 @@ def test_replica_context_inside_replica(apps: None) -> None:
     app_name, deployment, replica_id = h.whoami.remote().result(timeout_s=10)
     assert app_name == "ctxapp"
     assert deployment == "Echo"
-    assert isinstance(replica_id, str) and replica_id
+    # a ReplicaID, as in Ray Serve 2.10+: its deployment's and its own id
+    assert replica_id.deployment_id == serve.config.DeploymentID("Echo", "ctxapp")
+    assert isinstance(replica_id.unique_id, str) and replica_id.unique_id
+    assert replica_id.to_full_id_str() == f"ctxapp#Echo#{replica_id.unique_id}"
 
 
 def test_replica_context_outside_replica_raises() -> None:

@@ -7,7 +7,7 @@
 # `starlette.requests.Request` (in an annotation, say) finds it.
 import starlette.requests  # noqa: F401
 
-from serval import exceptions, grpc_util, metrics
+from serval import config, exceptions, grpc_util, metrics, request_router
 from serval.api import (
     ReplicaContext,
     delete,
@@ -51,6 +51,7 @@ __all__ = [
     "RayServeSyncHandle",
     "ReplicaContext",
     "batch",
+    "config",
     "delete",
     "deployment",
     "exceptions",
@@ -63,6 +64,7 @@ __all__ = [
     "ingress",
     "metrics",
     "multiplexed",
+    "request_router",
     "run",
     "shutdown",
     "start",

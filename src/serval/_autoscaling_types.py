@@ -25,6 +25,9 @@ __all__ = [
     "DeploymentID",
     "ReplicaID",
     "TimeStampedValue",
+    "load_callable",
+    "serialize_callable",
+    "split_path",
 ]
 
 # The built-in policy (run by the controller itself, never loaded from this path there).
@@ -53,7 +56,10 @@ class ReplicaID:
         return f"{self.deployment_id.app_name}#{self.deployment_id.name}#{self.unique_id}"
 
     def __str__(self) -> str:
-        return f"Replica(id={self.unique_id!r}, deployment={self.deployment_id.name!r})"
+        return (
+            f"Replica(id={self.unique_id!r}, deployment={self.deployment_id.name!r}, "
+            f"app={self.deployment_id.app_name!r})"
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -86,16 +92,11 @@ class AutoscalingPolicy:
     def __post_init__(self) -> None:
         target = self.policy_function
         if callable(target):
-            module = getattr(target, "__module__", None)
-            qualname = getattr(target, "__qualname__", None)
-            if not module or not qualname:
-                raise TypeError(f"policy_function must be a function or a class, got {target!r}")
+            path, serialized = serialize_callable(target, "policy_function")
             if not self._serialized_policy_def:
-                import cloudpickle
-
-                object.__setattr__(self, "_serialized_policy_def", cloudpickle.dumps(target))
-            object.__setattr__(self, "policy_function", f"{module}:{qualname}")
-        elif not isinstance(target, str) or not _split_path(target)[1]:
+                object.__setattr__(self, "_serialized_policy_def", serialized)
+            object.__setattr__(self, "policy_function", path)
+        elif not isinstance(target, str) or not split_path(target)[1]:
             raise ValueError(
                 "policy_function must be a callable or an import path 'module:name', "
                 f"got {target!r}"
@@ -113,22 +114,40 @@ class AutoscalingPolicy:
     def get_policy(self) -> Callable[..., Any]:
         """The policy function or class itself: unpickled, or imported by its path. Runs the
         user's code (module imports): never called by the controller."""
-        if self._serialized_policy_def:
-            import cloudpickle
-
-            policy: Callable[..., Any] = cloudpickle.loads(self._serialized_policy_def)
-            return policy
         assert isinstance(self.policy_function, str)
-        module_name, attr = _split_path(self.policy_function)
-        value: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            value = getattr(value, part)
-        if not callable(value):
-            raise TypeError(f"{self.policy_function!r} is not callable")
-        return value  # type: ignore[no-any-return]
+        return load_callable(self.policy_function, self._serialized_policy_def)
 
 
-def _split_path(path: str) -> tuple[str, str]:
+def serialize_callable(target: Any, what: str) -> tuple[str, bytes]:
+    """A user's function or class given as an object: (its import path, its cloudpickle — by
+    value when it lives in ``__main__``, else by reference)."""
+    module = getattr(target, "__module__", None)
+    qualname = getattr(target, "__qualname__", None)
+    if not callable(target) or not module or not qualname:
+        raise TypeError(f"{what} must be a function or a class, got {target!r}")
+    import cloudpickle
+
+    return f"{module}:{qualname}", cloudpickle.dumps(target)
+
+
+def load_callable(path: str, serialized: bytes) -> Callable[..., Any]:
+    """What ``serialize_callable`` wrote (``serialized``), or, when empty, ``path``
+    (``"module:name"``) imported. Runs the user's code (module imports)."""
+    if serialized:
+        import cloudpickle
+
+        loaded: Callable[..., Any] = cloudpickle.loads(serialized)
+        return loaded
+    module_name, attr = split_path(path)
+    value: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        value = getattr(value, part)
+    if not callable(value):
+        raise TypeError(f"{path!r} is not callable")
+    return value  # type: ignore[no-any-return]
+
+
+def split_path(path: str) -> tuple[str, str]:
     """'pkg.module:name' or 'pkg.module.name' -> ('pkg.module', 'name'); ('', '') if neither."""
     if ":" in path:
         module, _, attr = path.partition(":")

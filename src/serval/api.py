@@ -16,7 +16,7 @@ from serval._private.process.cluster import LocalCluster, is_running
 from serval._private.process.settings import settings
 from serval._private.replica import request_context
 from serval._private.wire.types import AppSpec
-from serval.config import HTTPOptions, gRPCOptions
+from serval.config import DeploymentID, HTTPOptions, ReplicaID, gRPCOptions
 from serval.context import ReplicaContext
 from serval.deployment import _UNSET, Application, build, spec_version
 from serval.exceptions import (
@@ -404,7 +404,8 @@ def get_replica_context() -> ReplicaContext:
     me = runtime.replica()
     if me is None:
         raise ServalError("get_replica_context() may only be called from within a replica")
-    return ReplicaContext(me.app, me.deployment, me.replica_id, request_context.servable())
+    replica_id = ReplicaID(me.replica_id, DeploymentID(me.deployment, me.app))
+    return ReplicaContext(me.app, me.deployment, replica_id, request_context.servable())
 
 
 def _in_replica_loop() -> bool:

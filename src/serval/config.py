@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import warnings
 from dataclasses import InitVar, dataclass, field
 from enum import StrEnum
@@ -20,6 +21,9 @@ from serval._autoscaling_types import (
     DeploymentID,
     ReplicaID,
     TimeStampedValue,
+    load_callable,
+    serialize_callable,
+    split_path,
 )
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "HTTPOptions",
     "ProxyLocation",
     "ReplicaID",
+    "RequestRouterConfig",
     "TimeStampedValue",
     "gRPCOptions",
 ]
@@ -195,6 +200,83 @@ class AutoscalingConfig:
 _AUTOSCALING_DEFAULTS = {"target_ongoing_requests": 2.0}
 
 
+# Ray Serve's name for its built-in router: given, it means serval's built-in routing.
+DEFAULT_REQUEST_ROUTER = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+
+
+@dataclass(frozen=True)
+class RequestRouterConfig:
+    """How callers choose a deployment's replica (Ray Serve's ``serve.config.RequestRouterConfig``,
+    the ``request_router_config`` deployment option).
+
+    ``request_router_class``: a ``serve.request_router.RequestRouter`` subclass, or its import
+    path (``"module:Class"``); given as a class it is serialized here with cloudpickle (by
+    value when it lives in ``__main__``, else by reference) and loaded in every process that
+    calls the deployment. The default is serval's built-in routing (power of two choices).
+    ``request_router_kwargs`` go to the router's ``initialize_state``.
+    ``request_routing_stats_period_s`` / ``request_routing_stats_timeout_s``: how often each
+    replica's ``record_routing_stats()`` is asked for what the router sees as a replica's
+    ``routing_stats``, and how long it may take.
+    """
+
+    request_router_class: str | type = DEFAULT_REQUEST_ROUTER
+    request_router_kwargs: dict[str, Any] = field(default_factory=dict)
+    request_routing_stats_period_s: float = 10.0
+    request_routing_stats_timeout_s: float = 30.0
+    _serialized_request_router_cls: bytes = field(default=b"", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        target = self.request_router_class
+        if isinstance(target, type):
+            path, serialized = serialize_callable(target, "request_router_class")
+            if not self._serialized_request_router_cls:
+                object.__setattr__(self, "_serialized_request_router_cls", serialized)
+            object.__setattr__(self, "request_router_class", path)
+        elif not isinstance(target, str) or not split_path(target)[1]:
+            raise ValueError(
+                "request_router_class must be a RequestRouter subclass or an import path "
+                f"'module:Class', got {target!r}"
+            )
+        _check(
+            isinstance(self.request_router_kwargs, dict),
+            f"request_router_kwargs must be a dict, got {self.request_router_kwargs!r}",
+        )
+        for name in ("request_routing_stats_period_s", "request_routing_stats_timeout_s"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                f"{name} must be a number > 0, got {value!r}",
+            )
+
+    def is_default(self) -> bool:
+        return self.request_router_class == DEFAULT_REQUEST_ROUTER
+
+    def portable(self) -> RequestRouterConfig:
+        """This config with its class serialized by value (loaded by its path here if need
+        be): every process that calls the deployment loads it, the HTTP proxy included,
+        which has not the deployer's code path. Runs user code (the import)."""
+        if self.is_default():
+            return self
+        cls = self.get_request_router_class()
+        module = sys.modules.get(cls.__module__)
+        import cloudpickle
+
+        by_value = module is not None and not cls.__module__.startswith(("serval.", "ray."))
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            serialized = cloudpickle.dumps(cls)
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+        return dataclasses.replace(self, _serialized_request_router_cls=serialized)
+
+    def get_request_router_class(self) -> type:
+        """The router class itself: unpickled, or imported by its path (runs user code)."""
+        assert isinstance(self.request_router_class, str)
+        return load_callable(self.request_router_class, self._serialized_request_router_cls)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class BackpressureConfig:
     """The HTTP answer to a request shed because its deployment's ``max_queued_requests``
@@ -250,6 +332,7 @@ class DeploymentConfig:
     placement_group_strategy: str = "PACK"
     max_replicas_per_node: int | None = None
     backpressure_config: BackpressureConfig = field(default_factory=BackpressureConfig)
+    request_router_config: RequestRouterConfig | None = None
 
     def __post_init__(self) -> None:
         _check_placement(self)
@@ -297,6 +380,11 @@ class DeploymentConfig:
     def with_changes(self, **changes: Any) -> DeploymentConfig:
         if "autoscaling_config" in changes and isinstance(changes["autoscaling_config"], dict):
             changes["autoscaling_config"] = AutoscalingConfig(**changes["autoscaling_config"])
+        router = changes.get("request_router_config")
+        if isinstance(router, dict):
+            changes["request_router_config"] = RequestRouterConfig(**router)
+        elif router is not None and not isinstance(router, RequestRouterConfig):
+            raise TypeError("request_router_config must be a dict or serve.RequestRouterConfig")
         return dataclasses.replace(self, **changes)
 
     def restart_fields(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from serval.config import (
     AutoscalingConfig,
     AutoscalingPolicy,
     DeploymentConfig,
+    RequestRouterConfig,
     migrate_renamed,
 )
 from serval.handle import RayServeHandle, RayServeSyncHandle
@@ -170,8 +171,17 @@ def deployment(
     return decorate(_func_or_class) if _func_or_class is not None else decorate
 
 
+# Ray Serve 2.4x's spelling of the request router's options, as deployment options of their own
+_ROUTER_OPTIONS = (
+    "request_router_class",
+    "request_router_kwargs",
+    "request_routing_stats_period_s",
+    "request_routing_stats_timeout_s",
+)
+
+
 def _validate_option_names(options: dict[str, Any]) -> None:
-    unknown = set(options) - _CONFIG_FIELDS - set(RENAMED_DEPLOYMENT_OPTIONS)
+    unknown = set(options) - _CONFIG_FIELDS - set(RENAMED_DEPLOYMENT_OPTIONS) - set(_ROUTER_OPTIONS)
     for name in sorted(unknown & set(_UNSUPPORTED_OPTIONS)):
         raise ValueError(
             f"deployment option {name!r} is not supported: {_UNSUPPORTED_OPTIONS[name]}"
@@ -182,6 +192,13 @@ def _validate_option_names(options: dict[str, Any]) -> None:
 
 def _normalize(options: dict[str, Any]) -> dict[str, Any]:
     out = migrate_renamed(dict(options), RENAMED_DEPLOYMENT_OPTIONS)
+    loose = {k: out.pop(k) for k in _ROUTER_OPTIONS if k in out}
+    if loose:
+        if out.get("request_router_config") is not None:
+            raise ValueError(
+                f"give {', '.join(sorted(loose))} inside request_router_config, not beside it"
+            )
+        out["request_router_config"] = RequestRouterConfig(**loose)
     if out.get("num_replicas") == "auto":
         # Ray Serve's defaults for num_replicas="auto".
         out["num_replicas"] = 1
@@ -352,6 +369,9 @@ def _spec(dep_name: str, node: Application, init: tuple[Any, Any]) -> Deployment
             f"arguments): {type(exc).__name__}: {exc}"
         ) from exc
     config = node.deployment.config
+    router = config.request_router_config
+    if router is not None:  # its class, loadable wherever the deployment is called
+        config = config.with_changes(request_router_config=router.portable())
     return DeploymentSpec(
         dep_name, payload, config, spec_version(payload, config), not inspect.isclass(target)
     )

@@ -210,7 +210,7 @@ class ClusterClient:
     async def _report_queues(self) -> None:
         reported: set[tuple[str, str]] = set()
         while not self._closed:
-            counts = {k: len(r.queue) for k, r in self.routers.items() if r.queue}
+            counts = {k: r.waiting for k, r in self.routers.items() if r.waiting}
             # Also say "0" once for what was waiting before, so the controller forgets it.
             payload = {**{k: 0 for k in reported}, **counts}
             try:

@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 from serval._private.caller.calls import Call, NestedResponse, nested_resolver
+from serval._private.caller.request_routers import CustomRouting
 from serval._private.wire import messages, protocol, transport
 from serval._private.wire.messages import (
     DRAINED,
@@ -328,18 +329,25 @@ class Router:
         # Calls a thread handed to the loop and the loop has not routed yet: while there are
         # any, threads hand theirs over too, so that one thread's calls leave in order.
         self.handed_over = 0
+        self.custom: CustomRouting | None = None  # a custom request router, if it has one
         self.update(info)
 
     @property
     def label(self) -> str:
         return f"{self.info.app}.{self.info.name}"
 
-    def _deleted_error(self) -> DeploymentUnavailableError:
+    def deleted_error(self) -> DeploymentUnavailableError:
         return DeploymentUnavailableError(f"deployment {self.label} was deleted")
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting here to be routed (what the autoscaler counts as queued)."""
+        return len(self.queue) + (self.custom.waiting if self.custom is not None else 0)
 
     def update(self, info: DeploymentInfo) -> None:
         with self.lock:
             self.info = info
+            self._set_custom(info)
             wanted = {r.replica_id: r for r in info.replicas}
             for rid in list(self.slots):
                 if rid not in wanted:
@@ -356,6 +364,15 @@ class Router:
                 elif known.info != rinfo:
                     known.info = rinfo
             self.dispatch()
+            if self.custom is not None:
+                self.custom.replicas_changed()
+
+    def _set_custom(self, info: DeploymentInfo) -> None:
+        config = info.request_router
+        if config is None or config.is_default():
+            self.custom = None
+        elif self.custom is None or self.custom.config != config:
+            self.custom = CustomRouting(self, config)  # (one that cannot load fails its calls)
 
     def delete(self) -> None:
         """The deployment is gone: fail what waits here."""
@@ -363,11 +380,14 @@ class Router:
             self.deleted = True
             waiting, self.queue = self.queue, deque()
         for call in waiting:
-            call.set_exception(self._deleted_error())
+            call.set_exception(self.deleted_error())
 
     def submit(self, call: Call) -> None:
         if self.deleted:
-            call.set_exception(self._deleted_error())
+            call.set_exception(self.deleted_error())
+            return
+        if self.custom is not None:
+            self._submit_custom(call, self.custom)
             return
         with self.lock:
             if not self.queue:
@@ -383,6 +403,15 @@ class Router:
         if len(self.queue) == 1 and self._on_queued is not None:
             self._on_queued()
 
+    def _submit_custom(self, call: Call, custom: CustomRouting) -> None:
+        limit = self.info.max_queued_requests
+        if limit != -1 and custom.waiting >= limit:
+            call.set_exception(BackPressureError(self.label, custom.waiting, limit))
+            return
+        custom.submit(call)
+        if custom.waiting == 1 and self._on_queued is not None:
+            self._on_queued()
+
     def submit_from_thread(self, call: Call) -> bool:
         """Route and send ``call`` on the calling thread, which is not the loop's, when that
         is simple: the deployment has a replica with room, connected, whose connection has
@@ -394,7 +423,8 @@ class Router:
         except BaseException:  # the loop's path reports it, naming the argument
             pieces = []
         with self.lock:
-            if len(pieces) == 1 and not (self.deleted or self.queue or self.handed_over):
+            simple = not (self.deleted or self.queue or self.handed_over or self.custom)
+            if len(pieces) == 1 and simple:
                 slot = self._choose(call)
                 if slot is not None and slot.send_from_thread(call, rid, pieces[0]):
                     call.mark_assigned()
@@ -467,6 +497,8 @@ class Router:
             slot.send_input(call, message)
 
     def dispatch(self) -> None:
+        if self.custom is not None:  # (a slot may be free: the custom router tries again)
+            self.custom.slot_freed()
         if not self.queue:  # the common case: nothing waits, no lock to take
             return
         with self.lock:
@@ -480,14 +512,7 @@ class Router:
         """A replica with room for ``call`` (``lock`` held), or None."""
         limit = self.info.max_ongoing_requests
         meta = call.meta
-        model = None
-        if meta:
-            pinned = self.slots.get(meta.get("pinned_replica", ""))
-            if pinned is not None and not pinned.dead and not pinned.draining:
-                # A by-reference call, which the replica its caller chose serves itself (while
-                # it can: draining, or gone, any replica will do).
-                return pinned if len(pinned.calls) < limit else None
-            model = meta.get("multiplexed_model_id")
+        model = meta.get("multiplexed_model_id") if meta else None
         if len(self.slots) == 1 and not model:  # the common single-replica case, no lists
             (only,) = self.slots.values()
             ok = len(only.calls) < limit and not only.dead and not only.draining
@@ -529,6 +554,6 @@ class Router:
         if call.done.fired:
             return
         if self.deleted:
-            call.set_exception(self._deleted_error())
+            call.set_exception(self.deleted_error())
         else:
             self.queue.appendleft(call)

@@ -32,7 +32,7 @@ from serval._private.wire.control import ProxyCalls, ReplicaCalls
 from serval._private.wire.messages import PUSH, Push
 from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
-from serval.config import BackpressureConfig, HTTPOptions
+from serval.config import BackpressureConfig, HTTPOptions, RequestRouterConfig
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError
 from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
 
@@ -340,7 +340,34 @@ class Controller:
         dep.start_failures = 0
         self._publish()
         self.tasks.spawn(self._health_loop(app, dep, rec))
+        router = dep.spec.config.request_router_config
+        if router is not None and not router.is_default():
+            self.tasks.spawn(self._routing_stats_loop(app, dep, rec, router))
         self._after_change(app, dep)
+
+    async def _routing_stats_loop(
+        self, app: AppState, dep: DeploymentState, rec: ReplicaRecord, router: RequestRouterConfig
+    ) -> None:
+        """Ask a running replica for its ``record_routing_stats()`` every period; a change is
+        published in the table, where callers' custom routers read it."""
+        while rec.state == ReplicaState.RUNNING and self._is_live(app, dep) and not self.stopping:
+            peer = rec.peer
+            if peer is not None and not peer.closed:
+                try:
+                    stats = await asyncio.wait_for(
+                        ReplicaCalls(peer.call).routing_stats(),
+                        router.request_routing_stats_timeout_s,
+                    )
+                except (TimeoutError, OSError, ConnectionError) as exc:
+                    logger.warning("routing stats of %s: %s", rec.replica_id, exc)
+                except Exception as exc:  # the user's record_routing_stats() raised
+                    logger.warning("record_routing_stats() of %s raised: %r", rec.replica_id, exc)
+                else:
+                    found = tuple(sorted(stats.items()))
+                    if found != rec.routing_stats:
+                        rec.routing_stats = found
+                        self._publish()
+            await asyncio.sleep(router.request_routing_stats_period_s)
 
     # -- reconciliation --------------------------------------------------------------------------
 
@@ -630,7 +657,9 @@ class Controller:
                 continue
             for dep in app.deployments.values():
                 replicas = tuple(
-                    ReplicaInfo(r.replica_id, r.address, r.model_ids, r.async_methods)
+                    ReplicaInfo(
+                        r.replica_id, r.address, r.model_ids, r.async_methods, r.routing_stats
+                    )
                     for r in dep.replicas.values()
                     if r.state == ReplicaState.RUNNING
                 )
@@ -643,6 +672,7 @@ class Controller:
                     cfg.max_queued_requests,
                     replicas,
                     None if backpressure == _DEFAULT_BACKPRESSURE else backpressure,
+                    cfg.request_router_config,
                 )
         return table
 

@@ -56,6 +56,7 @@ class ReplicaRecord:
     peer: ControlPeer | None = None
     model_ids: frozenset[str] = frozenset()
     async_methods: frozenset[str] = frozenset()  # (what the replica reported when ready)
+    routing_stats: tuple[tuple[str, Any], ...] = ()  # its record_routing_stats(), last asked
 
 
 @dataclass

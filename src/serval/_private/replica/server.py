@@ -297,6 +297,16 @@ class Replica:
             self._policies = autoscaling.PolicyRunner()
         return await self._policies.run(policy, contexts, state, app_level)
 
+    async def rpc_routing_stats(self, peer: RpcPeer) -> dict[str, Any]:
+        """The user's ``record_routing_stats()`` (for custom request routers), or {}."""
+        fn = getattr(self.user, "record_routing_stats", None)
+        if fn is None:
+            return {}
+        stats = await self._call_control(fn)
+        if not isinstance(stats, dict):
+            raise TypeError(f"record_routing_stats() must return a dict, got {stats!r}")
+        return stats
+
     async def rpc_autoscaling_stats(self, peer: RpcPeer) -> dict[str, float]:
         """The user's custom metrics (``record_autoscaling_stats()``), for custom policies."""
         return await autoscaling.record_stats(self.user, self._call_control)

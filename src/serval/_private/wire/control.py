@@ -124,6 +124,10 @@ class ReplicaCalls(_Stub):
     async def export_metrics(self) -> Snapshot:
         return cast("Snapshot", await self._call("export_metrics"))
 
+    async def routing_stats(self) -> dict[str, Any]:
+        """What the user's ``record_routing_stats()`` returns ({} without one)."""
+        return cast("dict[str, Any]", await self._call("routing_stats"))
+
     async def autoscale(
         self,
         policy: AutoscalingPolicy,

@@ -91,6 +91,19 @@ def unix_on_node(node: str, path: str) -> str:
     return f"unix@{node}:{path}"
 
 
+def node_of(address: str) -> str:
+    """The node of the endpoint at ``address`` ("" for one on this machine's local cluster)."""
+    for part in address.split("|"):
+        if part.startswith("unix@"):
+            return part[len("unix@") :].partition(":")[0]
+    return ""
+
+
+def local_node() -> str:
+    """The node this process runs on ("" on a local cluster, or a Ray client)."""
+    return _local_node or ""
+
+
 def choose(address: str) -> Endpoint:
     """The first endpoint of ``address`` this process can use."""
     for part in address.split("|"):

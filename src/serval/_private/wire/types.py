@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serval.config import AutoscalingPolicy, BackpressureConfig, DeploymentConfig
+from serval.config import (
+    AutoscalingPolicy,
+    BackpressureConfig,
+    DeploymentConfig,
+    RequestRouterConfig,
+)
 
 __all__ = [
     "AppSpec",
@@ -58,6 +63,8 @@ class ReplicaInfo:
     # Its user's async methods: a call by reference to one goes to the replica actor's
     # entry that may wait on the loop (the Ray backend: ``process/ray_actors.py``)
     async_methods: frozenset[str] = frozenset()
+    # What its user's record_routing_stats() last returned (a custom request router reads it)
+    routing_stats: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class DeploymentInfo:
     # The HTTP answer when max_queued_requests sheds a request (None: Ray Serve's default,
     # a 503 without Retry-After).
     backpressure: BackpressureConfig | None = None
+    # A custom request router (None: the built-in routing)
+    request_router: RequestRouterConfig | None = None
 
 
 # route_prefix -> (app, ingress deployment)
