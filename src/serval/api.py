@@ -14,10 +14,9 @@ from typing import Any
 from serval._private.caller import control, runtime
 from serval._private.process.cluster import LocalCluster, is_running
 from serval._private.process.settings import settings
-from serval._private.replica import request_context
 from serval._private.wire.types import AppSpec
-from serval.config import DeploymentID, HTTPOptions, ReplicaID, gRPCOptions
-from serval.context import ReplicaContext
+from serval.config import HTTPOptions, gRPCOptions
+from serval.context import ReplicaContext, _get_internal_replica_context
 from serval.deployment import _UNSET, Application, build, spec_version
 from serval.exceptions import (
     DeploymentFailedError,
@@ -401,11 +400,7 @@ def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> 
 
 def get_replica_context() -> ReplicaContext:
     """Inside a replica: its app, deployment, id and the user object."""
-    me = runtime.replica()
-    if me is None:
-        raise ServalError("get_replica_context() may only be called from within a replica")
-    replica_id = ReplicaID(me.replica_id, DeploymentID(me.deployment, me.app))
-    return ReplicaContext(me.app, me.deployment, replica_id, request_context.servable())
+    return _get_internal_replica_context()
 
 
 def _in_replica_loop() -> bool:

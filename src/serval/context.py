@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serval.config import ReplicaID
+from serval._private.caller import runtime
+from serval._private.replica import request_context
+from serval.config import DeploymentID, ReplicaID
+from serval.exceptions import ServalError
 
 __all__ = ["ReplicaContext"]
 
@@ -28,7 +31,9 @@ class ReplicaContext:
 
 
 def _get_internal_replica_context() -> ReplicaContext:
-    """Ray Serve's internal spelling of ``serve.get_replica_context()`` (its guides use it)."""
-    from serval.api import get_replica_context
-
-    return get_replica_context()
+    """``serve.get_replica_context()``, by Ray Serve's internal name (its guides use it)."""
+    me = runtime.replica()
+    if me is None:
+        raise ServalError("get_replica_context() may only be called from within a replica")
+    replica_id = ReplicaID(me.replica_id, DeploymentID(me.deployment, me.app))
+    return ReplicaContext(me.app, me.deployment, replica_id, request_context.servable())

@@ -394,6 +394,10 @@ class MemoryReplica(_MemoryHost):
         self.calls.append("autoscaling_stats")
         return dict(self.script.autoscaling_stats)
 
+    def rpc_routing_stats(self, peer: MemoryPeer) -> dict[str, Any]:
+        self.calls.append("routing_stats")
+        return {}  # (no user object: nothing to report to a request router)
+
     def rpc_drain(self, peer: MemoryPeer) -> None:
         self.calls.append("drain")
         if self.script.ignores_drain or self.phase in ("draining", "ended"):
