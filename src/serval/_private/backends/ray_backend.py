@@ -30,6 +30,7 @@ from serval._private.backends.base import Backend, Exit, HostRef, ReplicaHost
 from serval.config import DeploymentConfig
 
 __all__ = [
+    "ASYNC_GROUP",
     "CONTROL_GROUP",
     "RayBackend",
     "RayHost",

@@ -107,11 +107,8 @@ class DirectCalls:
                 return running.result(_CANCEL_POLL_S if cancelled is not None else None)
             except concurrent.futures.TimeoutError:
                 if cancelled is not None and cancelled():
-                    running.cancel()
-                    raise RequestCancelledError(
-                        f"{self._replica.deployment} call was cancelled"
-                    ) from None
-            except concurrent.futures.CancelledError:  # the loop cancelled it (shutting down)
+                    running.cancel()  # (its coroutine too; the next result() raises)
+            except concurrent.futures.CancelledError:  # the caller's, or the loop shut down
                 raise RequestCancelledError(
                     f"{self._replica.deployment} call was cancelled"
                 ) from None
@@ -124,7 +121,7 @@ class DirectCalls:
                     raise DeploymentUnavailableError(
                         f"replica {replica.replica_id} has stopped; call again"
                     )
-                if replica.ongoing + self.ongoing < replica.config.max_ongoing_requests:
+                if self.has_room():
                     break
                 self.waiting += 1
                 try:
@@ -146,6 +143,12 @@ class DirectCalls:
             wake_loop = bool(replica.backlog) or replica.draining
         if wake_loop:
             replica.loop.call_soon_threadsafe(replica.slot_freed)
+
+    def has_room(self) -> bool:
+        """(``lock`` held) a slot of ``max_ongoing_requests`` is free: the loop's calls and
+        these together are fewer."""
+        replica = self._replica
+        return replica.ongoing + self.ongoing < replica.config.max_ongoing_requests
 
     def slot_freed_on_loop(self) -> None:
         """(Under ``lock``, from the loop) a slot was freed there: one waiter here may take it."""

@@ -335,7 +335,7 @@ class Replica:
                 f"replica {self.replica_id} could not answer {self.unanswered} request(s); "
                 "see its log"
             )
-        if self.backlog and self.ongoing + self.direct.ongoing < self.config.max_ongoing_requests:
+        if self.backlog and self.direct.has_room():
             # Requests wait though a slot is free: nothing will ever start them.
             raise RuntimeError(f"replica {self.replica_id} stopped starting queued requests")
         fn = getattr(self.user, "check_health", None)
@@ -762,9 +762,8 @@ class Replica:
     def _take_slot(self) -> bool:
         """One of the ``max_ongoing_requests`` slots for a call about to ``_run``, if one is
         free (calls by reference on Ray's threads take them too: see ``direct``)."""
-        direct = self.direct
-        with direct.lock:
-            if self.ongoing + direct.ongoing >= self.config.max_ongoing_requests:
+        with self.direct.lock:
+            if not self.direct.has_room():
                 return False
             self.ongoing += 1
             return True
@@ -781,7 +780,7 @@ class Replica:
         """(On the loop) a slot is free: the backlog's first calls start; a drain may be over."""
         while self.backlog:
             with self.direct.lock:
-                if self.ongoing + self.direct.ongoing >= self.config.max_ongoing_requests:
+                if not self.direct.has_room():
                     return
                 self.ongoing += 1
                 entry = self.backlog.popleft()
