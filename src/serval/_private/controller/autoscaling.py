@@ -109,12 +109,7 @@ class AutoscalingPolicy:
             return self._clamp(current)
 
         desired = self._clamp(self._scaled(raw, current))
-        direction = _UP if desired > current else _DOWN if desired < current else _STAY
-
-        # Hysteresis: a reversal or a "no change" decision restarts the timer.
-        if direction != self._direction:
-            self._direction = direction
-            self._direction_since = now
+        direction = self._turn(now, desired, current)
         if direction == _STAY:
             return current
         elapsed = now - self._direction_since
@@ -145,10 +140,7 @@ class AutoscalingPolicy:
         desired = self._clamp(self._scaled(math.ceil(wanted), current))
         if desired == 0 and current > 1:
             desired = 1  # down to zero from one replica only (its own delay)
-        direction = _UP if desired > current else _DOWN if desired < current else _STAY
-        if direction != self._direction:
-            self._direction = direction
-            self._direction_since = now
+        direction = self._turn(now, desired, current)
         if direction == _STAY:
             return current
         if direction == _UP:
@@ -169,6 +161,15 @@ class AutoscalingPolicy:
         return self._clamp(max(1, math.ceil(factor if factor is not None else 1.0)))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _turn(self, now: float, desired: int, current: int) -> int:
+        """The direction from ``current`` to ``desired``. Hysteresis: a reversal or a "no
+        change" decision restarts the timer."""
+        direction = _UP if desired > current else _DOWN if desired < current else _STAY
+        if direction != self._direction:
+            self._direction = direction
+            self._direction_since = now
+        return direction
 
     def _prune(self, now: float) -> None:
         # Samples older than the look-back window are dropped for good.
