@@ -218,3 +218,57 @@ def test_a_scrape_with_no_metrics_and_the_proxy_still_serves(http_url: str) -> N
     requests = "serve_num_http_requests_total"
     assert total(samples, requests, route="", method="GET", status_code="200") == 2
     assert total(samples, requests, route="", method="GET", status_code="404") == 1
+
+
+@serve.deployment(num_replicas=1)
+class Models:
+    @serve.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> str:
+        await asyncio.sleep(0.03)  # a load that takes a while: past the 20 ms bucket
+        return f"model {model_id}"
+
+    async def __call__(self, request: Any) -> str:
+        return await self.get_model(serve.get_multiplexed_model_id())
+
+
+def test_multiplexing_and_replica_health_are_in_the_scrape(http_url: str) -> None:
+    """Ray Serve's multiplexing metrics (serve_multiplexed_*) from the replica, and what the
+    controller knows of the replicas (serve_deployment_replica_healthy/_starts)."""
+    serve.run(Models.bind(), name="models", route_prefix="/models")
+    for model_id in ("a", "b", "a", "c"):  # c evicts b, the least recently used
+        r = httpx.get(
+            f"{http_url}/models", headers={"serve_multiplexed_model_id": model_id}, timeout=10
+        )
+        assert r.text == f"model {model_id}"
+    samples = parse(httpx.get(f"{http_url}/-/metrics", timeout=10).text)
+    where = {"deployment": "Models", "application": "models"}
+    assert total(samples, "serve_multiplexed_get_model_requests_counter_total", **where) == 4
+    assert total(samples, "serve_multiplexed_models_load_counter_total", **where) == 3
+    assert total(samples, "serve_multiplexed_models_unload_counter_total", **where) == 1
+    assert total(samples, "serve_num_multiplexed_models", **where) == 2
+    held = "serve_registered_multiplexed_model_id"
+    assert [total(samples, held, model_id=m, **where) for m in "abc"] == [1, 0, 1]
+    loads = "serve_multiplexed_model_load_latency_ms"
+    assert total(samples, f"{loads}_count", **where) == 3
+    assert total(samples, f"{loads}_bucket", le="20", **where) == 0
+    assert total(samples, f"{loads}_sum", **where) >= 90
+    assert total(samples, "serve_multiplexed_model_unload_latency_ms_count", **where) == 1
+
+    healthy = {
+        dict(lbl)["replica"]: v
+        for (n, lbl), v in samples.items()
+        if n == "serve_deployment_replica_healthy" and dict(lbl)["deployment"] == "Models"
+    }
+    assert list(healthy.values()) == [1.0]
+    assert total(samples, "serve_deployment_replica_starts_total", **where) == 1
+
+    # Scaled to two: the new replica is counted as started, and healthy once it runs (the
+    # proxy gathers the replicas' metrics at most once a second: a scrape may be that old).
+    serve.run(Models.options(num_replicas=2).bind(), name="models", route_prefix="/models")
+
+    def scaled() -> bool:
+        samples = parse(httpx.get(f"{http_url}/-/metrics", timeout=10).text)
+        starts = total(samples, "serve_deployment_replica_starts_total", **where)
+        return starts == 2 and total(samples, "serve_deployment_replica_healthy", **where) == 2
+
+    poll(scaled, timeout=10.0, what="two replicas started and healthy in the scrape")

@@ -12,11 +12,14 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from serval._private.caller import runtime
 from serval._private.replica import request_context
+from serval._private.telemetry import metrics
 
 __all__ = ["get_multiplexed_model_id", "multiplexed"]
 
@@ -35,13 +38,45 @@ def get_multiplexed_model_id() -> str:
     return str(meta.get("multiplexed_model_id", "")) if meta else ""
 
 
+class _CacheMetrics:
+    """Ray Serve's multiplexing metrics, in the replica's registry under its tags (nothing is
+    recorded outside a replica: local testing mode has no scrape)."""
+
+    def __init__(self) -> None:
+        me = runtime.replica()
+        self.tags: tuple[str, ...] | None = (
+            None if me is None else (me.deployment, me.replica_id, me.app)
+        )
+        if self.tags is not None:
+            for family in metrics.MULTIPLEX_FAMILIES:
+                metrics.REGISTRY.register(family)
+
+    def asked(self) -> None:
+        if self.tags is not None:
+            metrics.REGISTRY.add("serve_multiplexed_get_model_requests_counter", self.tags, 1.0)
+
+    def changed(self, model_id: str, loaded: bool, took_s: float, now_held: int) -> None:
+        if self.tags is None:
+            return
+        registry, tags = metrics.REGISTRY, self.tags
+        kind = "load" if loaded else "unload"
+        registry.observe(f"serve_multiplexed_model_{kind}_latency_ms", tags, took_s * 1000)
+        registry.add(f"serve_multiplexed_models_{kind}_counter", tags, 1.0)
+        registry.set("serve_num_multiplexed_models", tags, float(now_held))
+        registry.set(
+            "serve_registered_multiplexed_model_id", (*tags, model_id), 1.0 if loaded else 0.0
+        )
+
+
 class _ModelCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.models: OrderedDict[str, Any] = OrderedDict()
         self.loading: dict[str, asyncio.Future[Any]] = {}
+        self.metrics = _CacheMetrics()
 
     async def get(self, model_id: str, load: Callable[[], Awaitable[Any]]) -> Any:
+        self.metrics.asked()
         if model_id in self.models:
             self.models.move_to_end(model_id)
             return self.models[model_id]
@@ -53,7 +88,9 @@ class _ModelCache:
         try:
             while len(self.models) >= self.capacity:
                 self._evict()
+            started = time.perf_counter()
             model = await load()
+            took = time.perf_counter() - started
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
@@ -63,13 +100,16 @@ class _ModelCache:
         fut.set_result(model)
         self.models[model_id] = model
         request_context.report_models(list(self.models))
+        self.metrics.changed(model_id, True, took, len(self.models))
         return model
 
     def _evict(self) -> None:
+        started = time.perf_counter()
         model_id, model = self.models.popitem(last=False)
         logger.info("unloading model %s (least recently used)", model_id)
         request_context.report_models(list(self.models))
-        del model  # the cache held the last reference the framework had
+        del model  # the cache held the last reference the framework had (its __del__ runs)
+        self.metrics.changed(model_id, False, time.perf_counter() - started, len(self.models))
 
 
 def multiplexed(func: F | None = None, *, max_num_models_per_replica: int = 3) -> Any:

@@ -238,7 +238,19 @@ class Controller:
             *(self.clock.wait_for(ask, _METRICS_TIMEOUT_S) for ask in asks),
             return_exceptions=True,
         )
-        return metrics.merge(s for s in found if isinstance(s, list))
+        return metrics.merge([self._own_metrics(), *(s for s in found if isinstance(s, list))])
+
+    def _own_metrics(self) -> metrics.Snapshot:
+        """What the controller knows of the replicas, as metrics."""
+        healthy: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
+        starts: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
+        for app in self.apps.values():
+            for dep in app.deployments.values():
+                starts.append(((dep.name, app.spec.name), float(dep.starts)))
+                for rec in dep.replicas.values():
+                    running = rec.state == ReplicaState.RUNNING
+                    healthy.append(((dep.name, rec.replica_id, app.spec.name), float(running)))
+        return [(metrics.REPLICA_HEALTHY, healthy), (metrics.REPLICA_STARTS, starts)]
 
     def rpc_app_configs(self, peer: ControlPeer) -> dict[str, dict[str, Any] | None]:
         return {name: app.spec.source_config for name, app in self.apps.items() if not app.deleting}
@@ -406,6 +418,7 @@ class Controller:
             replica_id, index, dep.spec.version, host, self.backend.replica_address(replica_id)
         )
         dep.replicas[replica_id] = rec
+        dep.starts += 1
         self._replicas[replica_id] = (app, dep, rec)
         self.tasks.spawn(self._watch(app, dep, rec))
         self._schedule_save()

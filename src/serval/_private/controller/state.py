@@ -82,6 +82,7 @@ class DeploymentState:
     next_index: int = 0
     failed_message: str = ""
     start_failures: int = 0
+    starts: int = 0  # replicas started, ever (serve_deployment_replica_starts)
     reconfiguring: int = 0  # reconfigure() calls in flight
     policy: AutoscalingPolicy | None = None
     autoscale_target: int = 0

@@ -82,7 +82,61 @@ HTTP_REQUESTS = Family(
     "HTTP requests the proxy has answered.",
     ("route", "method", "status_code"),
 )
-OWN_NAMES = frozenset(f.name for f in (*OWN_FAMILIES, HTTP_REQUESTS))
+# The controller's, from its replica table at each scrape (no work per request): each
+# replica's health (1 running and passing its health checks, 0 starting or stopping), and how
+# many replicas each deployment has started (restarts after failures included).
+REPLICA_HEALTHY = Family(
+    "serve_deployment_replica_healthy",
+    GAUGE,
+    "1 for a replica running and healthy, 0 for one starting or stopping.",
+    SERVE_TAGS,
+)
+REPLICA_STARTS = Family(
+    "serve_deployment_replica_starts",
+    COUNTER,
+    "Replicas of the deployment started, restarts after a failure included.",
+    ("deployment", "application"),
+)
+# A replica's @serve.multiplexed model cache (Ray Serve's names and buckets), recorded when
+# a model is asked for, loaded or unloaded.
+MODEL_LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(
+    float(ms) for ms in "1 2 5 10 20 50 100 200 300 400 500 1000 2000 5000 10000 60000".split()
+)
+MULTIPLEX_FAMILIES = (
+    Family(
+        "serve_multiplexed_model_load_latency_ms",
+        HISTOGRAM,
+        "The time it takes to load a model.",
+        SERVE_TAGS,
+        MODEL_LATENCY_BOUNDARIES_MS,
+    ),
+    Family(
+        "serve_multiplexed_model_unload_latency_ms",
+        HISTOGRAM,
+        "The time it takes to unload a model.",
+        SERVE_TAGS,
+        MODEL_LATENCY_BOUNDARIES_MS,
+    ),
+    Family("serve_num_multiplexed_models", GAUGE, "Models loaded in this replica.", SERVE_TAGS),
+    Family(
+        "serve_registered_multiplexed_model_id",
+        GAUGE,
+        "1 for each model id loaded in this replica.",
+        (*SERVE_TAGS, "model_id"),
+    ),
+    Family(
+        "serve_multiplexed_get_model_requests_counter",
+        COUNTER,
+        "Calls of this replica's multiplexed model getter.",
+        SERVE_TAGS,
+    ),
+    Family("serve_multiplexed_models_unload_counter", COUNTER, "Models unloaded here.", SERVE_TAGS),
+    Family("serve_multiplexed_models_load_counter", COUNTER, "Models loaded here.", SERVE_TAGS),
+)
+OWN_NAMES = frozenset(
+    f.name
+    for f in (*OWN_FAMILIES, HTTP_REQUESTS, REPLICA_HEALTHY, REPLICA_STARTS, *MULTIPLEX_FAMILIES)
+)
 
 
 def check_name(name: object) -> str:
