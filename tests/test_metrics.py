@@ -272,3 +272,27 @@ def test_multiplexing_and_replica_health_are_in_the_scrape(http_url: str) -> Non
         return starts == 2 and total(samples, "serve_deployment_replica_healthy", **where) == 2
 
     poll(scaled, timeout=10.0, what="two replicas started and healthy in the scrape")
+
+
+def test_requests_waiting_at_callers_are_counted(http_url: str) -> None:
+    """serve_deployment_queued_queries: calls a caller holds because every replica is full."""
+    handle = serve.run(
+        Busy.options(name="OneAtATime", max_ongoing_requests=1).bind(),
+        name="queued",
+        route_prefix=None,
+    )
+    held = [handle.hold.remote(1.5) for _ in range(4)]  # one runs, three wait here
+
+    def waiting() -> float:
+        samples = parse(httpx.get(f"{http_url}/-/metrics", timeout=10).text)
+        return total(
+            samples,
+            "serve_deployment_queued_queries",
+            deployment="OneAtATime",
+            application="queued",
+        )
+
+    poll(lambda: waiting() == 3, timeout=10.0, what="three waiting calls in the scrape")
+    for response in held:
+        response.result(timeout_s=20)
+    poll(lambda: waiting() == 0, timeout=10.0, what="no waiting call in the scrape")

@@ -244,13 +244,21 @@ class Controller:
         """What the controller knows of the replicas, as metrics."""
         healthy: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
         starts: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
+        queued: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
+        now = self.clock.monotonic()
         for app in self.apps.values():
             for dep in app.deployments.values():
-                starts.append(((dep.name, app.spec.name), float(dep.starts)))
+                key = (dep.name, app.spec.name)
+                starts.append((key, float(dep.starts)))
+                queued.append((key, float(dep.queued_now(now, _QUEUE_REPORT_MAX_AGE_S))))
                 for rec in dep.replicas.values():
                     running = rec.state == ReplicaState.RUNNING
                     healthy.append(((dep.name, rec.replica_id, app.spec.name), float(running)))
-        return [(metrics.REPLICA_HEALTHY, healthy), (metrics.REPLICA_STARTS, starts)]
+        return [
+            (metrics.REPLICA_HEALTHY, healthy),
+            (metrics.REPLICA_STARTS, starts),
+            (metrics.QUEUED_AT_CALLERS, queued),
+        ]
 
     def rpc_app_configs(self, peer: ControlPeer) -> dict[str, dict[str, Any] | None]:
         return {name: app.spec.source_config for name, app in self.apps.items() if not app.deleting}

@@ -97,6 +97,12 @@ REPLICA_STARTS = Family(
     "Replicas of the deployment started, restarts after a failure included.",
     ("deployment", "application"),
 )
+QUEUED_AT_CALLERS = Family(
+    "serve_deployment_queued_queries",
+    GAUGE,
+    "Requests waiting at callers (handles, proxies) for a replica of the deployment.",
+    ("deployment", "application"),
+)
 # A replica's @serve.multiplexed model cache (Ray Serve's names and buckets), recorded when
 # a model is asked for, loaded or unloaded.
 MODEL_LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(
@@ -135,7 +141,14 @@ MULTIPLEX_FAMILIES = (
 )
 OWN_NAMES = frozenset(
     f.name
-    for f in (*OWN_FAMILIES, HTTP_REQUESTS, REPLICA_HEALTHY, REPLICA_STARTS, *MULTIPLEX_FAMILIES)
+    for f in (
+        *OWN_FAMILIES,
+        HTTP_REQUESTS,
+        REPLICA_HEALTHY,
+        REPLICA_STARTS,
+        QUEUED_AT_CALLERS,
+        *MULTIPLEX_FAMILIES,
+    )
 )
 
 
