@@ -118,6 +118,10 @@ def replica_pids(address: str, app: str) -> set[int]:
     return found
 
 
+def _pythonpath(workdir: Path) -> str:
+    return os.pathsep.join(p for p in (str(workdir), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _exactly(n: int, pids: set[int]) -> set[int] | None:
     return pids if len(pids) == n else None
 
@@ -172,12 +176,30 @@ def test_deploy_is_declarative_unchanged_untouched_changed_rolled_removed_gone(
     assert not rolled & pids["change"]
     assert get(f"{base}/change").startswith("v2:")
 
-    # 3. drop an app from the file: it is deleted (404 on its route), the rest untouched
+    # An app deployed from Python (not from a file) is on the cluster too.
+    script = "import serval, ops_app; serval.run(ops_app.echo({}), name='py', route_prefix='/py')"
+    from_python = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env={**_clean_env(), "SERVAL_ADDRESS": address, "PYTHONPATH": _pythonpath(workdir)},
+    )
+    assert from_python.returncode == 0, from_python.stderr
+    assert get(f"{base}/py").startswith("echo:")
+
+    # 3. drop an app from the file: it is deleted (404 on its route), and so is the app from
+    # Python (the file is the whole set, as in Ray); the rest untouched
     write_config(cfg, [echo_app("keep", "k"), echo_app("change", "v2")])
     third = serval("deploy", str(cfg), "--address", address, cwd=workdir)
     assert third.returncode == 0, status_of(third)
     assert "deleting application 'gone'" in third.stderr
-    assert replica_pids(address, "gone") == set()
+    assert "deleting application 'py'" in third.stderr
+    assert replica_pids(address, "gone") == replica_pids(address, "py") == set()
+    with pytest.raises(urllib.error.HTTPError) as missing_py:
+        get(f"{base}/py")
+    assert missing_py.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as missing:
         get(f"{base}/gone")
     assert missing.value.code == 404
@@ -263,16 +285,37 @@ def test_deploy_reports_progress_of_a_slow_constructor(
             }
         ],
     )
-    deployed = serval("deploy", str(cfg), "--address", address, cwd=workdir)
-    assert deployed.returncode == 0, status_of(deployed)
-    lines = deployed.stderr.splitlines()
+    deploying = subprocess.Popen(
+        [sys.executable, "-m", "serval", "deploy", str(cfg), "--address", address],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_clean_env(),
+    )
+    try:
+        # meanwhile `serval status` names each starting replica and what it does
+        def starting_rows() -> list[str] | None:
+            table = serval("status", "--address", address, cwd=workdir, env={"COLUMNS": "250"})
+            rows = [line for line in table.stdout.splitlines() if "  replica " in line]
+            return rows if any("running its constructor for" in row for row in rows) else None
+
+        rows = poll(starting_rows, 20, "status to show a replica in its constructor")
+        assert all("STARTING" in row for row in rows), rows
+        _, err = deploying.communicate(timeout=30)
+    finally:
+        if deploying.poll() is None:
+            deploying.kill()
+            deploying.wait()
+    assert deploying.returncode == 0, err
+    lines = err.splitlines()
     counts = [line.split(": ", 2)[-1] for line in lines if "replicas running" in line]
     assert counts[0].startswith("0/2 replicas running")
     assert any(c.startswith("1/2 replicas running") for c in counts), counts
     assert counts[-1] == "2/2 replicas running"
     assert len(counts) == len(set(counts))  # on change only
     waiting = [line for line in lines if "is running its constructor (for " in line]
-    assert waiting, deployed.stderr
+    assert waiting, err
     assert all("replica " in line and "'Slow' (application 's')" in line for line in waiting)
 
 

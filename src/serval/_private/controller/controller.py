@@ -583,7 +583,8 @@ class Controller:
                 await self.clock.wait_for(
                     ReplicaCalls(rec.peer.call).check_health(), config.health_check_timeout_s
                 )
-                dep.health_message = ""  # (one that passes: the deployment is healthy again)
+                if rec.started_at >= dep.health_failed_at:  # a replacement passed one
+                    dep.health_message = ""
             except Exception as exc:
                 reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
                 if rec.state != ReplicaState.RUNNING:
@@ -591,6 +592,7 @@ class Controller:
                 dep.health_message = (
                     f"replica {rec.replica_id} failed its health check ({reason}); replaced"
                 )
+                dep.health_failed_at = self.clock.monotonic()
                 logger.warning(
                     "replica %s of %s failed its health check (%s); replacing it",
                     rec.replica_id,

@@ -86,9 +86,10 @@ class DeploymentState:
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     next_index: int = 0
     failed_message: str = ""
-    # The last failed health check's reason, until a replica of it passes one (status only:
-    # the failed replica is replaced at once).
+    # The last failed health check's reason, until a replica started since passes one
+    # (status only: the failed replica is replaced at once).
     health_message: str = ""
+    health_failed_at: float = 0.0
     start_failures: int = 0
     reconfiguring: int = 0  # reconfigure() calls in flight
     policy: AutoscalingPolicy | None = None
