@@ -5,8 +5,10 @@ slow deploy, and warnings only for http_options that differ from the running clu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -237,6 +239,7 @@ def test_status_table_shows_a_failed_constructor_and_json_matches_yaml(
         [
             echo_app("fine", "f"),
             {"name": "bad", "route_prefix": "/bad", "import_path": "ops_app:broken"},
+            {"name": "bad2", "route_prefix": "/bad2", "import_path": "ops_app:broken"},
         ],
     )
     deployed = serval("deploy", str(cfg), "--address", address, cwd=workdir)
@@ -244,9 +247,10 @@ def test_status_table_shows_a_failed_constructor_and_json_matches_yaml(
     # progress lines (logged), then one error line
     errors = [line for line in deployed.stderr.splitlines() if "error" in line.lower()]
     assert errors == [deployed.stderr.splitlines()[-1]], deployed.stderr
+    reason = "RuntimeError: no model file at /models/m.bin"
     assert errors[0] == (
-        "serval: error: application 'bad' failed to deploy: "
-        "RuntimeError: no model file at /models/m.bin"
+        f"serval: error: application 'bad' failed to deploy: {reason}; "
+        f"application 'bad2' failed to deploy: {reason}"
     )
     assert "Traceback" not in deployed.stderr
 
@@ -258,6 +262,8 @@ def test_status_table_shows_a_failed_constructor_and_json_matches_yaml(
     assert "RuntimeError: no model file at /models/m.bin" in rows["bad"]
     assert "RUNNING" in rows["fine"] and "2/2 running" in rows["fine"]
 
+    assert "\x1b[" in _status_on_a_terminal(address, workdir)  # a terminal: colours
+
     as_yaml = serval("status", "-o", "yaml", "--address", address, cwd=workdir)
     as_json = serval("status", "-o", "json", "--address", address, cwd=workdir)
     assert as_yaml.returncode == as_json.returncode == 0
@@ -266,6 +272,32 @@ def test_status_table_shows_a_failed_constructor_and_json_matches_yaml(
     broken = data["applications"]["bad"]["deployments"]["Broken"]
     assert broken["status"] == "UNHEALTHY"
     assert "RuntimeError: no model file at /models/m.bin" in broken["message"]
+
+
+def _status_on_a_terminal(address: str, workdir: Path) -> str:
+    """What `serval status` prints to a terminal (a pseudo-terminal here)."""
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "serval", "status", "--address", address],
+            cwd=workdir,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            timeout=45,
+            env={**_clean_env(), "TERM": "xterm-256color", "COLUMNS": "250"},
+        )
+        assert done.returncode == 0, done.stderr
+        os.close(terminal)
+        terminal = -1
+        out = b""
+        with contextlib.suppress(OSError):  # (EIO once everything written was read)
+            while chunk := os.read(controller, 65536):
+                out += chunk
+        return out.decode(errors="replace")
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
 
 
 @pytest.mark.timeout(90)

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from serval._cli_status import FORMATS, print_status, to_yaml
 from serval._private.wire import layout
 from serval.config import HTTPOptions
-from serval.exceptions import ServalError
+from serval.exceptions import DeploymentFailedError, ServalError
 from serval.schema import (
     ApplicationSchema,
     ServeDeploySchema,
@@ -657,7 +657,23 @@ def apply_config(
             logger.info("deleting application %r (not in %s)", name, file)
             api.delete(name)
     logger.info("deploying %s", ", ".join(repr(cfg.name) for cfg, _, _ in apps))
-    api._run_many([(app, cfg.name, cfg.route_prefix, src) for cfg, app, src in apps])
+    try:
+        api._run_many([(app, cfg.name, cfg.route_prefix, src) for cfg, app, src in apps])
+    except DeploymentFailedError:
+        failed = [
+            f"application {name!r} failed to deploy: {_last_line(app.message)}"
+            for name, app in api.status().applications.items()
+            if name in wanted and app.status == "DEPLOY_FAILED"
+        ]
+        if not failed:
+            raise
+        raise CLIError("; ".join(failed)) from None  # one line, every failed app named
+
+
+def _last_line(message: str) -> str:
+    """A traceback's last line: the exception."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
 
 
 # -- status / config -----------------------------------------------------------------------------
