@@ -455,11 +455,22 @@ def test_run_uses_the_default_address_and_status_finds_it(workdir: Path) -> None
             env,
         )
         _read_until_running(second)
-        err = _stop(second)
-        assert f"port ({port} there, {other} asked)" in err
 
-        _stop(first)
+        # `serval shutdown` from a third terminal: both `serval run`s end (the owner and the
+        # one that only deployed to it), and nothing of the cluster is left
+        stopped = serval("shutdown", "-y", cwd=workdir, env=env)
+        assert stopped.returncode == 0, stopped.stderr
+        errs = []
+        for proc in (first, second):
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert f"the serval cluster at {default} was shut down" in out
+            assert "Traceback" not in err
+            errs.append(err)
+        warned = [line for line in errs[1].splitlines() if "WARNING" in line]
+        assert len(warned) == 1 and f"port ({port} there, {other} asked)" in warned[0]
         assert wait_gone(default) == []
+        assert not os.path.exists(default)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -59,6 +59,7 @@ logger = logging.getLogger("serval.cli")
 
 _PROG = "serval"
 _SHUTDOWN_WAIT_S = 10.0
+_WATCH_S = 0.5  # how often `serval run` looks whether its cluster was shut down elsewhere
 _MAX_ADDRESS_BYTES = 107 - layout.MAX_REPLICA_SOCKET_SUFFIX
 
 
@@ -355,6 +356,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     deployed: list[str] = []
     owned = False
+    address: str | None = None
     try:
         if ray_address is not None:  # started if need be; it outlives this command
             _join_ray(ray_address, start=True, http=http)
@@ -369,8 +371,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             deployed.append(cfg.name)
             _print_serving(cfg, serving)
         print("Ctrl-C to stop.", flush=True)
-        while True:
-            signal.pause()
+        _serve_while_the_cluster_runs(address, owned)
+        print(f"the serval cluster at {address} was shut down", flush=True)
+        api._disconnect(stop_cluster=False)  # (what is left of an owned one is cleaned up)
+        return 0
     except KeyboardInterrupt:
         logger.info("shutting down")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -382,6 +386,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def _serve_while_the_cluster_runs(address: str | None, owned: bool) -> None:
+    """Return when the cluster is gone (``serval shutdown`` from elsewhere); Ctrl-C or SIGTERM
+    raise KeyboardInterrupt meanwhile. (On Ray: until then.)"""
+    from serval import api
+
+    if address is None:
+        while True:
+            signal.pause()
+    while not _cluster_gone(address, owned, api):
+        time.sleep(_WATCH_S)
+
+
+def _cluster_gone(address: str, owned: bool, api: Any) -> bool:
+    if owned:  # its controller exited cleanly: asked to (a restart after a crash is not that)
+        cluster = api._owner.cluster
+        return cluster is None or bool(cluster.stopped.is_set())
+    # A daemon removes the runtime directory when its cluster is shut down (not on a crash).
+    return not os.path.isdir(address)
 
 
 def _start_or_join(address: str, http: HTTPOptions) -> bool:
