@@ -254,13 +254,17 @@ def test_status_table_shows_a_failed_constructor_and_json_matches_yaml(
     )
     assert "Traceback" not in deployed.stderr
 
-    table = serval("status", "--address", address, cwd=workdir, env={"COLUMNS": "250"})
+    table = serval("status", "--address", address, cwd=workdir)
     assert table.returncode == 0, table.stderr
     assert "\x1b[" not in table.stdout  # not a terminal: no colour codes
     rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if "│" in line}
     assert "DEPLOY_FAILED" in rows["bad"] and "UNHEALTHY" in rows["bad"]
-    assert "RuntimeError: no model file at /models/m.bin" in rows["bad"]
     assert "RUNNING" in rows["fine"] and "2/2 running" in rows["fine"]
+    why = table.stdout.split("Not running or not healthy, and why:\n", 1)[1].splitlines()
+    assert why == [
+        f"  deployment 'Broken' (application '{name}'), UNHEALTHY: {reason}"
+        for name in ("bad", "bad2")
+    ]
 
     assert "\x1b[" in _status_on_a_terminal(address, workdir)  # a terminal: colours
 
@@ -328,7 +332,7 @@ def test_deploy_reports_progress_of_a_slow_constructor(
     try:
         # meanwhile `serval status` names each starting replica and what it does
         def starting_rows() -> list[str] | None:
-            table = serval("status", "--address", address, cwd=workdir, env={"COLUMNS": "250"})
+            table = serval("status", "--address", address, cwd=workdir)
             rows = [line for line in table.stdout.splitlines() if "  replica " in line]
             return rows if any("running its constructor for" in row for row in rows) else None
 

@@ -91,44 +91,42 @@ def _print_table(apps: dict[str, ApplicationStatusOverview], address: str) -> No
     from rich.table import Table
 
     console = Console()  # colour only on a terminal (and never with NO_COLOR)
-    console.print(f"serval cluster at [bold]{address}[/bold]", highlight=False)
+    console.print(f"serval cluster at [bold]{escape(address)}[/bold]", highlight=False)
     if not apps:
         console.print("No applications.")
         return
-    table = Table(show_lines=False, highlight=False)
+    table = Table(highlight=False)
     for column in ("APPLICATION", "STATUS", "ROUTE", "DEPLOYMENT", "STATUS", "REPLICAS"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("MESSAGE", overflow="fold")
+        table.add_column(column, overflow="fold")
+    reasons: list[str] = []  # below the table: lines of any width wrap there, not in a cell
     for name, app in apps.items():
-        first = True
+        head = [escape(name), _styled(app.status), escape(app.route_prefix or "-")]
         for dep_name, dep in app.deployments.items():
+            table.add_row(*head, escape(dep_name), _styled(dep.status), _replicas(dep))
             head = ["", "", ""]
-            if first:
-                head = [escape(name), _styled(app.status), escape(app.route_prefix or "-")]
-            table.add_row(
-                *head,
-                escape(dep_name),
-                _styled(dep.status),
-                _replicas(dep),
-                escape(_reason(dep.message)),
-            )
-            first = False
-            for replica in dep.replicas:
-                if replica.state == "RUNNING":
-                    continue
-                table.add_row(
-                    "",
-                    "",
-                    "",
-                    f"  replica {replica.replica_id}",
-                    _styled(replica.state),
-                    "",
-                    escape(f"{replica.phase} for {replica.phase_s:.0f} s") if replica.phase else "",
-                )
-        if first:  # no deployment (yet)
-            row = [escape(name), _styled(app.status), escape(app.route_prefix or "-")]
-            table.add_row(*row, "", "", "", escape(_reason(app.message)))
+            reasons += _reasons(name, dep_name, dep)
+        if not app.deployments:  # (none yet)
+            table.add_row(*head, "", "", "")
+            if app.message:
+                reasons.append(f"application {name!r}: {_reason(app.message)}")
     console.print(table)
+    if reasons:
+        console.print("Not running or not healthy, and why:")
+        for line in reasons:  # (one line each, wrapped by a terminal only: greppable)
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _reasons(app: str, name: str, dep: DeploymentStatusOverview) -> list[str]:
+    """Why a deployment is not healthy, and what each of its replicas that does not run does."""
+    where = repr(name) if app == "default" else f"{name!r} (application {app!r})"
+    lines = []
+    if dep.message:
+        lines.append(f"deployment {where}, {dep.status}: {_reason(dep.message)}")
+    for replica in dep.replicas:
+        if replica.state != "RUNNING":
+            doing = f", {replica.phase} for {replica.phase_s:.0f} s" if replica.phase else ""
+            lines.append(f"replica {replica.replica_id} of {where}: {replica.state}{doing}")
+    return lines
 
 
 def _styled(state: str) -> str:
@@ -143,8 +141,11 @@ def _replicas(dep: DeploymentStatusOverview) -> str:
 
 
 def _reason(message: str) -> str:
-    """A message in one line: a traceback's first line and the exception it ends with."""
+    """A message in one line: a traceback's exception (its last line), else its first and last
+    lines."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        return lines[-1]
     if len(lines) <= 2:
         return " ".join(lines)
     return f"{lines[0]} ... {lines[-1]}"
