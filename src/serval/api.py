@@ -16,6 +16,7 @@ from serval import _progress
 from serval._private.caller import control, runtime
 from serval._private.process.cluster import LocalCluster, is_running
 from serval._private.process.settings import settings
+from serval._private.wire.control import ControllerCalls
 from serval._private.wire.types import AppSpec
 from serval.config import HTTPOptions, gRPCOptions
 from serval.context import ReplicaContext, _get_internal_replica_context
@@ -326,6 +327,15 @@ def status() -> ServeStatus:
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete application ``name``: its replicas drain and exit. No error if it is not there."""
     control.call(lambda c: c.delete_app(name))
+
+
+def _delete_many(names: list[str]) -> None:
+    """``delete`` of each of ``names``, together: their replicas drain at the same time."""
+
+    async def delete_all(controller: ControllerCalls) -> None:
+        await asyncio.gather(*(controller.delete_app(name) for name in names))
+
+    control.call(delete_all)
 
 
 def shutdown() -> None:

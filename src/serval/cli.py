@@ -676,10 +676,11 @@ def apply_config(
     from serval import api
 
     wanted = {cfg.name for cfg, _, _ in apps}
-    for name in api.app_configs():  # first: a removed app may free a route prefix
-        if name not in wanted:
-            logger.info("deleting application %r (not in %s)", name, file)
-            api.delete(name)
+    removed = [name for name in api.app_configs() if name not in wanted]
+    for name in removed:
+        logger.info("deleting application %r (not in %s)", name, file)
+    if removed:  # first: a removed app may free a route prefix an app of the file takes
+        api._delete_many(removed)
     logger.info("deploying %s", ", ".join(repr(cfg.name) for cfg, _, _ in apps))
     try:
         api._run_many([(app, cfg.name, cfg.route_prefix, src) for cfg, app, src in apps])
