@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
@@ -508,3 +509,30 @@ def test_run_at_a_new_address_starts_a_cluster_there(workdir: Path) -> None:
             proc.wait()
         for pid in cluster_pids(address):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_http_options_compared_field_by_field(tmp_path: Path, monkeypatch: Any) -> None:
+    from serval import cli
+    from serval.config import HTTPOptions
+
+    monkeypatch.chdir(tmp_path)
+    key, cert = str(tmp_path / "k.pem"), str(tmp_path / "c.pem")
+    running = HTTPOptions(port=8100, ssl_keyfile=key, ssl_certfile=cert)
+    asked = HTTPOptions(port=8100, ssl_keyfile="k.pem", ssl_certfile="c.pem", root_path="/x")
+    # a relative path names the same file as the cluster's absolute one; root_path differs
+    names = ["port", "ssl_keyfile", "ssl_certfile", "root_path", "proxy_location"]
+    found = {n: cli._compare(n, asked, running) for n in names}
+    assert found == {
+        "port": None,
+        "ssl_keyfile": None,
+        "ssl_certfile": None,
+        "root_path": ("", "/x"),
+        "proxy_location": None,
+    }
+    assert cli._compare("proxy_location", HTTPOptions(enabled=False), running) == (
+        "EveryNode",
+        "Disabled",
+    )
+    # a cluster without an HTTP proxy: only proxy_location is worth a word
+    assert cli._compare("port", asked, None) is None
+    assert cli._compare("proxy_location", asked, None) == ("Disabled", "EveryNode")

@@ -476,7 +476,8 @@ def _compare(name: str, wanted: HTTPOptions, running: HTTPOptions | None) -> tup
     elif running is None or not running.enabled:
         return None  # no HTTP proxy there: its options do not matter (proxy_location says it)
     else:
-        have, want = _norm(getattr(running, name, None)), _norm(getattr(wanted, name, None))
+        have = _norm(name, getattr(running, name, None))
+        want = _norm(name, getattr(wanted, name, None))
     return None if have == want else (have, want)
 
 
@@ -484,9 +485,11 @@ def _location(options: HTTPOptions | None) -> str:
     return "Disabled" if options is None or not options.enabled else options.location
 
 
-def _norm(value: Any) -> Any:
+def _norm(name: str, value: Any) -> Any:
     if isinstance(value, list | tuple):
         return list(value)
+    if name.startswith("ssl_") and isinstance(value, str):  # (the cluster's are absolute)
+        return os.path.abspath(value)
     return value
 
 
