@@ -216,7 +216,8 @@ def test_deploy_bad_import_is_one_line_and_changes_nothing(
     workdir: Path, cluster: tuple[str, int]
 ) -> None:
     address, _ = cluster
-    good = write_config(workdir / "good.yaml", [echo_app("keep", "k")])
+    good = workdir / "good.json"  # (JSON, as a REST client sends it, is a config file too)
+    good.write_text(json.dumps({"applications": [echo_app("keep", "k")]}))
     assert serval("deploy", str(good), "--address", address, cwd=workdir).returncode == 0
     pids = replica_pids(address, "keep")
     bad = write_config(
