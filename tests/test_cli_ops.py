@@ -537,3 +537,35 @@ def test_http_options_compared_field_by_field(tmp_path: Path, monkeypatch: Any) 
     # a cluster without an HTTP proxy: only proxy_location is worth a word
     assert cli._compare("port", asked, None) is None
     assert cli._compare("proxy_location", asked, None) == ("Disabled", "EveryNode")
+
+
+def test_the_same_code_has_the_same_version_in_two_processes(workdir: Path) -> None:
+    """(cloudpickle names a class it pickles by value with an id drawn per process; the version
+    must not depend on it, or every redeploy from a new process would restart every replica.)"""
+    script = textwrap.dedent(
+        """
+        import ops_app
+        from serval.deployment import build
+        for app in (ops_app.echo({"word": "w"}), ops_app.broken):
+            print(build(app, "a", "/a").deployments[0].version)
+        """
+    )
+
+    def versions() -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=45,
+            env={**_clean_env(), "PYTHONPATH": _pythonpath(workdir)},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    first = versions()
+    assert len(first) == 2 and first[0] != first[1]
+    assert versions() == first
+    (workdir / "ops_app.py").write_text(APP.replace('f"{self.word}:', 'f"{self.word}!'))
+    changed = versions()
+    assert changed[0] != first[0] and changed[1] == first[1]  # only Echo's code changed
