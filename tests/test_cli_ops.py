@@ -569,3 +569,24 @@ def test_the_same_code_has_the_same_version_in_two_processes(workdir: Path) -> N
     (workdir / "ops_app.py").write_text(APP.replace('f"{self.word}:', 'f"{self.word}!'))
     changed = versions()
     assert changed[0] != first[0] and changed[1] == first[1]  # only Echo's code changed
+
+
+@pytest.mark.timeout(90)
+def test_deploy_no_wait_returns_before_the_replicas_run(
+    workdir: Path, cluster: tuple[str, int]
+) -> None:
+    address, port = cluster
+    slow = {"name": "s", "route_prefix": "/s", "import_path": "ops_app:slow"}
+    cfg = write_config(workdir / "slow.yaml", [{**slow, "args": {"marker": str(workdir / "m")}}])
+    deployed = serval("deploy", "--no-wait", str(cfg), "--address", address, cwd=workdir)
+    assert deployed.returncode == 0, status_of(deployed)
+    assert deployed.stdout == f"deploying 's' to {address}\n"
+    status = json.loads(serval("status", "-o", "json", "--address", address, cwd=workdir).stdout)
+    assert status["applications"]["s"]["status"] == "DEPLOYING"  # (its constructors take 4-6 s)
+
+    def running() -> bool:
+        out = serval("status", "-o", "json", "--address", address, cwd=workdir).stdout
+        return bool(json.loads(out)["applications"]["s"]["status"] == "RUNNING")
+
+    poll(running, 30, "app 's' running")
+    assert get(f"http://127.0.0.1:{port}/s") == "slow"

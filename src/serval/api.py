@@ -265,14 +265,18 @@ def _for_ray(spec: AppSpec) -> AppSpec:
     return dataclasses.replace(spec, deployments=tuple(deployments))
 
 
-def _run_many(apps: list[tuple[Application, str, Any, dict[str, Any] | None]]) -> None:
+def _run_many(
+    apps: list[tuple[Application, str, Any, dict[str, Any] | None]], wait: bool = True
+) -> None:
     """``serve.run`` of several apps at once — (app, name, route_prefix, source config) each —
-    deployed together and waited for together (``serval deploy`` of a whole file)."""
-    _deploy_specs([build(app, name, prefix, source) for app, name, prefix, source in apps])
+    deployed together and waited for together (``serval deploy`` of a whole file); not waited
+    for unless ``wait``."""
+    specs = [build(app, name, prefix, source) for app, name, prefix, source in apps]
+    _deploy_specs(specs, wait)
 
 
-def _deploy_specs(specs: list[AppSpec]) -> None:
-    """Deploy ``specs`` and wait until each runs; progress is logged meanwhile
+def _deploy_specs(specs: list[AppSpec], wait: bool = True) -> None:
+    """Deploy ``specs`` and (``wait``) wait until each runs; progress is logged meanwhile
     (``serval._progress``). ``DeploymentFailedError`` names every app that failed."""
     if runtime.replica() is not None:
         raise ServalError("serve.run cannot be called from inside a deployment")
@@ -280,7 +284,7 @@ def _deploy_specs(specs: list[AppSpec]) -> None:
     try:
         if _owner.ray_namespace is not None:
             specs = [_for_ray(spec) for spec in specs]
-        results = runtime.run_sync(_deploy(specs))
+        results = runtime.run_sync(_deploy(specs, wait))
     except BaseException:
         if started:  # e.g. its HTTP proxy could not start: leave no half-started cluster
             _disconnect(stop_cluster=True)
@@ -294,11 +298,13 @@ def _deploy_specs(specs: list[AppSpec]) -> None:
         raise DeploymentFailedError("\n".join(failed))
 
 
-async def _deploy(specs: list[AppSpec]) -> dict[str, tuple[str, str]]:
+async def _deploy(specs: list[AppSpec], wait: bool = True) -> dict[str, tuple[str, str]]:
     controller = runtime.home_client().controller
     for spec in specs:
         await controller.deploy_app(spec)
     names = [spec.name for spec in specs]
+    if not wait:
+        return {}
     progress = _progress.tracker(names)
     watcher = asyncio.ensure_future(_progress.watch(controller, progress))
     try:

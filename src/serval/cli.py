@@ -146,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
         "code 0, else 1 with a one-line error.",
     )
     p.add_argument("config_file")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the cluster has the new set of apps (the removed ones deleted), as "
+        "Ray's does, without waiting for their replicas (then see `serval status`)",
+    )
     _address_flag(p)
     _app_dir_flag(p)
     p.set_defaults(func=_cmd_deploy)
@@ -662,20 +668,21 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     apps = _build_all(config, args.config_file)  # every import before anything changes
     address = _connect_to(args)
     _warn_http_differs(address, config.http(), _config_http_fields(config))
-    apply_config(apps, args.config_file)
+    apply_config(apps, args.config_file, wait=not args.no_wait)
     names = ", ".join(repr(cfg.name) for cfg, _, _ in apps)
-    print(f"deployed {names} to {address}")
+    print(f"{'deployed' if not args.no_wait else 'deploying'} {names} to {address}")
     return 0
 
 
 def apply_config(
-    apps: list[tuple[ApplicationSchema, Any, dict[str, Any] | None]], file: str
+    apps: list[tuple[ApplicationSchema, Any, dict[str, Any] | None]], file: str, wait: bool = True
 ) -> None:
     """Make the connected cluster's applications exactly ``apps`` (a config file's, built), as
     Ray's ``serve deploy`` and ``PUT /api/serve/applications/`` do: every app not among them is
     deleted, whatever deployed it; the others are deployed together and waited for, progress
-    logged. An unchanged app is untouched (same versions: no replica restarts); a changed one
-    rolls. Run as ``python -m serval deploy --address A FILE`` by whoever needs it."""
+    logged (not waited for unless ``wait``). An unchanged app is untouched (same versions: no
+    replica restarts); a changed one rolls. Run as ``python -m serval deploy --address A FILE``
+    (``--no-wait``) by whoever needs it."""
     from serval import api
 
     wanted = {cfg.name for cfg, _, _ in apps}
@@ -686,7 +693,7 @@ def apply_config(
         api._delete_many(removed)
     logger.info("deploying %s", ", ".join(repr(cfg.name) for cfg, _, _ in apps))
     try:
-        api._run_many([(app, cfg.name, cfg.route_prefix, src) for cfg, app, src in apps])
+        api._run_many([(app, cfg.name, cfg.route_prefix, src) for cfg, app, src in apps], wait)
     except DeploymentFailedError:
         failed = [
             f"application {name!r} failed to deploy: {_last_line(app.message)}"
