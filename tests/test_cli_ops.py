@@ -513,7 +513,7 @@ def test_run_at_a_new_address_starts_a_cluster_there(workdir: Path) -> None:
 
 
 def test_http_options_compared_field_by_field(tmp_path: Path, monkeypatch: Any) -> None:
-    from serval import cli
+    from serval import _cli_deploy as cli
     from serval.config import HTTPOptions
 
     monkeypatch.chdir(tmp_path)

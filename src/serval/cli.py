@@ -36,10 +36,16 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
+from serval._cli_deploy import (
+    apply_config,
+    config_http_fields,
+    http_fields_given,
+    warn_http_differs,
+)
 from serval._cli_status import FORMATS, print_status, to_yaml
 from serval._private.wire import layout
 from serval.config import HTTPOptions
-from serval.exceptions import DeploymentFailedError, ServalError
+from serval.exceptions import ServalError
 from serval.schema import (
     ApplicationSchema,
     ServeDeploySchema,
@@ -355,7 +361,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         apps = [_app_from_import_path(args)]
     http = _http_options(args, config.http() if config is not None else None)
-    asked = _http_fields_given(args, config)
+    asked = http_fields_given(args, config)
 
     # Ctrl-C and SIGTERM both tear down (SIGINT too when a shell started us with it ignored).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -367,11 +373,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if ray_address is not None:  # started if need be; it outlives this command
             _join_ray(ray_address, start=True, http=http)
             print(f"deploying to the Ray cluster at {ray_address or 'auto'}", flush=True)
-            serving = _warn_http_differs(ray_address or "auto", http, asked)
+            serving = warn_http_differs(ray_address or "auto", http, asked)
         else:
             address = _address(args)
             owned = not _start_or_join(address, http)
-            serving = http if owned else _warn_http_differs(address, http, asked)
+            serving = http if owned else warn_http_differs(address, http, asked)
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
             deployed.append(cfg.name)
@@ -433,70 +439,6 @@ def _start_or_join(address: str, http: HTTPOptions) -> bool:
     if address != _default_address():
         print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}", flush=True)
     return False
-
-
-# -- http_options asked for vs. those of the running cluster -------------------------------------
-
-_FLAG_FIELDS = ("host", "port", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
-
-
-def _http_fields_given(args: argparse.Namespace, config: ServeDeploySchema | None) -> list[str]:
-    """The HTTP fields the command line or the file set (the rest: nothing was asked)."""
-    names = [name for name in _FLAG_FIELDS if getattr(args, name, None) is not None]
-    if config is not None:
-        names += _config_http_fields(config)
-    return list(dict.fromkeys(names))
-
-
-def _config_http_fields(config: ServeDeploySchema) -> list[str]:
-    names = sorted(config.http_options.model_fields_set - {"ssl_keyfile_password"})
-    return names + (["proxy_location"] if "proxy_location" in config.model_fields_set else [])
-
-
-def _warn_http_differs(address: str, wanted: HTTPOptions, names: list[str]) -> HTTPOptions | None:
-    """Warn, naming them, about the fields of ``names`` whose values in ``wanted`` the running
-    cluster does not have (they apply when a cluster starts); the cluster's own options."""
-    from serval._private.caller import control
-
-    running = control.call(lambda c: c.http_options())
-    differ = [
-        f"{name} ({have!r} there, {want!r} asked)"
-        for name in names
-        if (pair := _compare(name, wanted, running)) is not None
-        for have, want in [pair]
-    ]
-    if differ:
-        logger.warning(
-            "the cluster at %s keeps its own HTTP options; these differ from what was asked and "
-            "apply only when a cluster starts: %s",
-            address,
-            ", ".join(differ),
-        )
-    return running
-
-
-def _compare(name: str, wanted: HTTPOptions, running: HTTPOptions | None) -> tuple[Any, Any] | None:
-    """(the cluster's, the asked) value of field ``name`` if they differ, else None."""
-    if name == "proxy_location":
-        have, want = _location(running), _location(wanted)
-    elif running is None or not running.enabled:
-        return None  # no HTTP proxy there: its options do not matter (proxy_location says it)
-    else:
-        have = _norm(name, getattr(running, name, None))
-        want = _norm(name, getattr(wanted, name, None))
-    return None if have == want else (have, want)
-
-
-def _location(options: HTTPOptions | None) -> str:
-    return "Disabled" if options is None or not options.enabled else options.location
-
-
-def _norm(name: str, value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return list(value)
-    if name.startswith("ssl_") and isinstance(value, str):  # (the cluster's are absolute)
-        return os.path.abspath(value)
-    return value
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -667,48 +609,11 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     config = load_config(args.config_file)
     apps = _build_all(config, args.config_file)  # every import before anything changes
     address = _connect_to(args)
-    _warn_http_differs(address, config.http(), _config_http_fields(config))
+    warn_http_differs(address, config.http(), config_http_fields(config))
     apply_config(apps, args.config_file, wait=not args.no_wait)
     names = ", ".join(repr(cfg.name) for cfg, _, _ in apps)
     print(f"{'deployed' if not args.no_wait else 'deploying'} {names} to {address}")
     return 0
-
-
-def apply_config(
-    apps: list[tuple[ApplicationSchema, Any, dict[str, Any] | None]], file: str, wait: bool = True
-) -> None:
-    """Make the connected cluster's applications exactly ``apps`` (a config file's, built), as
-    Ray's ``serve deploy`` and ``PUT /api/serve/applications/`` do: every app not among them is
-    deleted, whatever deployed it; the others are deployed together and waited for, progress
-    logged (not waited for unless ``wait``). An unchanged app is untouched (same versions: no
-    replica restarts); a changed one rolls. Run as ``python -m serval deploy --address A FILE``
-    (``--no-wait``) by whoever needs it."""
-    from serval import api
-
-    wanted = {cfg.name for cfg, _, _ in apps}
-    removed = [name for name in api.app_configs() if name not in wanted]
-    for name in removed:
-        logger.info("deleting application %r (not in %s)", name, file)
-    if removed:  # first: a removed app may free a route prefix an app of the file takes
-        api._delete_many(removed)
-    logger.info("deploying %s", ", ".join(repr(cfg.name) for cfg, _, _ in apps))
-    try:
-        api._run_many([(app, cfg.name, cfg.route_prefix, src) for cfg, app, src in apps], wait)
-    except DeploymentFailedError:
-        failed = [
-            f"application {name!r} failed to deploy: {_last_line(app.message)}"
-            for name, app in api.status().applications.items()
-            if name in wanted and app.status == "DEPLOY_FAILED"
-        ]
-        if not failed:
-            raise
-        raise CLIError("; ".join(failed)) from None  # one line, every failed app named
-
-
-def _last_line(message: str) -> str:
-    """A traceback's last line: the exception."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
 
 
 # -- status / config -----------------------------------------------------------------------------
