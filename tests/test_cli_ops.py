@@ -167,6 +167,7 @@ def test_deploy_is_declarative_unchanged_untouched_changed_rolled_removed_gone(
     try:
         write_config(cfg, [echo_app("keep", "k"), echo_app("change", "v2"), echo_app("gone", "g")])
         second = serval("deploy", str(cfg), "--address", address, cwd=workdir)
+        poll(lambda: "v2" in words, 10, "the client to reach the new version")
     finally:
         stop.set()
         caller.join(timeout=10)
