@@ -59,7 +59,8 @@ class ReplicaStatusOverview:
     replica_id: str
     state: str  # a ReplicaState
     # What it is doing in that state: "starting its process", "running its constructor",
-    # "waiting for its actor to be placed (resources ...)", "draining"; "" when RUNNING.
+    # "waiting for Ray to place and start its actor (it asks for ...)", "stopping"; "" when
+    # RUNNING.
     phase: str = ""
     phase_s: float = 0.0  # seconds in that phase so far
 

@@ -239,7 +239,7 @@ class Controller:
     def _phase(self, dep: DeploymentState, rec: ReplicaRecord, now: float) -> tuple[str, float]:
         """What a replica is doing in its state, and for how long (status and progress)."""
         if rec.state == ReplicaState.STOPPING:
-            return "draining", now - (rec.stopping_at or now)
+            return "stopping", now - (rec.stopping_at or now)
         if rec.state == ReplicaState.RUNNING:
             return "", 0.0
         if rec.registered_at is not None:
