@@ -175,7 +175,7 @@ def test_start_deploy_status_config_shutdown(workdir: Path, address: str) -> Non
     assert get(f"http://127.0.0.1:{port}/c?x=2") == "front+inner:2"
 
     # SERVAL_ADDRESS names the cluster as well as --address does.
-    status = serval("status", cwd=workdir, env={"SERVAL_ADDRESS": address})
+    status = serval("status", "-o", "yaml", cwd=workdir, env={"SERVAL_ADDRESS": address})
     assert status.returncode == 0, status.stderr
     out = status.stdout
     assert "echo:" in out and "composed:" in out and "RUNNING" in out
@@ -228,7 +228,7 @@ def run_config_then_sigterm(workdir: Path, address: str, port: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    status = serval("status", "--address", address, cwd=workdir)
+    status = serval("status", "-o", "yaml", "--address", address, cwd=workdir)
     assert status.returncode == 0
     assert "  r:" not in status.stdout and "  echo:" in status.stdout
 

@@ -172,7 +172,7 @@ def test_serval_start_daemon_does_not_import_from_the_cwd(tmp_path: Path) -> Non
     started = cli("start", "--port", port)
     try:
         assert started.returncode == 0, started.stderr
-        status = cli("status")
+        status = cli("status", "-o", "yaml")
         assert status.returncode == 0 and "applications: {}" in status.stdout, status
         roles = sorted(c.split("serval::", 1)[1].split()[0] for _, c in serval_processes(address))
         assert roles == ["controller", "daemon", "proxy"], roles

@@ -554,7 +554,9 @@ def test_the_cli_deploys_shows_and_shuts_down_a_cluster_on_ray(on_ray: str, tmp_
     assert "greeter" in out
     assert httpx.get(f"{on_ray}/greeter", timeout=CALL_TIMEOUT_S).text == "hi from a config file"
     # RAY_ADDRESS names the cluster too, as for Ray's own tools
-    status = yaml.safe_load(_serval("status", cwd=tmp_path, env={"RAY_ADDRESS": address}))
+    status = yaml.safe_load(
+        _serval("status", "-o", "yaml", cwd=tmp_path, env={"RAY_ADDRESS": address})
+    )
     assert status["applications"]["greeter"]["status"] == "RUNNING"
     config = yaml.safe_load(_serval("config", "--address", address, cwd=tmp_path))
     assert config["import_path"] == "cli_ray_app:app"

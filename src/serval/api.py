@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import dataclasses
@@ -11,9 +12,11 @@ import sys
 import threading
 from typing import Any
 
+from serval import _progress
 from serval._private.caller import control, runtime
 from serval._private.process.cluster import LocalCluster, is_running
 from serval._private.process.settings import settings
+from serval._private.wire.control import ControllerCalls
 from serval._private.wire.types import AppSpec
 from serval.config import HTTPOptions, gRPCOptions
 from serval.context import ReplicaContext, _get_internal_replica_context
@@ -67,6 +70,7 @@ def start(
     proxy_location: str | None = None,
     backend: str | None = None,
     grpc_options: dict[str, Any] | gRPCOptions | None = None,
+    _own_address: str | None = None,
 ) -> None:
     """Start a cluster (``serve.run`` does it when needed); returns once its HTTP proxy
     listens.
@@ -92,7 +96,7 @@ def start(
     """
     http_options = _with_proxy_location(http_options, proxy_location)
     http_options = _with_grpc(http_options, grpc_options)
-    started = _start(http_options, address, backend)
+    started = _start(http_options, address, backend, _own_address)
     try:
         control.call(lambda c: c.wait_proxy())
     except BaseException:
@@ -160,8 +164,10 @@ def _start(
     http_options: dict[str, Any] | HTTPOptions | None,
     address: str | None,
     backend: str | None = None,
+    own_address: str | None = None,
 ) -> bool:
-    """Make sure this process has a cluster; whether this call started it."""
+    """Make sure this process has a cluster; whether this call started it (a local one at
+    ``own_address`` if given, e.g. ``serval run``'s at the default address)."""
     # serve.run starts the cluster this way: it waits for the proxy with the app, in parallel.
     with _owner.lock:
         if isinstance(http_options, dict):
@@ -197,7 +203,7 @@ def _start(
                 )
             runtime.set_address(address)
             return False
-        _owner.cluster = LocalCluster(_owner.http_options)
+        _owner.cluster = LocalCluster(_owner.http_options, address=own_address)
         runtime.set_address(_owner.cluster.address)
         return True
 
@@ -229,19 +235,7 @@ def run(
     ``DeploymentFailedError`` with the replica's traceback.
     """
     spec = build(target, name, route_prefix, _source_config)
-    if runtime.replica() is not None:
-        raise ServalError("serve.run cannot be called from inside a deployment")
-    started = _start(None, None)
-    try:
-        if _owner.ray_namespace is not None:
-            spec = _for_ray(spec)
-        status_, message = runtime.run_sync(_deploy(spec))
-    except BaseException:
-        if started:  # e.g. its HTTP proxy could not start: leave no half-started cluster
-            _disconnect(stop_cluster=True)
-        raise
-    if status_ != "RUNNING":
-        raise DeploymentFailedError(f"application {name!r} failed to deploy:\n{message}")
+    _deploy_specs([spec])
     handle = DeploymentHandle(spec.ingress, name)
     if blocking:
         _block_forever()
@@ -271,10 +265,56 @@ def _for_ray(spec: AppSpec) -> AppSpec:
     return dataclasses.replace(spec, deployments=tuple(deployments))
 
 
-async def _deploy(spec: AppSpec) -> tuple[str, str]:
+def _run_many(
+    apps: list[tuple[Application, str, Any, dict[str, Any] | None]], wait: bool = True
+) -> None:
+    """``serve.run`` of several apps at once — (app, name, route_prefix, source config) each —
+    deployed together and waited for together (``serval deploy`` of a whole file); not waited
+    for unless ``wait``."""
+    specs = [build(app, name, prefix, source) for app, name, prefix, source in apps]
+    _deploy_specs(specs, wait)
+
+
+def _deploy_specs(specs: list[AppSpec], wait: bool = True) -> None:
+    """Deploy ``specs`` and (``wait``) wait until each runs; progress is logged meanwhile
+    (``serval._progress``). ``DeploymentFailedError`` names every app that failed."""
+    if runtime.replica() is not None:
+        raise ServalError("serve.run cannot be called from inside a deployment")
+    started = _start(None, None)
+    try:
+        if _owner.ray_namespace is not None:
+            specs = [_for_ray(spec) for spec in specs]
+        results = runtime.run_sync(_deploy(specs, wait))
+    except BaseException:
+        if started:  # e.g. its HTTP proxy could not start: leave no half-started cluster
+            _disconnect(stop_cluster=True)
+        raise
+    failed = [
+        f"application {name!r} failed to deploy:\n{message}"
+        for name, (status_, message) in results.items()
+        if status_ != "RUNNING"
+    ]
+    if failed:
+        raise DeploymentFailedError("\n".join(failed))
+
+
+async def _deploy(specs: list[AppSpec], wait: bool = True) -> dict[str, tuple[str, str]]:
     controller = runtime.home_client().controller
-    await controller.deploy_app(spec)
-    return await controller.wait_app(spec.name)
+    for spec in specs:
+        await controller.deploy_app(spec)
+    names = [spec.name for spec in specs]
+    if not wait:
+        return {}
+    progress = _progress.tracker(names)
+    watcher = asyncio.ensure_future(_progress.watch(controller, progress))
+    try:
+        results = await asyncio.gather(*(controller.wait_app(name) for name in names))
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    await _progress.finish(controller, progress)
+    return dict(zip(names, results, strict=True))
 
 
 def _block_forever() -> None:
@@ -293,6 +333,15 @@ def status() -> ServeStatus:
 def delete(name: str, _blocking: bool = True) -> None:
     """Delete application ``name``: its replicas drain and exit. No error if it is not there."""
     control.call(lambda c: c.delete_app(name))
+
+
+def _delete_many(names: list[str]) -> None:
+    """``delete`` of each of ``names``, together: their replicas drain at the same time."""
+
+    async def delete_all(controller: ControllerCalls) -> None:
+        await asyncio.gather(*(controller.delete_app(name) for name in names))
+
+    control.call(delete_all)
 
 
 def shutdown() -> None:

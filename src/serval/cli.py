@@ -2,7 +2,12 @@
 
 ``run``, ``build``, ``start``, ``deploy``, ``status``, ``config`` and ``shutdown``. The cluster a
 command talks to is ``--address``, else ``SERVAL_ADDRESS``, else the per-user default runtime
-directory; ``run`` without either starts a cluster owned by the command.
+directory. ``run`` deploys to the cluster running there, else starts one there owned by the
+command (it stops at Ctrl-C): ``serval status`` in another terminal finds it.
+
+``deploy`` is declarative, as Ray's ``serve deploy``: the file is the whole set of applications.
+Apps it names are deployed (unchanged ones are left as they run, changed ones roll), every other
+app on the cluster is deleted — ones deployed from Python or ``serval run`` too.
 
 A serval cluster on Ray is named as Ray's tools name a Ray cluster: ``--address auto``,
 ``--address <head>:6379`` or ``--address ray://<head>:10001``; or ``RAY_ADDRESS`` (when no
@@ -31,6 +36,13 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
+from serval._cli_deploy import (
+    apply_config,
+    config_http_fields,
+    http_fields_given,
+    warn_http_differs,
+)
+from serval._cli_status import FORMATS, print_status, to_yaml
 from serval._private.wire import layout
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
@@ -53,6 +65,7 @@ logger = logging.getLogger("serval.cli")
 
 _PROG = "serval"
 _SHUTDOWN_WAIT_S = 10.0
+_WATCH_S = 0.5  # how often `serval run` looks whether its cluster was shut down elsewhere
 _MAX_ADDRESS_BYTES = 107 - layout.MAX_REPLICA_SOCKET_SUFFIX
 
 
@@ -110,7 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="application name (default: 'default')")
     p.add_argument("--route-prefix", help="HTTP route prefix (default: the app's, else '/')")
     _http_flags(p)
-    _address_flag(p, "a running cluster to deploy to (default: start one owned by this command)")
+    _address_flag(
+        p,
+        "the cluster to deploy to (default: $SERVAL_ADDRESS, else the per-user default); "
+        "if none runs there, one is started there, owned by this command",
+    )
     _app_dir_flag(p)
     p.set_defaults(func=_cmd_run)
 
@@ -125,14 +142,35 @@ def _parser() -> argparse.ArgumentParser:
     _address_flag(p, "runtime directory of the new cluster")
     p.set_defaults(func=_cmd_start)
 
-    p = sub.add_parser("deploy", help="deploy a config file's apps to a running cluster")
+    p = sub.add_parser(
+        "deploy",
+        help="make a running cluster's apps those of a config file",
+        description="Declarative, as Ray's `serve deploy`: the file is the whole set of apps. "
+        "Apps in it are deployed (unchanged ones are untouched, changed ones roll: new replicas "
+        "start before the old ones stop); every other app on the cluster is deleted, whether it "
+        "came from a config file, serve.run or `serval run`. Waits until every app runs; exit "
+        "code 0, else 1 with a one-line error.",
+    )
     p.add_argument("config_file")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the cluster has the new set of apps (the removed ones deleted), as "
+        "Ray's does, without waiting for their replicas (then see `serval status`)",
+    )
     _address_flag(p)
     _app_dir_flag(p)
     p.set_defaults(func=_cmd_deploy)
 
-    p = sub.add_parser("status", help="show applications and deployments")
+    p = sub.add_parser("status", help="show applications, deployments and replicas")
     p.add_argument("-n", "--name", help="only this application")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        default="table",
+        help="table (default), or for tools yaml (Ray's `serve status` shape) or json (the same)",
+    )
     _address_flag(p)
     p.set_defaults(func=_cmd_status)
 
@@ -312,7 +350,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _use_app_dir(args.app_dir)
     ray_address = _ray_address(args)
-    address = _given_address(args) if ray_address is None else None
     config: ServeDeploySchema | None = None
     if _is_config_file(args.target):
         if args.name or args.route_prefix or args.arguments:
@@ -324,34 +361,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         apps = [_app_from_import_path(args)]
     http = _http_options(args, config.http() if config is not None else None)
+    asked = http_fields_given(args, config)
 
     # Ctrl-C and SIGTERM both tear down (SIGINT too when a shell started us with it ignored).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     deployed: list[str] = []
-    owned = address is None and ray_address is None
+    owned = False
+    address: str | None = None
     try:
         if ray_address is not None:  # started if need be; it outlives this command
             _join_ray(ray_address, start=True, http=http)
             print(f"deploying to the Ray cluster at {ray_address or 'auto'}", flush=True)
-        elif address is not None:
-            if args.host is not None or args.port is not None:
-                logger.warning("--host/--port ignored: the cluster at %s has its own", address)
-            _connect(address)
+            serving = warn_http_differs(ray_address or "auto", http, asked)
         else:
-            _check_port_free(http)
-            api.start(http_options=http)
-            print(
-                f"started a serval cluster at {_owned_address()} (it stops with this command)",
-                flush=True,
-            )
+            address = _address(args)
+            owned = not _start_or_join(address, http)
+            serving = http if owned else warn_http_differs(address, http, asked)
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
             deployed.append(cfg.name)
-            _print_serving(cfg, http if owned else None)
+            _print_serving(cfg, serving)
         print("Ctrl-C to stop.", flush=True)
-        while True:
-            signal.pause()
+        _serve_while_the_cluster_runs(address, owned)
+        print(f"the serval cluster at {address} was shut down", flush=True)
+        api._disconnect(stop_cluster=False)  # (what is left of an owned one is cleaned up)
+        return 0
     except KeyboardInterrupt:
         logger.info("shutting down")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -365,10 +400,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous_int)
 
 
-def _owned_address() -> str:
-    from serval._private.caller import runtime
+def _serve_while_the_cluster_runs(address: str | None, owned: bool) -> None:
+    """Return when the cluster is gone (``serval shutdown`` from elsewhere); Ctrl-C or SIGTERM
+    raise KeyboardInterrupt meanwhile. (On Ray: until then.)"""
+    from serval import api
 
-    return runtime.address() or "?"
+    if address is None:
+        while True:
+            signal.pause()
+    while not _cluster_gone(address, owned, api):
+        time.sleep(_WATCH_S)
+
+
+def _cluster_gone(address: str, owned: bool, api: Any) -> bool:
+    if owned:  # its controller exited cleanly: asked to (a restart after a crash is not that)
+        cluster = api._owner.cluster
+        return cluster is None or bool(cluster.stopped.is_set())
+    # A daemon removes the runtime directory when its cluster is shut down (not on a crash).
+    return not os.path.isdir(address)
+
+
+def _start_or_join(address: str, http: HTTPOptions) -> bool:
+    """Connect to the cluster running at ``address`` (True), else start one there that this
+    command owns (False): at the default address, ``serval status`` finds it with no flags."""
+    from serval import api
+    from serval._private.process.cluster import is_running
+
+    if is_running(address):
+        _connect(address)
+        print(f"deploying to the serval cluster running at {address}", flush=True)
+        return True
+    _check_address_length(address)
+    if not os.path.isdir(os.path.dirname(address)):
+        raise CLIError(f"cannot create {address}: its parent directory does not exist")
+    _check_port_free(http)
+    api.start(http_options=http, _own_address=address)
+    print(f"started a serval cluster at {address} (it stops with this command)", flush=True)
+    if address != _default_address():
+        print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}", flush=True)
+    return False
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -535,26 +605,14 @@ def _default_address() -> str:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from serval import api
-
     _use_app_dir(args.app_dir)
     config = load_config(args.config_file)
-    apps = _build_all(config, args.config_file)
+    apps = _build_all(config, args.config_file)  # every import before anything changes
     address = _connect_to(args)
-    if "http_options" in config.model_fields_set or "proxy_location" in config.model_fields_set:
-        logger.info("http_options apply when a cluster starts; the running one keeps its own")
-    before = api.app_configs()
-    for cfg, app, src in apps:
-        logger.info("deploying application %r", cfg.name)
-        api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
-    # As in Ray: the file is the whole desired state of config-deployed applications.
-    wanted = {cfg.name for cfg, _, _ in apps}
-    for name, src in before.items():
-        if src is not None and name not in wanted:
-            logger.info("deleting application %r (not in %s)", name, args.config_file)
-            api.delete(name)
+    warn_http_differs(address, config.http(), config_http_fields(config))
+    apply_config(apps, args.config_file, wait=not args.no_wait)
     names = ", ".join(repr(cfg.name) for cfg, _, _ in apps)
-    print(f"deployed {names} to {address}")
+    print(f"{'deployed' if not args.no_wait else 'deploying'} {names} to {address}")
     return 0
 
 
@@ -566,32 +624,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     address = _connect_to(args)
     status = api.status()
-    apps: dict[str, Any] = {}
-    for name, app in status.applications.items():
-        if args.name and name != args.name:
-            continue
-        apps[name] = {
-            "status": app.status,
-            "route_prefix": app.route_prefix,
-            "message": app.message,
-            "last_deployed": _when(app.last_deployed_time_s),
-            "deployments": {
-                dep_name: {
-                    "status": dep.status,
-                    "replica_states": dict(dep.replica_states),
-                    "message": dep.message,
-                }
-                for dep_name, dep in app.deployments.items()
-            },
-        }
-    if args.name and not apps:
+    if args.name and args.name not in status.applications:
         raise CLIError(f"no application named {args.name!r} at {address}")
-    sys.stdout.write(_yaml({"address": address, "applications": apps}))
+    print_status(status, address, args.output, args.name)
     return 0
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -603,7 +639,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         if args.name not in configs:
             raise CLIError(f"no application named {args.name!r}")
         configs = {args.name: configs[args.name]}
-    docs = [_yaml(c) for c in configs.values() if c is not None]
+    docs = [to_yaml(c) for c in configs.values() if c is not None]
     python_apps = [name for name, c in configs.items() if c is None]
     if not docs:
         print("No config has been deployed.")
@@ -612,20 +648,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if python_apps:
         logger.info("deployed from Python, without a config: %s", ", ".join(python_apps))
     return 0
-
-
-def _yaml(data: Any) -> str:
-
-    class Dumper(yaml.SafeDumper):  # type: ignore[misc]
-        pass
-
-    def text(dumper: Any, value: str) -> Any:
-        style = "|" if "\n" in value else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-    Dumper.add_representer(str, text)
-    out: str = yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=False)
-    return out
 
 
 # -- shutdown ------------------------------------------------------------------------------------

@@ -381,4 +381,18 @@ def spec_version(payload: bytes, config: DeploymentConfig) -> str:
     """What changes when a deployment needs new replicas: its code and arguments, and the
     options that replicas start with."""
     restart = json.dumps(config.restart_fields(), sort_keys=True, default=repr).encode()
-    return hashlib.sha256(payload + restart).hexdigest()[:16]
+    return hashlib.sha256(_stable(payload) + restart).hexdigest()[:16]
+
+
+def _stable(payload: bytes) -> bytes:
+    """``payload`` with what differs between two processes that pickle the same code taken
+    out: cloudpickle names each class it pickles by value (a ``@serve.deployment`` class, whose
+    module name is bound to the Deployment) with a random id drawn once per process. Without
+    this, ``serval deploy`` of an unchanged file would restart every replica."""
+    tracker: Any = getattr(cloudpickle.cloudpickle, "_DYNAMIC_CLASS_TRACKER_BY_CLASS", {})
+    for cls, tracker_id in list(tracker.items()):
+        token = tracker_id.encode()
+        if token in payload:
+            name = f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}"
+            payload = payload.replace(token, name.encode())
+    return payload

@@ -16,6 +16,7 @@ __all__ = [
     "DeploymentStatus",
     "DeploymentStatusOverview",
     "ReplicaState",
+    "ReplicaStatusOverview",
     "ServeStatus",
 ]
 
@@ -51,10 +52,26 @@ class ReplicaState(StrEnum):
 
 
 @dataclass(frozen=True)
+class ReplicaStatusOverview:
+    """One replica, as the controller sees it (serval's own, beside Ray's counts): what a
+    replica that is not RUNNING waits on, and for how long."""
+
+    replica_id: str
+    state: str  # a ReplicaState
+    # What it is doing in that state: "starting its process", "running its constructor",
+    # "waiting for Ray to place and start its actor (it asks for ...)", "stopping"; "" when
+    # RUNNING.
+    phase: str = ""
+    phase_s: float = 0.0  # seconds in that phase so far
+
+
+@dataclass(frozen=True)
 class DeploymentStatusOverview:
     status: str
     replica_states: dict[str, int] = field(default_factory=dict)
     message: str = ""
+    target_replicas: int = 0  # how many replicas it is meant to have now
+    replicas: tuple[ReplicaStatusOverview, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from typing import Any
@@ -34,7 +35,12 @@ from serval._private.wire.tasks import TaskOwner
 from serval._private.wire.types import AppSpec, DeploymentInfo, ReplicaInfo, ReplicaInit, Table
 from serval.config import BackpressureConfig, HTTPOptions, RequestRouterConfig
 from serval.exceptions import ApplicationNotFoundError, DeploymentFailedError
-from serval.status import ApplicationStatusOverview, DeploymentStatusOverview, ServeStatus
+from serval.status import (
+    ApplicationStatusOverview,
+    DeploymentStatusOverview,
+    ReplicaStatusOverview,
+    ServeStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,7 @@ class Controller:
 
     def adopt_replica(self, app: AppState, dep: DeploymentState, rec: ReplicaRecord) -> None:
         """Take over a replica that outlived the previous controller."""
+        rec.started_at = self.clock.monotonic()  # (as far as status goes)
         dep.replicas[rec.replica_id] = rec
         self._replicas[rec.replica_id] = (app, dep, rec)
         self.tasks.spawn(self._watch(app, dep, rec))
@@ -207,16 +214,52 @@ class Controller:
 
     def rpc_status(self, peer: ControlPeer) -> ServeStatus:
         out = {}
+        now = self.clock.monotonic()
         for name, app in self.apps.items():
             status, message = app.status()
-            deps = {
-                d.name: DeploymentStatusOverview(d.status(), d.replica_states(), d.failed_message)
-                for d in app.deployments.values()
-            }
+            deps = {d.name: self._deployment_status(d, now) for d in app.deployments.values()}
             out[name] = ApplicationStatusOverview(
                 status, message, app.spec.route_prefix, app.deployed_at, deps
             )
         return ServeStatus(out)
+
+    def _deployment_status(self, dep: DeploymentState, now: float) -> DeploymentStatusOverview:
+        replicas = tuple(
+            ReplicaStatusOverview(r.replica_id, r.state.value, *self._phase(dep, r, now))
+            for r in sorted(dep.replicas.values(), key=lambda r: r.index)
+        )
+        return DeploymentStatusOverview(
+            dep.status(),
+            dep.replica_states(),
+            dep.failed_message or dep.health_message,
+            dep.target,
+            replicas,
+        )
+
+    def _phase(self, dep: DeploymentState, rec: ReplicaRecord, now: float) -> tuple[str, float]:
+        """What a replica is doing in its state, and for how long (status and progress)."""
+        if rec.state == ReplicaState.STOPPING:
+            return "stopping", now - (rec.stopping_at or now)
+        if rec.state == ReplicaState.RUNNING:
+            return "", 0.0
+        if rec.registered_at is not None:
+            return "running its constructor", now - rec.registered_at
+        if self.backend.name == "ray":
+            options = dep.spec.config.ray_actor_options
+            wants = ", ".join(
+                f"{key}={options[key]}"
+                for key in ("num_cpus", "num_gpus", "memory", "resources")
+                if options.get(key)
+            )
+            where = f" (it asks for {wants})" if wants else ""
+            return f"waiting for Ray to place and start its actor{where}", now - rec.started_at
+        return "starting its process", now - rec.started_at
+
+    def rpc_http_options(self, peer: ControlPeer) -> HTTPOptions | None:
+        """The cluster's HTTP options (None: it has no HTTP proxy), without a key password."""
+        if self.http is None:
+            return None
+        return dataclasses.replace(self.http, ssl_keyfile_password=None)
 
     async def rpc_collect_metrics(
         self, peer: ControlPeer, node: str | None = None
@@ -308,6 +351,7 @@ class Controller:
             raise LookupError(f"unknown replica {replica_id}")
         app, dep, rec = found
         rec.peer = peer
+        rec.registered_at = self.clock.monotonic()  # its constructor runs from now on
         if address:  # where it listens, when its backend could not know it in advance
             rec.address = address
             self._schedule_save()
@@ -423,7 +467,12 @@ class Controller:
             app.notify()
             return
         rec = ReplicaRecord(
-            replica_id, index, dep.spec.version, host, self.backend.replica_address(replica_id)
+            replica_id,
+            index,
+            dep.spec.version,
+            host,
+            self.backend.replica_address(replica_id),
+            started_at=self.clock.monotonic(),
         )
         dep.replicas[replica_id] = rec
         dep.starts += 1
@@ -555,10 +604,16 @@ class Controller:
                 await self.clock.wait_for(
                     ReplicaCalls(rec.peer.call).check_health(), config.health_check_timeout_s
                 )
+                if rec.started_at >= dep.health_failed_at:  # a replacement passed one
+                    dep.health_message = ""
             except Exception as exc:
                 reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
                 if rec.state != ReplicaState.RUNNING:
                     return
+                dep.health_message = (
+                    f"replica {rec.replica_id} failed its health check ({reason}); replaced"
+                )
+                dep.health_failed_at = self.clock.monotonic()
                 logger.warning(
                     "replica %s of %s failed its health check (%s); replacing it",
                     rec.replica_id,
@@ -574,6 +629,7 @@ class Controller:
     ) -> None:
         was_running = rec.state == ReplicaState.RUNNING
         rec.state = ReplicaState.STOPPING
+        rec.stopping_at = self.clock.monotonic()
         if was_running:
             self._publish()  # callers stop sending before the replica starts draining
         if graceful and rec.peer is not None:

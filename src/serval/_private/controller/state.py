@@ -57,6 +57,11 @@ class ReplicaRecord:
     model_ids: frozenset[str] = frozenset()
     async_methods: frozenset[str] = frozenset()  # (what the replica reported when ready)
     routing_stats: tuple[tuple[str, Any], ...] = ()  # its record_routing_stats(), last asked
+    # (the controller clock's monotonic time) when it was started, registered (its process is
+    # up: the constructor runs) and asked to stop, for status: what a slow replica waits on
+    started_at: float = 0.0
+    registered_at: float | None = None
+    stopping_at: float | None = None
 
 
 @dataclass
@@ -81,6 +86,10 @@ class DeploymentState:
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     next_index: int = 0
     failed_message: str = ""
+    # The last failed health check's reason, until a replica started since passes one
+    # (status only: the failed replica is replaced at once).
+    health_message: str = ""
+    health_failed_at: float = 0.0
     start_failures: int = 0
     starts: int = 0  # replicas started, ever (serve_deployment_replica_starts)
     reconfiguring: int = 0  # reconfigure() calls in flight

@@ -19,7 +19,7 @@ from serval._private.wire.types import AppSpec, ReplicaInit, Table
 
 if TYPE_CHECKING:
     from serval._private.telemetry.metrics import Snapshot
-    from serval.config import AutoscalingContext, AutoscalingPolicy
+    from serval.config import AutoscalingContext, AutoscalingPolicy, HTTPOptions
     from serval.status import ServeStatus
 
 __all__ = ["CallFn", "ControllerCalls", "ProxyCalls", "ReplicaCalls"]
@@ -71,6 +71,9 @@ class ControllerCalls(_Stub):
 
     async def wait_proxy(self) -> None:
         await self._call("wait_proxy")
+
+    async def http_options(self) -> HTTPOptions | None:
+        return cast("HTTPOptions | None", await self._call("http_options"))
 
     async def shutdown(self) -> None:
         await self._call("shutdown")
