@@ -24,6 +24,10 @@ handle = serve.run(Echo.bind())
 assert handle.remote(1).result(timeout_s=30) == 1
 assert serve.get(Echo.get_handle().remote(2), timeout=30) == 2
 serve.status()
+from serval import cli
+from serval._private.caller import runtime
+for verb in (["status"], ["status", "-o", "json"], ["config"]):
+    assert cli.main([*verb, "--address", runtime.address()]) == 0, verb
 serve.shutdown()
 print("ray imported:", "ray" in sys.modules)
 """

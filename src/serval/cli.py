@@ -217,7 +217,8 @@ def _app_dir_flag(p: argparse.ArgumentParser) -> None:
 
 def _ray_address(args: argparse.Namespace) -> str | None:
     """The Ray cluster this command talks to, if it talks to one (``""``: Ray's default)."""
-    from serval._private.process.ray_cluster import is_ray_address
+    # (from cluster, not ray_cluster: a local cluster's command never imports Ray)
+    from serval._private.process.cluster import is_ray_address
     from serval._private.process.settings import settings
 
     given: str | None = args.address or settings().address

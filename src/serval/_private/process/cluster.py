@@ -27,7 +27,7 @@ from serval._private.process.settings import http_options_argv, http_options_env
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
-__all__ = ["LocalCluster", "default_address", "is_running", "make_private_dir"]
+__all__ = ["LocalCluster", "default_address", "is_ray_address", "is_running", "make_private_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,16 @@ _RESTART_DELAY_S = 0.2  # the first restart; doubled for each death in a row
 _MAX_RESTART_DELAY_S = 10.0
 _STABLE_S = 10.0  # a controller that ran this long before it died starts the count over
 _FAILING_AFTER = 3  # deaths in a row that make it an error, not a warning
+
+
+def is_ray_address(text: str) -> bool:
+    """Whether ``text`` names a Ray cluster the way Ray's tools do (``auto``, ``ray://host:port``
+    for a Ray client, ``host:port`` of the head node's GCS), rather than a local cluster's
+    runtime directory."""
+    if text == "auto" or text.startswith("ray://"):
+        return True
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and "/" not in text)
 
 
 def default_address() -> str:

@@ -28,7 +28,6 @@ __all__ = [
     "connect",
     "deployable_runtime_env",
     "init_ray",
-    "is_ray_address",
     "is_running",
     "join",
     "stop",
@@ -41,16 +40,6 @@ logger = logging.getLogger(__name__)
 # A controller's first start includes a Ray worker process's (seconds, more on a busy node).
 _START_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 30.0
-
-
-def is_ray_address(text: str) -> bool:
-    """Whether ``text`` names a Ray cluster the way Ray's tools do (``auto``, ``ray://host:port``
-    for a Ray client, ``host:port`` of the head node's GCS), rather than a local cluster's
-    runtime directory."""
-    if text == "auto" or text.startswith("ray://"):
-        return True
-    host, sep, port = text.rpartition(":")
-    return bool(sep and host and port.isdigit() and "/" not in text)
 
 
 def init_ray(address: str | None = None) -> None:
