@@ -23,6 +23,7 @@ ROOMS: dict[str, set[str]] = {
     "proxy": {"wire", "caller", "telemetry"},
     "controller": {"wire", "serval._private.backends.base", "telemetry"},
     "backends": {"wire", "serval._private.process.procs", "serval._private.process.settings"},
+    "dashboard": {"wire", "caller", "telemetry"},
     "process": {
         "wire",
         "caller",
@@ -31,6 +32,7 @@ ROOMS: dict[str, set[str]] = {
         "controller",
         "backends",
         "telemetry",
+        "dashboard",
     },
 }
 

@@ -15,6 +15,8 @@ from typing import Any
 from serval import _progress
 from serval._private.caller import control, runtime
 from serval._private.process.cluster import LocalCluster, is_running
+from serval._private.process.dashboard import DashboardOptions
+from serval._private.process.dashboard import dashboard_options as dashboard_options_of
 from serval._private.process.settings import settings
 from serval._private.wire.control import ControllerCalls
 from serval._private.wire.types import AppSpec
@@ -71,6 +73,7 @@ def start(
     backend: str | None = None,
     grpc_options: dict[str, Any] | gRPCOptions | None = None,
     _own_address: str | None = None,
+    dashboard_options: dict[str, Any] | None = None,
 ) -> None:
     """Start a cluster (``serve.run`` does it when needed); returns once its HTTP proxy
     listens.
@@ -93,10 +96,16 @@ def start(
     ``grpc_servicer_functions``, the proxies serve gRPC too, on ``port`` (9000) of
     ``http_options.host``; the functions must be importable here (they are imported now, to
     fail early) and in the proxy, which searches this process's ``sys.path``.
+
+    ``dashboard_options`` (``{"port": N, "host": H}``): where the dashboard of a new local
+    cluster listens (default 127.0.0.1:8265; port 0: no dashboard). A port given here that is
+    taken fails this call; the default one taken is warned about, and the cluster runs
+    without a dashboard. Its URL, token included: ``dashboard_url()``.
     """
     http_options = _with_proxy_location(http_options, proxy_location)
     http_options = _with_grpc(http_options, grpc_options)
-    started = _start(http_options, address, backend, _own_address)
+    dashboard = None if dashboard_options is None else dashboard_options_of(dashboard_options)
+    started = _start(http_options, address, backend, _own_address, dashboard)
     try:
         control.call(lambda c: c.wait_proxy())
     except BaseException:
@@ -144,6 +153,17 @@ def _fields_of(options: Any) -> dict[str, Any]:
     return {n: getattr(options, n) for n in names if hasattr(options, n)}
 
 
+def dashboard_url() -> str | None:
+    """The dashboard's URL with its token (opening it logs the browser in), if the cluster
+    this process talks to is a local one with a dashboard."""
+    from serval._private.process.dashboard import read_url
+
+    address = runtime.address()
+    if address is None or _owner.ray_namespace is not None:
+        return None
+    return read_url(address)
+
+
 def _with_code_path(options: HTTPOptions) -> HTTPOptions:
     """``options`` with the gRPC proxy told where this process finds code (its working
     directory and ``sys.path``, as replicas are), its servicer functions checked here."""
@@ -165,6 +185,7 @@ def _start(
     address: str | None,
     backend: str | None = None,
     own_address: str | None = None,
+    dashboard: DashboardOptions | None = None,
 ) -> bool:
     """Make sure this process has a cluster; whether this call started it (a local one at
     ``own_address`` if given, e.g. ``serval run``'s at the default address)."""
@@ -203,7 +224,7 @@ def _start(
                 )
             runtime.set_address(address)
             return False
-        _owner.cluster = LocalCluster(_owner.http_options, address=own_address)
+        _owner.cluster = LocalCluster(_owner.http_options, address=own_address, dashboard=dashboard)
         runtime.set_address(_owner.cluster.address)
         return True
 

@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="application name (default: 'default')")
     p.add_argument("--route-prefix", help="HTTP route prefix (default: the app's, else '/')")
     _http_flags(p)
+    _dashboard_flag(p)
     _address_flag(
         p,
         "the cluster to deploy to (default: $SERVAL_ADDRESS, else the per-user default); "
@@ -139,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("start", help="start a detached cluster")
     _http_flags(p)
+    _dashboard_flag(p)
     _address_flag(p, "runtime directory of the new cluster")
     p.set_defaults(func=_cmd_start)
 
@@ -195,6 +197,42 @@ def _http_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ssl-ca-certs", help="require client certificates signed by these PEM CA certificates"
     )
+
+
+def _dashboard_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        help="the dashboard's port on 127.0.0.1 (default 8265; 0: no dashboard)",
+    )
+
+
+def _dashboard_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``serve.start``'s ``dashboard_options`` from ``--dashboard-port``; its port checked
+    first, as the HTTP port is, so that a taken one is a clear error."""
+    port = getattr(args, "dashboard_port", None)
+    if port is None:
+        return None
+    if not 0 <= port <= 65535:
+        raise CLIError(f"--dashboard-port must be from 0 to 65535, got {port}")
+    if port:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as exc:
+                reason = "is in use" if exc.errno == errno.EADDRINUSE else f"is not usable ({exc})"
+                raise CLIError(f"dashboard port 127.0.0.1:{port} {reason}") from None
+    return {"port": port}
+
+
+def _print_dashboard(address: str) -> None:
+    """The dashboard's URL with its token, as Jupyter prints its own: opening it logs in."""
+    from serval._private.process.dashboard import read_url
+
+    url = read_url(address)
+    if url is not None:
+        print(f"dashboard: {url}", flush=True)
 
 
 def _address_flag(p: argparse.ArgumentParser, text: str | None = None) -> None:
@@ -377,7 +415,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             serving = warn_http_differs(ray_address or "auto", http, asked)
         else:
             address = _address(args)
-            owned = not _start_or_join(address, http)
+            owned = not _start_or_join(address, http, args)
             serving = http if owned else warn_http_differs(address, http, asked)
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
@@ -421,24 +459,30 @@ def _cluster_gone(address: str, owned: bool, api: Any) -> bool:
     return not os.path.isdir(address)
 
 
-def _start_or_join(address: str, http: HTTPOptions) -> bool:
+def _start_or_join(address: str, http: HTTPOptions, args: argparse.Namespace) -> bool:
     """Connect to the cluster running at ``address`` (True), else start one there that this
-    command owns (False): at the default address, ``serval status`` finds it with no flags."""
+    command owns (False): at the default address, ``serval status`` finds it with no flags.
+    Either way, print its dashboard's URL."""
     from serval import api
     from serval._private.process.cluster import is_running
 
     if is_running(address):
+        if args.dashboard_port is not None:
+            logger.warning("--dashboard-port ignored: the cluster at %s has its own", address)
         _connect(address)
         print(f"deploying to the serval cluster running at {address}", flush=True)
+        _print_dashboard(address)
         return True
     _check_address_length(address)
     if not os.path.isdir(os.path.dirname(address)):
         raise CLIError(f"cannot create {address}: its parent directory does not exist")
     _check_port_free(http)
-    api.start(http_options=http, _own_address=address)
+    dashboard = _dashboard_options(args)
+    api.start(http_options=http, _own_address=address, dashboard_options=dashboard)
     print(f"started a serval cluster at {address} (it stops with this command)", flush=True)
     if address != _default_address():
         print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}", flush=True)
+    _print_dashboard(address)
     return False
 
 
@@ -590,10 +634,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if not os.path.isdir(os.path.dirname(address)):
         raise CLIError(f"cannot create {address}: its parent directory does not exist")
     _check_port_free(http)
-    start_detached(address, http)
+    from serval._private.process.dashboard import dashboard_options
+
+    start_detached(address, http, dashboard=dashboard_options(_dashboard_options(args)))
     print(
         f"serval cluster started at {address} (HTTP on {_scheme(http)}://{http.host}:{http.port})"
     )
+    _print_dashboard(address)
     if address != _default_address():
         print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}")
     return 0

@@ -14,6 +14,8 @@ proxy      the HTTP and gRPC proxy: request cycles, routing,        wire, caller
            the server
 controller desired state, reconciliation, autoscaling, checkpoint   wire, backends.base,
                                                                     telemetry
+dashboard  the dashboard process: the live page and its history,    wire, caller, telemetry
+           Ray Serve's REST API, the token and Host/Origin guard
 backends   where replicas run: the interface and its backends       wire, process.procs,
                                                                     process.settings
 process    entry points, the owner and its lifeline, the daemon,    everything

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from serval._private.backends.base import Backend, Exit
-from serval._private.controller import checkpoint
+from serval._private.controller import checkpoint, details
 from serval._private.controller.autoscaling import AutoscalingPolicy
 from serval._private.controller.clock import Clock, RealClock
 from serval._private.controller.custom_autoscaling import CustomPolicies
@@ -302,6 +302,11 @@ class Controller:
             (metrics.REPLICA_STARTS, starts),
             (metrics.QUEUED_AT_CALLERS, queued),
         ]
+
+    def rpc_details(self, peer: ControlPeer) -> dict[str, Any]:
+        """Every app, deployment and replica in detail, as JSON-able values (the dashboard's
+        and the REST API's source: ``controller/details.py``)."""
+        return details.of(self.backend.name, self.http, self.proxies, self.apps, self.clock)
 
     def rpc_app_configs(self, peer: ControlPeer) -> dict[str, dict[str, Any] | None]:
         return {name: app.spec.source_config for name, app in self.apps.items() if not app.deleting}

@@ -21,6 +21,8 @@ import time
 
 from serval._private.backends.local import system_env, worker_argv
 from serval._private.process import lifeline, procs, rundir
+from serval._private.process.dashboard import Dashboard, DashboardOptions
+from serval._private.process.dashboard import bind as bind_dashboard
 from serval._private.process.rundir import is_running
 from serval._private.process.rundir import make_private as make_private_dir
 from serval._private.process.settings import http_options_argv, http_options_env, settings
@@ -54,10 +56,22 @@ def default_address() -> str:
 
 
 class LocalCluster:
-    def __init__(self, http_options: HTTPOptions, address: str | None = None) -> None:
+    def __init__(
+        self,
+        http_options: HTTPOptions,
+        address: str | None = None,
+        dashboard: DashboardOptions | None = None,
+    ) -> None:
         _clear_the_way(address)
-        self.address = make_private_dir(address)
-        rundir.record_owner(self.address)
+        # Bound first: a dashboard port asked for and taken fails before anything starts.
+        dashboard_socket = bind_dashboard(dashboard or DashboardOptions())
+        try:
+            self.address = make_private_dir(address)
+            rundir.record_owner(self.address)
+        except BaseException:
+            if dashboard_socket is not None:
+                dashboard_socket.close()
+            raise
         self.http_options = http_options
         self._user_pythonpath = settings().user_pythonpath
         self._lifeline_r, self._lifeline_w = lifeline.create()
@@ -67,6 +81,15 @@ class LocalCluster:
         # Set while the controller keeps dying; control calls of this process fail with it.
         self.controller_error: str | None = None
         self.controller = self._spawn_controller(recover=False)
+        self.dashboard: Dashboard | None = None
+        if dashboard_socket is not None:
+            self.dashboard = Dashboard(
+                self.address,
+                dashboard or DashboardOptions(),
+                dashboard_socket,
+                self._lifeline_r,
+                self._user_pythonpath,
+            )
         self._wait_for_controller()
         self.stopped = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="serval-owner", daemon=True)
@@ -167,6 +190,8 @@ class LocalCluster:
     def close(self) -> None:
         """Cut the lifeline (every process of the cluster exits) and remove the directory."""
         self.begin_shutdown()
+        if self.dashboard is not None:
+            self.dashboard.close()
         if self.controller.poll() is None:
             self.controller.kill()
             self.controller.wait()

@@ -15,6 +15,7 @@ import time
 from serval._private.backends.local import system_env, worker_argv
 from serval._private.process import procs, rundir
 from serval._private.process.cluster import LocalCluster, is_running, make_private_dir
+from serval._private.process.dashboard import DashboardOptions
 from serval._private.process.settings import http_options_argv, http_options_env, settings
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
@@ -27,14 +28,21 @@ def log_path(address: str) -> str:
     return f"{address.rstrip(os.sep)}.log"
 
 
-def run_daemon(address: str, http_options: HTTPOptions) -> None:
+def run_daemon(
+    address: str, http_options: HTTPOptions, dashboard: DashboardOptions | None = None
+) -> None:
     """The daemon's body: own the cluster until its controller exits cleanly."""
-    cluster = LocalCluster(http_options, address=address)
+    cluster = LocalCluster(http_options, address=address, dashboard=dashboard)
     cluster.stopped.wait()
     cluster.close()
 
 
-def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.0) -> None:
+def start_detached(
+    address: str,
+    http_options: HTTPOptions,
+    timeout: float = 30.0,
+    dashboard: DashboardOptions | None = None,
+) -> None:
     """Start a daemon-owned cluster at ``address`` and return once it accepts calls."""
     if is_running(address):
         raise ServalError(f"a serval cluster is already running at {address}")
@@ -52,6 +60,8 @@ def start_detached(address: str, http_options: HTTPOptions, timeout: float = 30.
                 address,
                 "--http-options",
                 http_options_argv(http_options.to_json()),  # (a password: in its env)
+                "--dashboard-options",
+                (dashboard or DashboardOptions()).to_json(),
             ),
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -46,7 +47,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="serval-worker")
     parser.add_argument(
         "role",
-        choices=["serval::controller", "serval::replica", "serval::proxy", "serval::daemon"],
+        choices=[
+            "serval::controller",
+            "serval::replica",
+            "serval::proxy",
+            "serval::daemon",
+            "serval::dashboard",
+        ],
     )
     parser.add_argument("label")
     parser.add_argument("--address", required=True)
@@ -54,6 +61,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lifeline-fd", type=int)
     parser.add_argument("--http-options")
     parser.add_argument("--recover", action="store_true")
+    parser.add_argument("--dashboard-fd", type=int)  # the dashboard's listening socket
+    parser.add_argument("--dashboard-options")  # the dashboard's (JSON); the daemon's too
     # the controller's backend, by name (backends.base.load); "memory" runs in a test's
     # process only, and Ray's controller is an actor (process.ray_actors), not a process of ours
     backends = [name for name in get_args(BackendName) if name not in ("memory", "ray")]
@@ -169,10 +178,38 @@ async def _proxy_main(args: argparse.Namespace) -> None:
     await serve_proxy(runtime.client(loop), http_options_from_argv(args.http_options))
 
 
+async def _dashboard_main(args: argparse.Namespace) -> None:
+    from serval._private.backends.local import own_pythonpath, replica_env
+    from serval._private.dashboard.server import DashboardConfig, serve_dashboard
+    from serval._private.process.dashboard import read_token
+    from serval._private.process.settings import settings
+
+    loop = asyncio.get_running_loop()
+    _exit_with_owner(args)
+    runtime.set_address(args.address)
+    options = json.loads(args.dashboard_options)
+    # A PUT's deploy imports the user's code: with the user's code path, and serval's own.
+    env = replica_env(settings().user_pythonpath, None)
+    paths = [p for p in (env.get("PYTHONPATH"), own_pythonpath(os.environ.get("PYTHONPATH"))) if p]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    config = DashboardConfig(
+        address=args.address,
+        fd=args.dashboard_fd,
+        host=options["host"],
+        port=options["port"],
+        token=read_token(args.address),
+        cwd=options["cwd"],
+        deploy_env=env,
+    )
+    await serve_dashboard(runtime.client(loop), config)
+
+
 _MAINS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "serval::controller": _controller_main,
     "serval::replica": _replica_main,
     "serval::proxy": _proxy_main,
+    "serval::dashboard": _dashboard_main,
 }
 
 
@@ -193,8 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
     if args.role == "serval::daemon":
         from serval._private.process.daemon import run_daemon
+        from serval._private.process.dashboard import DashboardOptions
 
-        run_daemon(args.address, http_options_from_argv(args.http_options))
+        dashboard = (
+            DashboardOptions.from_json(args.dashboard_options) if args.dashboard_options else None
+        )
+        run_daemon(args.address, http_options_from_argv(args.http_options), dashboard)
         return
     body = _MAINS[args.role]
     tune_gc()

@@ -57,6 +57,10 @@ class ControllerCalls(_Stub):
     async def status(self) -> ServeStatus:
         return cast("ServeStatus", await self._call("status"))
 
+    async def details(self) -> dict[str, Any]:
+        """Apps, deployments, replicas and proxies in detail (JSON-able; the dashboard's)."""
+        return cast("dict[str, Any]", await self._call("details"))
+
     async def app_configs(self) -> dict[str, dict[str, Any] | None]:
         return cast("dict[str, dict[str, Any] | None]", await self._call("app_configs"))
 

@@ -2,7 +2,8 @@
 
 The directory (mode 0700) is the cluster's address: ``controller.sock`` (the control plane),
 ``r/<replica id>.sock`` (each replica's data plane), ``controller.ckpt`` (the controller's
-checkpoint, which holds the user's pickled code), ``owner`` (who owns the cluster).
+checkpoint, which holds the user's pickled code), ``owner`` (who owns the cluster),
+``dashboard.token`` (the dashboard's token, 0600) and ``dashboard.json`` (where it listens).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import os
 __all__ = [
     "CHECKPOINT",
     "CONTROLLER_SOCKET",
+    "DASHBOARD",
+    "DASHBOARD_TOKEN",
     "MARKS",
     "MAX_REPLICA_SOCKET_SUFFIX",
     "OWNER",
     "REPLICAS",
     "checkpoint_path",
     "controller_path",
+    "dashboard_path",
+    "dashboard_token_path",
     "owner_path",
     "replica_actor_name",
     "replica_path",
@@ -27,6 +32,8 @@ __all__ = [
 CONTROLLER_SOCKET = "controller.sock"
 CHECKPOINT = "controller.ckpt"
 OWNER = "owner"
+DASHBOARD_TOKEN = "dashboard.token"
+DASHBOARD = "dashboard.json"
 REPLICAS = "r"
 # What a runtime directory holds (one of them at least) once its controller has started.
 MARKS = (CONTROLLER_SOCKET, CHECKPOINT, REPLICAS)
@@ -53,6 +60,14 @@ def checkpoint_path(address: str) -> str:
 
 def owner_path(address: str) -> str:
     return os.path.join(address, OWNER)
+
+
+def dashboard_token_path(address: str) -> str:
+    return os.path.join(address, DASHBOARD_TOKEN)
+
+
+def dashboard_path(address: str) -> str:
+    return os.path.join(address, DASHBOARD)
 
 
 def replica_actor_name(replica_id: str) -> str:
