@@ -1,6 +1,6 @@
 // A small SVG line chart: serval's own, so that the page fetches nothing from elsewhere.
 // lineChart(svg, series, options): series = [{name, color, values: [[t_seconds, v|null]]}],
-// options = {windowS, unit, title}. The svg gets data-points = how many values it draws.
+// options = {windowS, title, now}. The svg gets data-points = how many values it draws.
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -47,10 +47,10 @@ function lineChart(svg, series, options) {
     svg.appendChild(svgEl("line", {x1: left, x2: width - right, y1: yy, y2: yy, class: "grid"}));
     svg.appendChild(svgEl("text", {x: left - 4, y: yy + 3, class: "axis", "text-anchor": "end"}, fmt(v)));
   }
-  for (let m = 0; m <= windowS / 60; m += Math.max(1, Math.round(windowS / 300))) {
-    const xx = x(now - m * 60);
-    svg.appendChild(svgEl("text", {x: xx, y: height - 6, class: "axis", "text-anchor": "middle"},
-      m === 0 ? "now" : `-${m}m`));
+  const step = [10, 15, 30, 60, 120, 300].find((s) => windowS / s <= 6) || 600;
+  for (let ago = 0; ago <= windowS; ago += step) {
+    const label = ago === 0 ? "now" : ago % 60 === 0 ? `-${ago / 60}m` : `-${ago}s`;
+    svg.appendChild(svgEl("text", {x: x(now - ago), y: height - 6, class: "axis", "text-anchor": "middle"}, label));
   }
   let legendX = width - right;
   for (const s of [...series].reverse()) {
@@ -68,6 +68,5 @@ function lineChart(svg, series, options) {
     }
     if (path) svg.appendChild(svgEl("path", {d: path, stroke: s.color, class: "line"}));
   }
-  if (options.unit) svg.appendChild(svgEl("text", {x: 4, y: top - 4, class: "axis"}, options.unit));
   svg.dataset.points = String(drawn);
 }

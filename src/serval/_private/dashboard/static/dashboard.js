@@ -75,7 +75,7 @@ function deploymentHtml(app, dep, update, queued) {
   const running = dep.replicas.filter((r) => r.state === "RUNNING").length;
   const inFlight = lastPoint ? lastPoint.in_flight : 0;
   const waiting = lastPoint ? lastPoint.waiting : 0;
-  const chartId = (what) => esc(`${what}\u0000${k}`);
+  const chart = (what) => `<svg data-chart="${what}" data-app="${esc(app)}" data-dep="${esc(dep.name)}"></svg>`;
   return `<div class="deployment" data-deployment="${esc(dep.name)}" data-status="${esc(dep.status)}">
     <h3>${esc(dep.name)} <span class="badge ${esc(dep.status)} deployment-status">${esc(dep.status)}</span></h3>
     ${dep.message ? `<p class="message" data-role="deployment-message">${esc(dep.message)}</p>` : ""}
@@ -89,9 +89,7 @@ function deploymentHtml(app, dep, update, queued) {
       <span><b>${lastPoint && lastPoint.p99_ms !== null ? lastPoint.p99_ms.toFixed(1) : "–"}</b> ms p99</span>
     </div>
     <div class="charts">
-      <svg data-chart="rate" data-key="${chartId("rate")}"></svg>
-      <svg data-chart="latency" data-key="${chartId("latency")}"></svg>
-      <svg data-chart="load" data-key="${chartId("load")}"></svg>
+      ${chart("rate")}${chart("latency")}${chart("load")}
     </div>
     <table class="replicas">
       <thead><tr><th>replica</th><th>state</th><th>pid</th><th>node</th><th>started</th>
@@ -117,26 +115,28 @@ function replicaHtml(r, update) {
 }
 
 function drawChart(svg, now) {
-  const [, app, dep] = svg.dataset.key.split("\u0000");
-  const points = series.get(key(app, dep)) || [];
+  const points = series.get(key(svg.dataset.app, svg.dataset.dep)) || [];
   const col = (f) => points.map((p) => [p.t, p[f]]);
   const kind = svg.dataset.chart;
+  // the time shown: what there is, from one minute up to ten
+  const span = points.length ? now - points[0].t : 0;
+  const windowS = Math.min(600, Math.max(60, Math.ceil(span / 60) * 60));
   if (kind === "rate") {
     lineChart(svg, [
       {name: "req/s", color: "#2f6fdd", values: col("rps")},
       {name: "errors/s", color: "#d33", values: col("errors_per_s")},
-    ], {title: "requests per second", now});
+    ], {title: "requests per second", now, windowS});
   } else if (kind === "latency") {
     lineChart(svg, [
       {name: "p50", color: "#2a9d8f", values: col("p50_ms")},
       {name: "p90", color: "#e9a23b", values: col("p90_ms")},
       {name: "p99", color: "#d33", values: col("p99_ms")},
-    ], {title: "latency (ms)", now});
+    ], {title: "latency (ms)", now, windowS});
   } else {
     lineChart(svg, [
       {name: "in flight", color: "#6a4cc3", values: col("in_flight")},
       {name: "waiting", color: "#999", values: col("waiting")},
-    ], {title: "requests in replicas", now});
+    ], {title: "requests in replicas", now, windowS});
   }
 }
 
