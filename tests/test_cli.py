@@ -139,10 +139,21 @@ def get(url: str, timeout: float = 5.0) -> str:
 
 
 def test_start_deploy_status_config_shutdown(workdir: Path, address: str) -> None:
-    port = free_port()
-    started = serval("start", "--address", address, "--port", str(port), cwd=workdir)
+    port, dashboard = free_port(), free_port()
+    started = serval(
+        "start",
+        "--address",
+        address,
+        "--port",
+        str(port),
+        "--dashboard-port",
+        str(dashboard),
+        cwd=workdir,
+    )
     assert started.returncode == 0, started.stderr
     assert address in started.stdout
+    token = (Path(address) / "dashboard.token").read_text().strip()
+    assert f"dashboard: http://127.0.0.1:{dashboard}/?token={token}" in started.stdout
     again = serval("start", "--address", address, "--port", str(port), cwd=workdir)
     assert again.returncode == 1 and "already running" in again.stderr
 
@@ -167,11 +178,12 @@ def test_start_deploy_status_config_shutdown(workdir: Path, address: str) -> Non
     deployed = serval("deploy", str(cfg), "--address", address, cwd=workdir)
     assert deployed.returncode == 0, deployed.stderr
     assert get(f"http://127.0.0.1:{port}/echo?x=1") == "hi:1"
-    # Security: a private runtime directory, and the only TCP listener is the HTTP proxy
-    # (the daemon, controller and replicas talk over Unix sockets in that directory).
+    # Security: a private runtime directory, and the only TCP listeners are the HTTP proxy and
+    # the dashboard, behind its token (the daemon, controller and replicas talk over Unix
+    # sockets in that directory).
     assert stat.S_IMODE(os.stat(address).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(os.path.join(address, "controller.sock")).st_mode)
-    assert tcp_listen_ports(cluster_pids(address)) == {port}
+    assert tcp_listen_ports(cluster_pids(address)) == {port, dashboard}
     assert get(f"http://127.0.0.1:{port}/c?x=2") == "front+inner:2"
 
     # SERVAL_ADDRESS names the cluster as well as --address does.

@@ -163,22 +163,29 @@ def test_runtime_dir_is_private_and_holds_only_unix_sockets(serve_instance: Any)
     assert {p for p, _ in listening} <= set(sockets)
 
 
-def test_only_tcp_listener_is_the_http_proxy_on_localhost(http_url: str) -> None:
-    _deploy_something()
-    port = int(http_url.rsplit(":", 1)[1])
-    address = runtime.address()
-    assert address is not None
-    proxies = [pid for pid, cmd in serval_processes(address) if "serval::proxy " in cmd]
-    assert len(proxies) == 1
+def test_only_tcp_listeners_are_the_http_proxy_and_the_dashboard_on_localhost() -> None:
+    port, dashboard = free_port(), free_port()
+    serve.start(http_options={"port": port}, dashboard_options={"port": dashboard})
+    try:
+        _deploy_something()
+        address = runtime.address()
+        assert address is not None
+        proxies = [pid for pid, cmd in serval_processes(address) if "serval::proxy " in cmd]
+        boards = [pid for pid, cmd in serval_processes(address) if "serval::dashboard " in cmd]
+        assert len(proxies) == 1 and len(boards) == 1
 
-    found = inet_sockets(socket_inodes(cluster_pids()))
-    assert [(proto, ip, p) for proto, ip, p, _ in found] == [("tcp", "127.0.0.1", port)], found
-    assert found[0][3] == proxies[0]
-    assert httpx.get(f"{http_url}/hello", timeout=10).text == "hello"
+        # (the dashboard's listener: every request to it needs the token, test_dashboard_api)
+        found = sorted(inet_sockets(socket_inodes(cluster_pids())), key=lambda f: f[2] != port)
+        listening = [(proto, ip, p) for proto, ip, p, _ in found]
+        assert listening == [("tcp", "127.0.0.1", port), ("tcp", "127.0.0.1", dashboard)], found
+        assert [pid for *_, pid in found] == [proxies[0], boards[0]]
+        assert httpx.get(f"http://127.0.0.1:{port}/hello", timeout=10).text == "hello"
+    finally:
+        serve.shutdown()
 
 
-def test_nothing_listens_on_tcp_when_http_is_disabled() -> None:
-    serve.start(http_options={"enabled": False, "port": free_port()})
+def test_nothing_listens_on_tcp_when_http_and_the_dashboard_are_disabled() -> None:
+    serve.start(http_options={"enabled": False, "port": free_port()}, dashboard_options={"port": 0})
     try:
         _deploy_something()
         address = runtime.address()

@@ -131,17 +131,18 @@ def test_no_serval_process_imports_from_the_cwd_or_the_users_pythonpath(tmp_path
 
         processes = serval_processes(report["address"])
         roles = {pid: cmd.split("serval::", 1)[1].split()[0] for pid, cmd in processes}
-        assert sorted(roles.values()) == ["controller", "proxy", "replica"], roles
+        assert sorted(roles.values()) == ["controller", "dashboard", "proxy", "replica"], roles
         for pid, role in roles.items():
             env = _environ(pid)
             if role == "replica":
                 assert env.get("PYTHONPATH") == pythonpath
                 continue
             # Nothing of the user's code path; the controller carries it, unused, for the
-            # replicas it starts.
+            # replicas it starts, and the dashboard for the deploys its REST API's PUT runs.
             assert str(userlib) not in env.get("PYTHONPATH", ""), (role, env["PYTHONPATH"])
             carried = env.get(USER_PYTHONPATH_VAR)
-            assert carried == (pythonpath if role == "controller" else None), (role, carried)
+            carries = role in ("controller", "dashboard")
+            assert carried == (pythonpath if carries else None), (role, carried)
     finally:
         if proc.poll() is None:
             assert proc.stdin is not None
@@ -169,13 +170,13 @@ def test_serval_start_daemon_does_not_import_from_the_cwd(tmp_path: Path) -> Non
             timeout=60,
         )
 
-    started = cli("start", "--port", port)
+    started = cli("start", "--port", port, "--dashboard-port", str(free_port()))
     try:
         assert started.returncode == 0, started.stderr
         status = cli("status", "-o", "yaml")
         assert status.returncode == 0 and "applications: {}" in status.stdout, status
         roles = sorted(c.split("serval::", 1)[1].split()[0] for _, c in serval_processes(address))
-        assert roles == ["controller", "daemon", "proxy"], roles
+        assert roles == ["controller", "daemon", "dashboard", "proxy"], roles
         assert httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=10).status_code == 200
     finally:
         stopped = cli("shutdown", "-y")

@@ -32,7 +32,7 @@ DRIVER = textwrap.dedent(
     from serval._private.caller import runtime
 
     markers, port, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    serve.start(http_options={"port": port})
+    serve.start(http_options={"port": port}, dashboard_options={"port": int(sys.argv[4])})
 
     @serve.deployment
     class Blocker:
@@ -66,14 +66,21 @@ DRIVER = textwrap.dedent(
 
 
 class Driver:
-    """A driver script owning a cluster of three replicas and a proxy; one replica blocked
-    in ``method`` (unless ``"none"``)."""
+    """A driver script owning a cluster of three replicas, a proxy and a dashboard; one replica
+    blocked in ``method`` (unless ``"none"``)."""
 
     def __init__(self, tmp_path: Path, method: str) -> None:
         script = tmp_path / "driver.py"
         script.write_text(DRIVER)
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path), str(free_port()), method],
+            [
+                sys.executable,
+                str(script),
+                str(tmp_path),
+                str(free_port()),
+                method,
+                str(free_port()),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -87,7 +94,8 @@ class Driver:
             pytest.fail(f"the driver did not start (exit code {self.proc.wait()})")
         self.pids = self.processes()
         roles = sorted(cmd.split("serval::", 1)[1].split()[0] for cmd in self.pids.values())
-        assert roles == ["controller", "proxy", "replica", "replica", "replica"], roles
+        expected = ["controller", "dashboard", "proxy", "replica", "replica", "replica"]
+        assert roles == expected, roles
 
     def processes(self, role: str = "") -> dict[int, str]:
         return {p: c for p, c in serval_processes(self.address) if f"serval::{role}" in c}
@@ -228,7 +236,16 @@ def test_a_sigkilled_serval_start_daemon_leaves_nothing_but_its_log() -> None:
     serval = os.path.join(os.path.dirname(sys.executable), "serval")
     port = str(free_port())
     started = subprocess.run(
-        [serval, "start", "--address", address, "--port", port],
+        [
+            serval,
+            "start",
+            "--address",
+            address,
+            "--port",
+            port,
+            "--dashboard-port",
+            str(free_port()),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -237,7 +254,7 @@ def test_a_sigkilled_serval_start_daemon_leaves_nothing_but_its_log() -> None:
         assert started.returncode == 0, started.stderr
         processes = dict(serval_processes(address))
         (daemon,) = [p for p, c in processes.items() if "serval::daemon " in c]
-        assert len(processes) == 3  # daemon, controller, proxy
+        assert len(processes) == 4  # daemon, controller, proxy, dashboard
         os.kill(daemon, signal.SIGKILL)
         poll(lambda: not serval_processes(address), KILL_DEADLINE_S, "the cluster to exit")
         poll(lambda: not os.path.exists(address), KILL_DEADLINE_S, "its directory to go")

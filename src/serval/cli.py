@@ -226,13 +226,15 @@ def _dashboard_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"port": port}
 
 
-def _print_dashboard(address: str) -> None:
-    """The dashboard's URL with its token, as Jupyter prints its own: opening it logs in."""
+def _print_dashboard(address: str) -> bool:
+    """The dashboard's URL with its token, as Jupyter prints its own: opening it logs in.
+    Whether the cluster has a dashboard."""
     from serval._private.process.dashboard import read_url
 
     url = read_url(address)
     if url is not None:
         print(f"dashboard: {url}", flush=True)
+    return url is not None
 
 
 def _address_flag(p: argparse.ArgumentParser, text: str | None = None) -> None:
@@ -640,7 +642,10 @@ def _cmd_start(args: argparse.Namespace) -> int:
     print(
         f"serval cluster started at {address} (HTTP on {_scheme(http)}://{http.host}:{http.port})"
     )
-    _print_dashboard(address)
+    if not _print_dashboard(address) and args.dashboard_port != 0:
+        from serval._private.process.daemon import log_path
+
+        print(f"no dashboard: its default port 8265 is taken (see {log_path(address)})")
     if address != _default_address():
         print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}")
     return 0
