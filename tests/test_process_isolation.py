@@ -47,7 +47,8 @@ DRIVER = textwrap.dedent(
     import serval as serve
     from serval._private.caller import runtime
 
-    serve.start(http_options={"port": int(sys.argv[1])})
+    http, dashboard = int(sys.argv[1]), int(sys.argv[2])
+    serve.start(http_options={"port": http}, dashboard_options={"port": dashboard})
 
     @serve.deployment
     class Model:
@@ -103,7 +104,7 @@ def test_no_serval_process_imports_from_the_cwd_or_the_users_pythonpath(tmp_path
     port = free_port()
     pythonpath = os.pathsep.join(filter(None, [str(userlib), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, str(app / "driver.py"), str(port)],
+        [sys.executable, str(app / "driver.py"), str(port), str(free_port())],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": pythonpath},
         stdin=subprocess.PIPE,
