@@ -271,6 +271,8 @@ def test_put_bad_body_400(clean: Dash) -> None:
         error = reply.json()["error"]
         assert named in error, (body, error)
         assert "Traceback" not in error
+    too_big = b'{"applications": [], "pad": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    assert clean.api("PUT", content=too_big).status_code == 413
     assert serve.status().applications == {}
 
 

@@ -43,6 +43,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 _CONTROLLER_TIMEOUT_S = 10.0
 _KEEPALIVE_S = 15.0
 _QUEUE_UPDATES = 30  # a subscriber this far behind misses updates (the next one is whole)
+_MAX_CONFIG_BYTES = 8 * 1024 * 1024  # a PUT's config (a config file is a few KiB)
 
 
 class Live:
@@ -156,7 +157,11 @@ def make_app(live: Live, deployer: DeployRunner) -> Starlette:
             return _error(503, _unreachable(exc))
 
     async def put_applications(request: Request) -> Response:
-        body = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_CONFIG_BYTES:
+                return _error(413, f"a config is at most {_MAX_CONFIG_BYTES} bytes")
         try:
             config = json.loads(body)
         except ValueError as exc:
