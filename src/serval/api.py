@@ -15,7 +15,7 @@ from typing import Any
 from serval import _progress
 from serval._private.caller import control, runtime
 from serval._private.process.cluster import LocalCluster, is_running
-from serval._private.process.dashboard import DashboardOptions
+from serval._private.process.dashboard import RAY_DEFAULT_PORT
 from serval._private.process.dashboard import dashboard_options as dashboard_options_of
 from serval._private.process.settings import settings
 from serval._private.wire.control import ControllerCalls
@@ -97,15 +97,17 @@ def start(
     ``http_options.host``; the functions must be importable here (they are imported now, to
     fail early) and in the proxy, which searches this process's ``sys.path``.
 
-    ``dashboard_options`` (``{"port": N, "host": H}``): where the dashboard of a new local
-    cluster listens (default 127.0.0.1:8265; port 0: no dashboard). A port given here that is
-    taken fails this call; the default one taken is warned about, and the cluster runs
-    without a dashboard. Its URL, token included: ``dashboard_url()``.
+    ``dashboard_options`` (``{"port": N, "host": H}``): where the dashboard of a new cluster
+    listens (default 127.0.0.1:8265; on Ray 8266 on the head node, as Ray's own dashboard
+    usually holds 8265; port 0: no dashboard). A port given here that is taken fails this
+    call; the default one taken is warned about, and the cluster runs without a dashboard. Its
+    URL, token included: ``dashboard_url()``.
     """
     http_options = _with_proxy_location(http_options, proxy_location)
     http_options = _with_grpc(http_options, grpc_options)
-    dashboard = None if dashboard_options is None else dashboard_options_of(dashboard_options)
-    started = _start(http_options, address, backend, _own_address, dashboard)
+    if dashboard_options is not None:
+        dashboard_options_of(dashboard_options)  # (checked now, whatever the backend)
+    started = _start(http_options, address, backend, _own_address, dashboard_options)
     try:
         control.call(lambda c: c.wait_proxy())
     except BaseException:
@@ -155,12 +157,16 @@ def _fields_of(options: Any) -> dict[str, Any]:
 
 def dashboard_url() -> str | None:
     """The dashboard's URL with its token (opening it logs the browser in), if the cluster
-    this process talks to is a local one with a dashboard."""
+    this process talks to has a dashboard."""
     from serval._private.process.dashboard import read_url
 
     address = runtime.address()
-    if address is None or _owner.ray_namespace is not None:
+    if address is None:
         return None
+    if _owner.ray_namespace is not None:
+        from serval._private.process import ray_cluster
+
+        return ray_cluster.dashboard_url(_owner.ray_namespace)
     return read_url(address)
 
 
@@ -185,7 +191,7 @@ def _start(
     address: str | None,
     backend: str | None = None,
     own_address: str | None = None,
-    dashboard: DashboardOptions | None = None,
+    dashboard: dict[str, Any] | None = None,
 ) -> bool:
     """Make sure this process has a cluster; whether this call started it (a local one at
     ``own_address`` if given, e.g. ``serval run``'s at the default address)."""
@@ -214,7 +220,8 @@ def _start(
         if _chosen_backend(backend, address) == "ray":
             from serval._private.process import ray_cluster
 
-            created = ray_cluster.connect(_owner.http_options)
+            board = dashboard_options_of(dashboard, RAY_DEFAULT_PORT)
+            created = ray_cluster.connect(_owner.http_options, dashboard=board)
             _owner.ray_namespace = ray_cluster.DEFAULT_NAMESPACE
             return created
         if address is not None:
@@ -224,7 +231,8 @@ def _start(
                 )
             runtime.set_address(address)
             return False
-        _owner.cluster = LocalCluster(_owner.http_options, address=own_address, dashboard=dashboard)
+        board = dashboard_options_of(dashboard)
+        _owner.cluster = LocalCluster(_owner.http_options, address=own_address, dashboard=board)
         runtime.set_address(_owner.cluster.address)
         return True
 

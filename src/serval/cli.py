@@ -237,6 +237,20 @@ def _print_dashboard(address: str) -> bool:
     return url is not None
 
 
+def _ray_dashboard(args: argparse.Namespace) -> dict[str, Any] | None:
+    """On Ray the dashboard runs on the head node (8266 unless ``--dashboard-port``)."""
+    port = getattr(args, "dashboard_port", None)
+    return None if port is None else {"port": port}
+
+
+def _print_ray_dashboard() -> None:
+    from serval import api
+
+    url = api.dashboard_url()
+    if url is not None:
+        print(f"dashboard (on the head node): {url}", flush=True)
+
+
 def _address_flag(p: argparse.ArgumentParser, text: str | None = None) -> None:
     p.add_argument(
         "--address",
@@ -269,7 +283,12 @@ def _ray_address(args: argparse.Namespace) -> str | None:
     return "" if settings().backend == "ray" else None
 
 
-def _join_ray(address: str, start: bool, http: HTTPOptions | None = None) -> None:
+def _join_ray(
+    address: str,
+    start: bool,
+    http: HTTPOptions | None = None,
+    dashboard: dict[str, Any] | None = None,
+) -> None:
     """Connect to Ray at ``address`` and to the serval cluster there; ``start``: start its
     controller if it has none (else that is an error)."""
     from serval import api
@@ -284,7 +303,7 @@ def _join_ray(address: str, start: bool, http: HTTPOptions | None = None) -> Non
             f"no serval cluster is running on the Ray cluster at {address or 'auto'} "
             "(start one with `serval start --address ...`)"
         )
-    api.start(http_options=http, backend="ray")
+    api.start(http_options=http, backend="ray", dashboard_options=dashboard)
 
 
 def _given_address(args: argparse.Namespace) -> str | None:
@@ -412,8 +431,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     address: str | None = None
     try:
         if ray_address is not None:  # started if need be; it outlives this command
-            _join_ray(ray_address, start=True, http=http)
+            _join_ray(ray_address, start=True, http=http, dashboard=_ray_dashboard(args))
             print(f"deploying to the Ray cluster at {ray_address or 'auto'}", flush=True)
+            _print_ray_dashboard()
             serving = warn_http_differs(ray_address or "auto", http, asked)
         else:
             address = _address(args)
@@ -620,7 +640,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     ray_address = _ray_address(args)
     if ray_address is not None:
         http = _http_options(args)
-        _join_ray(ray_address, start=True, http=http)
+        _join_ray(ray_address, start=True, http=http, dashboard=_ray_dashboard(args))
+        _print_ray_dashboard()
         print(
             f"serval cluster running on the Ray cluster at {ray_address or 'auto'} "
             f"(HTTP on port {http.port} of every node); it lives until `serval shutdown`"

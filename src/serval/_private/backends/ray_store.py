@@ -4,7 +4,8 @@ A cluster is named by its Ray namespace (``serval`` unless told otherwise); its 
 ``ray:<namespace>``. The store holds, per cluster: the secret that TCP endpoints authenticate
 with (made by whoever needs it first; never on a command line, never in an environment), the
 controller's current TCP endpoint (rewritten by each controller that starts) and the
-controller's checkpoint. Only processes connected to the Ray cluster can read it.
+controller's checkpoint, the dashboard's token and where the dashboard listens. Only
+processes connected to the Ray cluster can read it.
 
 Importing this module registers the ``ray:`` scheme with ``wire.endpoints``, so that every
 client in this process finds the controller wherever it runs now. Ray must be initialised in
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import tempfile
 
 from ray.experimental import internal_kv
@@ -24,10 +26,13 @@ from serval._private.wire.layout import replica_actor_name
 
 __all__ = [
     "CONTROLLER_ACTOR",
+    "DASHBOARD_ACTOR",
     "DEFAULT_NAMESPACE",
     "address_of",
     "checkpoint",
     "controller_endpoint",
+    "dashboard_token",
+    "dashboard_url",
     "forget_cluster",
     "namespace_of",
     "node_socket_dir",
@@ -36,15 +41,19 @@ __all__ = [
     "save_checkpoint",
     "secret",
     "set_controller_endpoint",
+    "set_dashboard_url",
 ]
 
 DEFAULT_NAMESPACE = "serval"
 CONTROLLER_ACTOR = "SERVAL_CONTROLLER"
+DASHBOARD_ACTOR = "SERVAL_DASHBOARD"
 SCHEME = "ray"
 
 _SECRET = b"secret"
 _CONTROLLER = b"controller"
 _CHECKPOINT = b"checkpoint"
+_DASHBOARD_TOKEN = b"dashboard_token"
+_DASHBOARD_URL = b"dashboard_url"
 
 
 def address_of(namespace: str) -> str:
@@ -104,9 +113,29 @@ def save_checkpoint(namespace: str, data: bytes) -> None:
     _put(namespace, _CHECKPOINT, data)
 
 
+def dashboard_token(namespace: str) -> str:
+    """The dashboard's token (made now if there is none; two makers agree on the first)."""
+    found = _get(namespace, _DASHBOARD_TOKEN)
+    if found is None:
+        _put(namespace, _DASHBOARD_TOKEN, secrets.token_urlsafe(32).encode(), overwrite=False)
+        found = _get(namespace, _DASHBOARD_TOKEN)
+    assert found is not None
+    return found.decode()
+
+
+def dashboard_url(namespace: str) -> str | None:
+    """Where the cluster's dashboard listens (without its token), if it has one."""
+    found = _get(namespace, _DASHBOARD_URL)
+    return found.decode() if found else None
+
+
+def set_dashboard_url(namespace: str, url: str | None) -> None:
+    _put(namespace, _DASHBOARD_URL, (url or "").encode())
+
+
 def forget_cluster(namespace: str) -> None:
     """The cluster was shut down: its next start begins afresh (a new secret too)."""
-    for key in (_CONTROLLER, _CHECKPOINT, _SECRET):
+    for key in (_CONTROLLER, _CHECKPOINT, _SECRET, _DASHBOARD_TOKEN, _DASHBOARD_URL):
         internal_kv._internal_kv_del(key, namespace=_kv_namespace(namespace))
 
 

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from serval._private.controller.state import AppState, DeploymentState, ReplicaRecord
+from serval._private.wire import endpoints
 
 if TYPE_CHECKING:
     from serval._private.controller.clock import Clock
@@ -101,6 +102,8 @@ def _replica(rec: ReplicaRecord, wall: float) -> dict[str, Any]:
         "version": rec.version,
         "started_at": wall + rec.started_at,  # (time.time(); adopted: when this controller did)
         "host": jsonable(rec.host.ref),
+        # its node ("" on the local backend): where the backend placed it, or where it listens
+        "node": rec.host.ref.get("node") or endpoints.node_of(rec.address),
     }
 
 

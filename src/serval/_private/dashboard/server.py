@@ -36,13 +36,15 @@ class DashboardConfig:
     token: str
     cwd: str  # where the cluster was started (a PUT's deploy runs there)
     deploy_env: dict[str, str]  # a PUT's deploy's environment (the user's code path)
+    # the cluster as ``serval deploy --address`` names it (default: ``address``)
+    deploy_address: str = ""
 
 
 async def serve_dashboard(client: ClusterClient, config: DashboardConfig) -> None:
     sock = socket.socket(fileno=config.fd)
     sock.setblocking(False)
     live = Live(client, ReplicaLogs(config.address))
-    deployer = DeployRunner(config.address, config.cwd, config.deploy_env)
+    deployer = DeployRunner(config.deploy_address or config.address, config.cwd, config.deploy_env)
     app = Guard(
         make_app(live, deployer), config.token, allowed_hosts(config.host, config.port), config.port
     )

@@ -161,7 +161,7 @@ def _replica(
     app: str, deployment: str, rec: dict[str, Any], node: _Node, log_path: LogPath
 ) -> dict[str, Any]:
     host = rec.get("host") or {}
-    place = host.get("node")
+    place = rec.get("node") or None
     label = f"serval::replica {app}.{deployment}"
     out = node.actor(place, str(host.get("actor") or label))
     out["log_file_path"] = log_path(app, deployment, rec["replica_id"])

@@ -33,6 +33,7 @@ from serval.exceptions import ServalError
 
 __all__ = [
     "DEFAULT_PORT",
+    "RAY_DEFAULT_PORT",
     "Dashboard",
     "DashboardOptions",
     "dashboard_options",
@@ -43,6 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8265
+# On Ray, whose own dashboard usually holds 8265 on the head node.
+RAY_DEFAULT_PORT = 8266
 _RESTART_DELAY_S = 0.5  # doubled for each death in a row
 _MAX_RESTART_DELAY_S = 10.0
 _STABLE_S = 10.0
@@ -65,10 +68,12 @@ class DashboardOptions:
         return cls(str(data["host"]), int(data["port"]), bool(data["explicit"]))
 
 
-def dashboard_options(given: dict[str, Any] | DashboardOptions | None) -> DashboardOptions:
+def dashboard_options(
+    given: dict[str, Any] | DashboardOptions | None, default_port: int = DEFAULT_PORT
+) -> DashboardOptions:
     """``serve.start``'s ``dashboard_options``, checked."""
     if given is None:
-        return DashboardOptions()
+        return DashboardOptions(port=default_port)
     if isinstance(given, DashboardOptions):
         return given
     if not isinstance(given, dict):
@@ -76,7 +81,7 @@ def dashboard_options(given: dict[str, Any] | DashboardOptions | None) -> Dashbo
     unknown = set(given) - {"host", "port"}
     if unknown:
         raise ValueError(f"unknown dashboard_options: {', '.join(sorted(unknown))}")
-    port = given.get("port", DEFAULT_PORT)
+    port = given.get("port", default_port)
     host = given.get("host", "127.0.0.1")
     if type(port) is not int or not 0 <= port <= 65535:
         raise ValueError(f"dashboard_options port must be an int from 0 to 65535, got {port!r}")

@@ -1,4 +1,5 @@
-"""serval's processes as Ray actors: the controller, each replica, the HTTP proxy.
+"""serval's processes as Ray actors: the controller, each replica, the HTTP proxy, the
+dashboard.
 
 Each actor runs the same code as the local backend's processes (``worker``) on an event loop
 of its own, in a thread of the actor's process: Ray's own loop serves only Ray's calls to the
@@ -32,7 +33,7 @@ from serval._private.wire import endpoints, transport
 from serval.config import HTTPOptions
 from serval.exceptions import RequestCancelledError
 
-__all__ = ["ControllerActor", "ProxyActor", "ReplicaActor", "connect_process"]
+__all__ = ["ControllerActor", "DashboardActor", "ProxyActor", "ReplicaActor", "connect_process"]
 
 logger = logging.getLogger("serval")
 
@@ -168,6 +169,53 @@ class ProxyActor:
         control = client.handler
         app = getattr(control, "app", None)
         return sum(list(app.http_requests.values())) if app is not None else 0
+
+
+class DashboardActor:
+    """The dashboard (``dashboard.server``), detached and named (``ray_store.DASHBOARD_ACTOR``)
+    on the head node; Ray restarts it if it dies. Its token is in Ray's key-value store, where
+    only processes connected to the Ray cluster read it; a PUT deploys through ``serval deploy``
+    connected to this Ray cluster."""
+
+    def __init__(self, namespace: str, options_json: str) -> None:
+        from serval._private.dashboard.server import DashboardConfig, serve_dashboard
+        from serval._private.process.dashboard import DashboardOptions, bind
+
+        _setup("dashboard", namespace)
+        options = DashboardOptions.from_json(options_json)
+        sock = bind(options)  # (an asked port that is taken: this actor's error)
+        self._url: str | None = None
+        self._thread: _LoopThread | None = None
+        if sock is None:
+            ray_store.set_dashboard_url(namespace, None)
+            return
+        port = sock.getsockname()[1]
+        host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
+        self._url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        config = DashboardConfig(
+            address=ray_store.address_of(namespace),
+            fd=sock.detach(),
+            host=options.host,
+            port=port,
+            token=ray_store.dashboard_token(namespace),
+            cwd=os.getcwd(),
+            deploy_env=dict(os.environ),
+            deploy_address=str(ray.get_runtime_context().gcs_address),
+        )
+        ray_store.set_dashboard_url(namespace, self._url)
+
+        async def body() -> None:
+            await serve_dashboard(runtime.client(asyncio.get_running_loop()), config)
+
+        self._thread = _LoopThread("serval-dashboard", body)
+
+    async def url(self) -> str | None:
+        """Where it listens (None: no dashboard, its default port was taken)."""
+        return self._url
+
+    async def run(self) -> None:
+        if self._thread is not None:
+            await asyncio.wrap_future(self._thread.done)
 
 
 class ControllerActor:

@@ -19,13 +19,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serval._private.backends import ray_store
 from serval._private.backends.ray_backend import head_node
-from serval._private.process.ray_actors import ControllerActor, connect_process
+from serval._private.process.dashboard import RAY_DEFAULT_PORT, DashboardOptions
+from serval._private.process.ray_actors import ControllerActor, DashboardActor, connect_process
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
 __all__ = [
     "DEFAULT_NAMESPACE",
     "connect",
+    "dashboard_url",
     "deployable_runtime_env",
     "init_ray",
     "is_running",
@@ -60,9 +62,13 @@ def join(namespace: str = DEFAULT_NAMESPACE) -> None:
     connect_process(namespace)
 
 
-def connect(http_options: HTTPOptions, namespace: str = DEFAULT_NAMESPACE) -> bool:
-    """Join the serval cluster of ``namespace``, starting its controller if there is none;
-    whether this call started it."""
+def connect(
+    http_options: HTTPOptions,
+    namespace: str = DEFAULT_NAMESPACE,
+    dashboard: DashboardOptions | None = None,
+) -> bool:
+    """Join the serval cluster of ``namespace``, starting its controller (and its dashboard)
+    if there is none; whether this call started it."""
     join(namespace)
     created = False
     try:
@@ -78,7 +84,51 @@ def connect(http_options: HTTPOptions, namespace: str = DEFAULT_NAMESPACE) -> bo
         ) from None
     except ray.exceptions.RayError as exc:
         raise ServalError(f"the serval controller on Ray could not start: {exc}") from None
+    if created:
+        _start_dashboard(dashboard or DashboardOptions(port=RAY_DEFAULT_PORT), namespace)
     return created
+
+
+def _start_dashboard(options: DashboardOptions, namespace: str) -> None:
+    """The dashboard as a detached actor on the head node (Ray restarts it if it dies). Waited
+    for only when its port was asked for: a taken one is then this call's error."""
+    if options.port == 0:
+        return
+    actor_options: dict[str, Any] = {
+        "name": ray_store.DASHBOARD_ACTOR,
+        "namespace": namespace,
+        "lifetime": "detached",
+        "max_restarts": -1,
+        "num_cpus": 0,
+        "get_if_exists": True,
+    }
+    head = head_node()
+    if head is not None:
+        actor_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+    actor_class = ray.remote(DashboardActor)
+    actor: Any = actor_class.options(**actor_options).remote(namespace, options.to_json())
+    if not options.explicit:
+        return
+    try:
+        ray.get(actor.url.remote(), timeout=_START_TIMEOUT_S)
+    except ray.exceptions.RayError as exc:
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
+        cause = getattr(exc, "cause", None) or exc
+        raise ServalError(f"the dashboard could not start: {cause}") from None
+
+
+def dashboard_url(namespace: str = DEFAULT_NAMESPACE, timeout: float = 30.0) -> str | None:
+    """The dashboard's URL with its token, once it listens (None: the cluster has none)."""
+    try:
+        actor = ray.get_actor(ray_store.DASHBOARD_ACTOR, namespace=namespace)
+    except ValueError:
+        return None
+    try:
+        url: Any = ray.get(actor.url.remote(), timeout=timeout)
+    except ray.exceptions.RayError:
+        return None
+    return None if url is None else f"{url}?token={ray_store.dashboard_token(namespace)}"
 
 
 def _start_controller(http_options: HTTPOptions, namespace: str) -> Any:
@@ -136,8 +186,12 @@ def is_running(namespace: str = DEFAULT_NAMESPACE) -> bool:
 
 
 def stop(namespace: str = DEFAULT_NAMESPACE) -> None:
-    """After the controller was asked to shut down: wait for it to finish, then end its
-    actor (Ray would restart it otherwise)."""
+    """After the controller was asked to shut down: end the dashboard's actor, wait for the
+    controller to finish, then end its actor (Ray would restart them otherwise)."""
+    with contextlib.suppress(ValueError):
+        board = ray.get_actor(ray_store.DASHBOARD_ACTOR, namespace=namespace)
+        with contextlib.suppress(Exception):
+            ray.kill(board, no_restart=True)
     try:
         actor = ray.get_actor(ray_store.CONTROLLER_ACTOR, namespace=namespace)
     except ValueError:
