@@ -90,7 +90,7 @@ class Live:
                 k[2]: {"running": running, "waiting": waiting}
                 for k, (running, waiting) in self.history.in_flight().items()
             },
-            "logs": self._logs(details),
+            "logs": self._logs(details) if self._subscribers else {},  # (files: for a reader)
             "queued_at_callers": [
                 {"app": a, "deployment": d, "queued": dep.get("queued", 0)}
                 for a, app in raw.get("applications", {}).items()
@@ -106,6 +106,7 @@ class Live:
             lines = self.logs.tail(app, dep, rep["replica_id"])
             if lines:
                 out[rep["replica_id"]] = lines
+        self.logs.forget_others({rep["log_file_path"] for _, _, rep in _replicas(details)})
         return out
 
     def history_event(self) -> dict[str, Any]:

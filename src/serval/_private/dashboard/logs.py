@@ -26,14 +26,19 @@ class ReplicaLogs:
         self.address = address
         self.lines = lines
         self._seen: dict[str, tuple[int, int, list[str]]] = {}  # path -> (size, mtime, tail)
+        self._directory: str | None = None
 
     def directory(self) -> str | None:
+        """The log directory (read until found: a cluster's does not change)."""
+        if self._directory is not None:
+            return self._directory
         try:
             with open(os.path.join(self.address, LOGS_DIR_FILE), encoding="utf-8") as f:
                 path = f.read().strip()
         except OSError:
             return None
-        return path or None
+        self._directory = path or None
+        return self._directory
 
     def path(self, app: str, deployment: str, replica_id: str) -> str | None:
         """The replica's log file, if it has one."""
