@@ -1,9 +1,11 @@
 """The dashboard of a serval cluster on Ray: a detached actor on the head node, its token in
 Ray's key-value store; the REST API shows replicas on their Ray nodes, by actor name; the
-token, Host and DELETE as on the local backend; it goes with ``serve.shutdown``."""
+token, Host, a declarative PUT and DELETE as on the local backend; it goes with
+``serve.shutdown``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,14 +27,35 @@ class Echo:
         return "echo"
 
 
+APPS = """
+import serval as serve
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Put:
+    def __call__(self, request) -> str:
+        return "put"
+
+app = Put.bind()
+"""
+
+
 @pytest.fixture(scope="module")
-def on_ray() -> Iterator[tuple[str, str]]:
-    with one_node():
-        http, port = free_port(), free_port()
-        serve.start(http_options={"port": http}, dashboard_options={"port": port})
-        url = api.dashboard_url()
-        assert url is not None and url.startswith(f"http://127.0.0.1:{port}/?token=")
-        yield url, f"http://127.0.0.1:{http}"
+def on_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Ray started from a directory holding a module of apps (where its workers, the
+    dashboard's PUT among them, find code, as a Ray Serve driver's do)."""
+    home = tmp_path_factory.mktemp("ray_dash")
+    (home / "ray_dash_apps.py").write_text(APPS)
+    before = os.getcwd()
+    os.chdir(home)
+    try:
+        with one_node():
+            http, port = free_port(), free_port()
+            serve.start(http_options={"port": http}, dashboard_options={"port": port})
+            url = api.dashboard_url()
+            assert url is not None and url.startswith(f"http://127.0.0.1:{port}/?token=")
+            yield url, f"http://127.0.0.1:{http}"
+    finally:
+        os.chdir(before)
 
 
 @pytest.mark.timeout(180)
@@ -67,6 +90,18 @@ def test_the_dashboard_on_ray(on_ray: tuple[str, str]) -> None:
 
     assert httpx.delete(apps, headers=headers, timeout=CALL_TIMEOUT_S).status_code == 200
     assert serve.status().applications == {}
+
+    # PUT, declarative: the config's apps deployed; then one not in the next config deleted
+    def entry(name: str) -> dict[str, str]:
+        return {"name": name, "route_prefix": f"/{name}", "import_path": "ray_dash_apps:app"}
+
+    for names in (["gone", "put"], ["put"]):
+        config = {"applications": [entry(n) for n in names]}
+        reply = httpx.put(apps, headers=headers, json=config, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert sorted(serve.status().applications) == names
+    assert httpx.get(f"{http}/put", timeout=CALL_TIMEOUT_S).text == "put"
+    assert httpx.get(f"{http}/gone", timeout=CALL_TIMEOUT_S).status_code == 404
 
     serve.shutdown()
     poll(lambda: serval_actors() == [], CALL_TIMEOUT_S, "every serval actor gone")
