@@ -15,14 +15,16 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 import serval as serve
-from conftest import free_port, poll
+from conftest import free_port, poll, replica_pids
 from serval import api
+from serval._private.caller import runtime
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -210,3 +212,32 @@ def test_the_page_without_the_token_says_how_to_get_in(page: Page) -> None:
     page.driver.get(page.url.split("?", 1)[0])
     text = page.driver.find_element(By.TAG_NAME, "body").text
     assert "a token is needed" in text and "dashboard.token" in text
+
+
+def test_a_replicas_recent_log_lines_show_on_the_page(page: Page) -> None:
+    """The page shows each replica's last lines, read from its log file (the log files'
+    contract: the runtime directory's ``logs_dir`` names the directory, a replica's file is
+    ``replica_<app>_<deployment>_<id>.log``). Where serval's log writer has not written them
+    (a build without it), this test writes them as the writer would."""
+    serve.run(Model.bind(), name="logged", route_prefix="/logged")
+    address = runtime.address()
+    assert address is not None
+    (replica_id,) = replica_pids("logged", "Model")
+    contract = Path(address) / "logs_dir"
+    if not contract.exists():
+        logs = Path(tempfile.mkdtemp(prefix="logs-"))
+        contract.write_text(str(logs))
+    logs = Path(contract.read_text().strip())
+    path = logs / f"replica_logged_Model_{replica_id}.log"
+    if not path.exists():
+        path.write_text("12:00:00 INFO ray.serve: model loaded\n")
+    with path.open("a") as f:
+        f.write("12:00:01 INFO ray.serve: a line written just now\n")
+    page.driver.get(page.url)
+    panel = "details.logs pre"
+    poll(
+        lambda: "a line written just now" in (page.read("logged", "Model", panel) or ""),
+        20,
+        "the replica's log lines on the page",
+    )
+    assert "model loaded" in page.read("logged", "Model", panel)
