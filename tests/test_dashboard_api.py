@@ -244,12 +244,16 @@ def test_put_is_declarative(clean: Dash) -> None:
     }
     assert apps["one"]["deployed_app_config"]["import_path"] == "dash_apps:echo"
     one, two = _pids(clean, "one"), _pids(clean, "two")
+    import dash_apps
+
+    serve.run(dash_apps.echo, name="imperative", route_prefix="/imperative")  # (Ray's rule:
+    # whatever deployed it, an app the config does not name is deleted)
 
     changed = app_entry("two", deployments=[{"name": "Echo", "max_ongoing_requests": 7}])
     reply = clean.api("PUT", json=config(app_entry("one"), changed))
     assert reply.status_code == 200, reply.text
     apps = clean.api("GET").json()["applications"]
-    assert set(apps) == {"one", "two"}  # three: not in the config, deleted
+    assert set(apps) == {"one", "two"}  # three and imperative: not in the config, deleted
     assert _pids(clean, "one") == one  # unchanged: untouched
     assert _pids(clean, "two").isdisjoint(two)  # changed: rolled
     config_two = apps["two"]["deployments"]["Echo"]["deployment_config"]
