@@ -14,7 +14,13 @@ PRIVATE = "serval._private"
 
 # room -> the rooms (of serval._private) and public modules it may import. Public leaf
 # modules (exceptions, config, status, grpc_util) are allowed everywhere.
-LEAVES = {"serval.exceptions", "serval.config", "serval.status", "serval.grpc_util"}
+LEAVES = {
+    "serval.exceptions",
+    "serval.config",
+    "serval.status",
+    "serval.grpc_util",
+    "serval.logging_config",
+}
 ROOMS: dict[str, set[str]] = {
     "wire": {"telemetry"},
     "telemetry": set(),
@@ -22,7 +28,12 @@ ROOMS: dict[str, set[str]] = {
     "replica": {"wire", "caller", "telemetry", "serval.ingress"},
     "proxy": {"wire", "caller", "telemetry"},
     "controller": {"wire", "serval._private.backends.base", "telemetry"},
-    "backends": {"wire", "serval._private.process.procs", "serval._private.process.settings"},
+    "backends": {
+        "wire",
+        "telemetry",
+        "serval._private.process.procs",
+        "serval._private.process.settings",
+    },
     "dashboard": {"wire", "caller", "telemetry"},
     "process": {
         "wire",

@@ -30,6 +30,7 @@ from serval.exceptions import (
 )
 from serval.handle import DeploymentHandle
 from serval.ingress import ingress
+from serval.logging_config import LoggingConfig, logging_config_dict
 from serval.status import ServeStatus
 
 __all__ = [
@@ -74,6 +75,7 @@ def start(
     grpc_options: dict[str, Any] | gRPCOptions | None = None,
     _own_address: str | None = None,
     dashboard_options: dict[str, Any] | None = None,
+    logging_config: LoggingConfig | dict[str, Any] | None = None,
 ) -> None:
     """Start a cluster (``serve.run`` does it when needed); returns once its HTTP proxy
     listens.
@@ -102,12 +104,20 @@ def start(
     usually holds 8265; port 0: no dashboard). A port given here that is taken fails this
     call; the default one taken is warned about, and the cluster runs without a dashboard. Its
     URL, token included: ``dashboard_url()``.
+
+    ``logging_config`` (a :class:`serval.schema.LoggingConfig` or a dict of its fields): how
+    the controller and the proxy of a new cluster log (each to a file of its own in the
+    cluster's log directory; the proxy writes an access line per request unless
+    ``enable_access_log=False``).
     """
     http_options = _with_proxy_location(http_options, proxy_location)
     http_options = _with_grpc(http_options, grpc_options)
     if dashboard_options is not None:
         dashboard_options_of(dashboard_options)  # (checked now, whatever the backend)
-    started = _start(http_options, address, backend, _own_address, dashboard_options)
+    system_logging = logging_config_dict(logging_config)
+    started = _start(
+        http_options, address, backend, _own_address, dashboard_options, system_logging
+    )
     try:
         control.call(lambda c: c.wait_proxy())
     except BaseException:
@@ -192,6 +202,7 @@ def _start(
     backend: str | None = None,
     own_address: str | None = None,
     dashboard: dict[str, Any] | None = None,
+    system_logging: dict[str, Any] | None = None,
 ) -> bool:
     """Make sure this process has a cluster; whether this call started it (a local one at
     ``own_address`` if given, e.g. ``serval run``'s at the default address)."""
@@ -221,7 +232,9 @@ def _start(
             from serval._private.process import ray_cluster
 
             board = dashboard_options_of(dashboard, RAY_DEFAULT_PORT)
-            created = ray_cluster.connect(_owner.http_options, dashboard=board)
+            created = ray_cluster.connect(
+                _owner.http_options, dashboard=board, logging_config=system_logging
+            )
             _owner.ray_namespace = ray_cluster.DEFAULT_NAMESPACE
             return created
         if address is not None:
@@ -232,7 +245,9 @@ def _start(
             runtime.set_address(address)
             return False
         board = dashboard_options_of(dashboard)
-        _owner.cluster = LocalCluster(_owner.http_options, address=own_address, dashboard=board)
+        _owner.cluster = LocalCluster(
+            _owner.http_options, address=own_address, dashboard=board, logging=system_logging
+        )
         runtime.set_address(_owner.cluster.address)
         return True
 
@@ -257,13 +272,15 @@ def run(
     blocking: bool = False,
     _local_testing_mode: bool = False,
     _source_config: dict[str, Any] | None = None,
+    logging_config: LoggingConfig | dict[str, Any] | None = None,
 ) -> DeploymentHandle:
     """Deploy ``target`` as application ``name``; wait until every replica is running.
 
     Returns a handle to the ingress deployment. A constructor that raises makes this raise
-    ``DeploymentFailedError`` with the replica's traceback.
+    ``DeploymentFailedError`` with the replica's traceback. ``logging_config`` is that of
+    the application's deployments that set none of their own.
     """
-    spec = build(target, name, route_prefix, _source_config)
+    spec = build(target, name, route_prefix, _source_config, logging_config)
     _deploy_specs([spec])
     handle = DeploymentHandle(spec.ingress, name)
     if blocking:

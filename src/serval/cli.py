@@ -288,6 +288,7 @@ def _join_ray(
     start: bool,
     http: HTTPOptions | None = None,
     dashboard: dict[str, Any] | None = None,
+    logging_config: dict[str, Any] | None = None,
 ) -> None:
     """Connect to Ray at ``address`` and to the serval cluster there; ``start``: start its
     controller if it has none (else that is an error)."""
@@ -303,7 +304,12 @@ def _join_ray(
             f"no serval cluster is running on the Ray cluster at {address or 'auto'} "
             "(start one with `serval start --address ...`)"
         )
-    api.start(http_options=http, backend="ray", dashboard_options=dashboard)
+    api.start(
+        http_options=http,
+        backend="ray",
+        dashboard_options=dashboard,
+        logging_config=logging_config,
+    )
 
 
 def _given_address(args: argparse.Namespace) -> str | None:
@@ -422,6 +428,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         apps = [_app_from_import_path(args)]
     http = _http_options(args, config.http() if config is not None else None)
     asked = http_fields_given(args, config)
+    system_logging = _system_logging(config)
 
     # Ctrl-C and SIGTERM both tear down (SIGINT too when a shell started us with it ignored).
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -431,13 +438,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     address: str | None = None
     try:
         if ray_address is not None:  # started if need be; it outlives this command
-            _join_ray(ray_address, start=True, http=http, dashboard=_ray_dashboard(args))
+            _join_ray(
+                ray_address,
+                start=True,
+                http=http,
+                dashboard=_ray_dashboard(args),
+                logging_config=system_logging,
+            )
             print(f"deploying to the Ray cluster at {ray_address or 'auto'}", flush=True)
             _print_ray_dashboard()
             serving = warn_http_differs(ray_address or "auto", http, asked)
         else:
             address = _address(args)
-            owned = not _start_or_join(address, http, args)
+            owned = not _start_or_join(address, http, args, system_logging)
             serving = http if owned else warn_http_differs(address, http, asked)
         for cfg, app, src in apps:
             api.run(app, name=cfg.name, route_prefix=cfg.route_prefix, _source_config=src)
@@ -481,7 +494,19 @@ def _cluster_gone(address: str, owned: bool, api: Any) -> bool:
     return not os.path.isdir(address)
 
 
-def _start_or_join(address: str, http: HTTPOptions, args: argparse.Namespace) -> bool:
+def _system_logging(config: ServeDeploySchema | None) -> dict[str, Any] | None:
+    """A config file's top-level ``logging_config``: the controller's and the proxies'."""
+    if config is None or config.logging_config is None:
+        return None
+    return config.logging_config.model_dump(mode="json")
+
+
+def _start_or_join(
+    address: str,
+    http: HTTPOptions,
+    args: argparse.Namespace,
+    system_logging: dict[str, Any] | None = None,
+) -> bool:
     """Connect to the cluster running at ``address`` (True), else start one there that this
     command owns (False): at the default address, ``serval status`` finds it with no flags.
     Either way, print its dashboard's URL."""
@@ -492,6 +517,12 @@ def _start_or_join(address: str, http: HTTPOptions, args: argparse.Namespace) ->
         if args.dashboard_port is not None:
             logger.warning("--dashboard-port ignored: the cluster at %s has its own", address)
         _connect(address)
+        if system_logging is not None:
+            logger.warning(
+                "the file's top-level logging_config is ignored: the cluster at %s was "
+                "started with its own (it applies to a cluster the file starts)",
+                address,
+            )
         print(f"deploying to the serval cluster running at {address}", flush=True)
         _print_dashboard(address)
         return True
@@ -500,7 +531,12 @@ def _start_or_join(address: str, http: HTTPOptions, args: argparse.Namespace) ->
         raise CLIError(f"cannot create {address}: its parent directory does not exist")
     _check_port_free(http)
     dashboard = _dashboard_options(args)
-    api.start(http_options=http, _own_address=address, dashboard_options=dashboard)
+    api.start(
+        http_options=http,
+        _own_address=address,
+        dashboard_options=dashboard,
+        logging_config=system_logging,
+    )
     print(f"started a serval cluster at {address} (it stops with this command)", flush=True)
     if address != _default_address():
         print(f"talk to it with --address {address} or SERVAL_ADDRESS={address}", flush=True)

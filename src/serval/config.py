@@ -333,6 +333,9 @@ class DeploymentConfig:
     max_replicas_per_node: int | None = None
     backpressure_config: BackpressureConfig = field(default_factory=BackpressureConfig)
     request_router_config: RequestRouterConfig | None = None
+    # LoggingConfig's fields (a plain dict: the controller holds no user classes); None: the
+    # application's, else LoggingConfig's defaults. A change starts new replicas.
+    logging_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_placement(self)

@@ -24,6 +24,7 @@ from serval.config import (
     migrate_renamed,
 )
 from serval.handle import RayServeHandle, RayServeSyncHandle
+from serval.logging_config import logging_config_dict
 
 __all__ = ["Application", "Deployment", "deployment"]
 
@@ -45,7 +46,6 @@ _SUPPORTED_RUNTIME_ENV = {"env_vars", "pip", "working_dir", "py_modules", "conda
 # Ray Serve options serval does not implement: rejected, never silently ignored.
 _UNSUPPORTED_OPTIONS = {
     "request_router_config": "custom request routers are not supported",
-    "logging_config": "configure logging in the replica's code or the driver",
     "max_constructor_retry_count": "a constructor that raises fails the deployment at once",
     "version": "deployment versions are derived from the code and options",
     "prev_version": "deployment versions are derived from the code and options",
@@ -158,7 +158,8 @@ def deployment(
     Options: ``num_replicas``, ``max_ongoing_requests`` (default 5), ``max_queued_requests``
     (default -1, no limit), ``user_config``, ``health_check_period_s``,
     ``health_check_timeout_s``, ``graceful_shutdown_timeout_s``,
-    ``graceful_shutdown_wait_loop_s``, ``ray_actor_options``; ``name`` and ``route_prefix``.
+    ``graceful_shutdown_wait_loop_s``, ``ray_actor_options``, ``logging_config`` (a
+    ``serval.schema.LoggingConfig`` or a dict of its fields); ``name`` and ``route_prefix``.
     """
     _validate_option_names(options)
     config = DeploymentConfig().with_changes(**_normalize(options))
@@ -208,6 +209,8 @@ def _normalize(options: dict[str, Any]) -> dict[str, Any]:
             "target_ongoing_requests": 2,
             **(out.get("autoscaling_config") or {}),
         }
+    if "logging_config" in out:
+        out["logging_config"] = logging_config_dict(out["logging_config"])
     auto = out.get("autoscaling_config")
     if isinstance(auto, dict):
         out["autoscaling_config"] = AutoscalingConfig(**auto)
@@ -276,9 +279,11 @@ def build(
     name: str,
     route_prefix: Any,
     source_config: dict[str, Any] | None = None,
+    logging_config: Any = None,
 ) -> AppSpec:
     """Name each deployment of the bound graph once; serialize its code and arguments, with
-    bound deployments among them replaced by handles."""
+    bound deployments among them replaced by handles. ``logging_config`` (or a config file's
+    application-level one) is that of the deployments that set none."""
     from serval.handle import DeploymentHandle
 
     if not isinstance(app, Application):
@@ -291,6 +296,9 @@ def build(
     def to_handle(node: Application) -> DeploymentHandle:
         return DeploymentHandle(names[id(node)], name)
 
+    if logging_config is None:
+        logging_config = (source_config or {}).get("logging_config")
+    app_logging = logging_config_dict(logging_config)
     specs = [
         _spec(
             dep_name,
@@ -299,6 +307,7 @@ def build(
                 node.deployment.func_or_class,
                 map_applications((node.args, node.kwargs), to_handle),
             ),
+            app_logging,
         )
         for dep_name, node in nodes
     ]
@@ -359,7 +368,12 @@ def _names_legacy_handle(annotation: Any) -> bool:
     return getattr(annotation, "__name__", None) == "RayServeDeploymentHandle"
 
 
-def _spec(dep_name: str, node: Application, init: tuple[Any, Any]) -> DeploymentSpec:
+def _spec(
+    dep_name: str,
+    node: Application,
+    init: tuple[Any, Any],
+    app_logging: dict[str, Any] | None = None,
+) -> DeploymentSpec:
     target = node.deployment.func_or_class
     try:
         payload = cloudpickle.dumps((target, *init))
@@ -372,6 +386,8 @@ def _spec(dep_name: str, node: Application, init: tuple[Any, Any]) -> Deployment
     router = config.request_router_config
     if router is not None:  # its class, loadable wherever the deployment is called
         config = config.with_changes(request_router_config=router.portable())
+    if config.logging_config is None and app_logging is not None:
+        config = config.with_changes(logging_config=app_logging)
     return DeploymentSpec(
         dep_name, payload, config, spec_version(payload, config), not inspect.isclass(target)
     )

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar, overload
 from serval._private.caller import runtime
 from serval._private.caller.calls import Call, NestedResponse, set_nested_resolver
 from serval._private.caller.client import ClusterClient
+from serval._private.replica import request_context
 from serval.exceptions import GetTimeoutError, ServalError
 
 __all__ = [
@@ -441,6 +442,14 @@ class _HandleBase:
             meta = {"multiplexed_model_id": opts.multiplexed_model_id}
         if opts.stream:
             meta = {**(meta or {}), "stream": True}
+        parent = request_context.current_request()
+        if parent is not None and "request_id" in parent:
+            # a call made while serving a request is part of it: its log lines say which
+            meta = {
+                **(meta or {}),
+                "request_id": parent["request_id"],
+                "route": parent.get("route"),
+            }
         return Call(
             self.app_name, self.deployment_name, opts.method_name, args, kwargs, meta, opts.stream
         )

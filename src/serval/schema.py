@@ -45,6 +45,7 @@ from serval.deployment import (
     map_applications,
 )
 from serval.exceptions import ServalError
+from serval.logging_config import EncodingType, LoggingConfig
 
 # Ray Serve's schema module has the status types too (``ray.serve.schema.ServeStatus``, ...).
 from serval.status import (
@@ -63,7 +64,9 @@ __all__ = [
     "DeploymentSchema",
     "DeploymentStatus",
     "DeploymentStatusOverview",
+    "EncodingType",
     "HTTPOptionsSchema",
+    "LoggingConfig",
     "ServeApplicationSchema",
     "ServeDeploySchema",
     "ServeStatus",
@@ -241,6 +244,7 @@ class DeploymentSchema(_Model):
     )
     max_replicas_per_node: int | None = Field(default=None, ge=1)
     backpressure_config: BackpressureConfigSchema | None = None
+    logging_config: LoggingConfig | None = None
 
     @field_validator("num_replicas", mode="wrap")
     @classmethod
@@ -275,6 +279,8 @@ class ApplicationSchema(_Model):
     deployments: list[DeploymentSchema] = Field(default_factory=list)
     # Ray Serve's application-level autoscaling policy (its deployments with autoscaling)
     autoscaling_policy: AutoscalingPolicySchema | None = None
+    # the logging of its deployments that set none of their own
+    logging_config: LoggingConfig | None = None
 
     @field_validator("route_prefix")
     @classmethod
@@ -336,8 +342,8 @@ class ServeDeploySchema(_Model):
     proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
     http_options: HTTPOptionsSchema = Field(default_factory=lambda: HTTPOptionsSchema())
     grpc_options: gRPCOptionsSchema | None = None
-    # Ray's serve build writes one; serval's processes log as the CLI configures them.
-    logging_config: dict[str, Any] | None = None
+    # the controller's and the proxies' (serve.start's), for a cluster the file starts
+    logging_config: LoggingConfig | None = None
     applications: list[ApplicationSchema] = Field(min_length=1)
 
     @_model_validator(mode="after")

@@ -30,6 +30,7 @@ from serval._private.process.settings import (
     http_options_argv,
     settings,
 )
+from serval._private.telemetry import log_files
 from serval._private.wire import layout
 from serval.config import DeploymentConfig
 
@@ -203,7 +204,10 @@ class LocalBackend(Backend):
         return cls(address, lifeline_fd, settings().user_pythonpath)
 
     def log_location(self) -> str:
-        return procs.output_location()  # replicas and the proxy inherit our standard error
+        # replicas and the proxy inherit our standard error, and write a file each
+        directory = log_files.logs_dir(self.address)
+        where = procs.output_location()
+        return where if directory is None else f"{directory} (and {where})"
 
     def replica_address(self, replica_id: str) -> str:
         return layout.replica_path(self.address, replica_id)

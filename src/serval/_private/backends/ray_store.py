@@ -15,9 +15,11 @@ this process before any of these are called (``ray.init`` in a driver; a Ray wor
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import tempfile
+from typing import Any
 
 from ray.experimental import internal_kv
 
@@ -42,6 +44,8 @@ __all__ = [
     "secret",
     "set_controller_endpoint",
     "set_dashboard_url",
+    "set_system_logging",
+    "system_logging",
 ]
 
 DEFAULT_NAMESPACE = "serval"
@@ -54,6 +58,7 @@ _CONTROLLER = b"controller"
 _CHECKPOINT = b"checkpoint"
 _DASHBOARD_TOKEN = b"dashboard_token"
 _DASHBOARD_URL = b"dashboard_url"
+_LOGGING = b"logging_config"
 
 
 def address_of(namespace: str) -> str:
@@ -133,9 +138,21 @@ def set_dashboard_url(namespace: str, url: str | None) -> None:
     _put(namespace, _DASHBOARD_URL, (url or "").encode())
 
 
+def system_logging(namespace: str) -> dict[str, Any]:
+    """The ``LoggingConfig`` fields of the cluster's controller, proxies and dashboard."""
+    found = _get(namespace, _LOGGING)
+    value = json.loads(found) if found else {}
+    return value if isinstance(value, dict) else {}
+
+
+def set_system_logging(namespace: str, config: dict[str, Any] | None) -> None:
+    _put(namespace, _LOGGING, json.dumps(config or {}).encode())
+
+
 def forget_cluster(namespace: str) -> None:
     """The cluster was shut down: its next start begins afresh (a new secret too)."""
-    for key in (_CONTROLLER, _CHECKPOINT, _SECRET, _DASHBOARD_TOKEN, _DASHBOARD_URL):
+    keys = (_CONTROLLER, _CHECKPOINT, _SECRET, _DASHBOARD_TOKEN, _DASHBOARD_URL, _LOGGING)
+    for key in keys:
         internal_kv._internal_kv_del(key, namespace=_kv_namespace(namespace))
 
 

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from typing import Any
 
 from serval._private.backends.local import system_env, worker_argv
 from serval._private.process import lifeline, procs, rundir
@@ -26,6 +27,7 @@ from serval._private.process.dashboard import bind as bind_dashboard
 from serval._private.process.rundir import is_running
 from serval._private.process.rundir import make_private as make_private_dir
 from serval._private.process.settings import http_options_argv, http_options_env, settings
+from serval._private.telemetry import log_files
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 
@@ -61,6 +63,7 @@ class LocalCluster:
         http_options: HTTPOptions,
         address: str | None = None,
         dashboard: DashboardOptions | None = None,
+        logging: dict[str, Any] | None = None,
     ) -> None:
         _clear_the_way(address)
         # Bound first: a dashboard port asked for and taken fails before anything starts.
@@ -68,6 +71,7 @@ class LocalCluster:
         try:
             self.address = make_private_dir(address)
             rundir.record_owner(self.address)
+            self.logs_dir = log_files.new_session(self.address, logging)
         except BaseException:
             if dashboard_socket is not None:
                 dashboard_socket.close()
@@ -146,13 +150,17 @@ class LocalCluster:
             return
         self.controller_error = (
             f"the serval controller keeps dying ({deaths} times in a row, last {reason}); "
-            f"its log is in {procs.output_location()}"
+            f"its log is in {self._log_places()}"
         )
         logger.error(
             "%s; restarting it in %.1fs (the replicas and the proxy serve on meanwhile)",
             self.controller_error,
             delay,
         )
+
+    def _log_places(self) -> str:
+        controller_log = os.path.join(self.logs_dir, "controller.log")
+        return f"{controller_log} and {procs.output_location()}"
 
     def _wait_for_controller(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -162,7 +170,7 @@ class LocalCluster:
                 raise ServalError(
                     "the serval controller exited at start-up "
                     f"({procs.exit_reason(self.controller.returncode)}); "
-                    f"its log is in {procs.output_location()}"
+                    f"its log is in {self._log_places()}"
                 )
             if is_running(self.address):
                 return
@@ -170,7 +178,7 @@ class LocalCluster:
         self.close()
         raise ServalError(
             f"the serval controller did not start within {_START_TIMEOUT_S}s; "
-            f"its log is in {procs.output_location()}"
+            f"its log is in {self._log_places()}"
         )
 
     def begin_shutdown(self) -> None:

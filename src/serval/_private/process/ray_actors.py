@@ -29,6 +29,8 @@ from serval._private.caller.client import ClusterClient
 from serval._private.controller.controller import Controller
 from serval._private.process.worker import ControlPeers, run_to_the_end, tune_gc
 from serval._private.replica.server import ListenAt, Replica
+from serval._private.telemetry import log_setup
+from serval._private.telemetry.logs import Identity
 from serval._private.wire import endpoints, transport
 from serval.config import HTTPOptions
 from serval.exceptions import RequestCancelledError
@@ -72,14 +74,38 @@ def connect_process(namespace: str) -> None:
     runtime.set_address(ray_store.address_of(namespace))
 
 
-def _setup(role: str, namespace: str) -> tuple[str, str]:
-    """This actor's process joins the cluster: (its node's id, its node's IP address)."""
+def _setup(role: str, namespace: str, log_file: str | None = None) -> tuple[str, str]:
+    """This actor's process joins the cluster: (its node's id, its node's IP address). A
+    system actor (``log_file``: controller, proxy, dashboard) logs to its file in the node's
+    serve log directory too (a replica: once it knows its deployment)."""
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s serval::{role}: %(message)s"
     )
     tune_gc()
     connect_process(namespace)
-    return ray.get_runtime_context().get_node_id(), str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    node, ip = ray.get_runtime_context().get_node_id(), str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    if log_file is not None:
+        component = log_file.split("_")[0].removesuffix(".log")
+        component_id = ip if component == "proxy" else str(os.getpid())
+        try:
+            log_setup.configure(
+                Identity(component, component_id),
+                ray_store.system_logging(namespace),
+                serve_logs_dir(),
+                log_file,
+            )
+        except OSError as exc:  # Ray's own log of the actor still has it
+            logger.warning("cannot write the log file: %s", exc)
+    return node, ip
+
+
+def serve_logs_dir() -> str:
+    """This node's serve log directory: ``<Ray's session directory>/logs/serve``, as Ray
+    Serve's."""
+    node = ray._private.worker._global_node
+    if node is None:  # (not in a Ray worker)
+        return os.path.join(os.getcwd(), "logs", "serve")
+    return os.path.join(node.get_logs_dir_path(), "serve")
 
 
 class ReplicaActor:
@@ -99,7 +125,8 @@ class ReplicaActor:
         self._replica: concurrent.futures.Future[Replica] = concurrent.futures.Future()
 
         async def body() -> None:
-            replica = Replica(address, replica_id, ListenAt(path, node, ip), keep_cwd=keep_cwd)
+            at = ListenAt(path, node, ip)
+            replica = Replica(address, replica_id, at, keep_cwd=keep_cwd, logs_dir=serve_logs_dir())
             self._replica.set_result(replica)
             await replica.start()
             await replica.stopped.wait()
@@ -147,7 +174,7 @@ class ProxyActor:
     kernel spreads connections among them)."""
 
     def __init__(self, namespace: str, http_options_json: str, node: str) -> None:
-        _setup("proxy", namespace)
+        _setup("proxy", namespace, f"proxy_{ray.util.get_node_ip_address()}.log")  # type: ignore[no-untyped-call]
         options = HTTPOptions.from_json(http_options_json)
         self._client: concurrent.futures.Future[ClusterClient] = concurrent.futures.Future()
 
@@ -181,7 +208,7 @@ class DashboardActor:
         from serval._private.dashboard.server import DashboardConfig, serve_dashboard
         from serval._private.process.dashboard import DashboardOptions, bind
 
-        _setup("dashboard", namespace)
+        _setup("dashboard", namespace, "dashboard.log")
         options = DashboardOptions.from_json(options_json)
         sock = bind(options)  # (an asked port that is taken: this actor's error)
         self._url: str | None = None
@@ -223,7 +250,7 @@ class ControllerActor:
     the new one adopts what the checkpoint names and is still alive."""
 
     def __init__(self, namespace: str, http_options_json: str | None) -> None:
-        node, ip = _setup("controller", namespace)
+        node, ip = _setup("controller", namespace, "controller.log")
         http = HTTPOptions.from_json(http_options_json) if http_options_json else None
         self._listening: concurrent.futures.Future[str] = concurrent.futures.Future()
 

@@ -66,14 +66,17 @@ def connect(
     http_options: HTTPOptions,
     namespace: str = DEFAULT_NAMESPACE,
     dashboard: DashboardOptions | None = None,
+    logging_config: dict[str, Any] | None = None,
 ) -> bool:
     """Join the serval cluster of ``namespace``, starting its controller (and its dashboard)
-    if there is none; whether this call started it."""
+    if there is none; whether this call started it. ``logging_config``: how a new cluster's
+    controller, proxies and dashboard log."""
     join(namespace)
     created = False
     try:
         actor = ray.get_actor(ray_store.CONTROLLER_ACTOR, namespace=namespace)
     except ValueError:
+        ray_store.set_system_logging(namespace, logging_config)
         actor, created = _start_controller(http_options, namespace), True
     try:
         ray.get(actor.endpoint.remote(), timeout=_START_TIMEOUT_S)

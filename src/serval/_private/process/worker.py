@@ -29,6 +29,8 @@ from serval._private.controller.controller import Controller
 from serval._private.process import lifeline, procs, rundir
 from serval._private.process.settings import http_options_from_argv
 from serval._private.replica.server import Replica
+from serval._private.telemetry import log_files, log_setup
+from serval._private.telemetry.logs import Identity
 from serval._private.wire import transport
 from serval._private.wire.layout import controller_path
 from serval._private.wire.rpc import RpcPeer
@@ -162,7 +164,7 @@ async def _replica_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     _exit_with_owner(args)
     runtime.set_address(args.address)
-    replica = Replica(args.address, args.replica_id)
+    replica = Replica(args.address, args.replica_id, logs_dir=log_files.logs_dir(args.address))
     # The controller stops a replica with a message (drain); SIGTERM does the same, for `kill`.
     loop.add_signal_handler(signal.SIGTERM, replica.begin_drain)
     await replica.start()
@@ -213,6 +215,26 @@ _MAINS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
 }
 
 
+def _log_to_file(args: argparse.Namespace) -> None:
+    """The system processes' log files (a replica's: once it knows its deployment)."""
+    component = args.role.removeprefix("serval::")
+    if component not in ("controller", "proxy", "dashboard"):
+        return
+    directory = log_files.logs_dir(args.address)
+    if directory is None:
+        return
+    component_id = str(os.getpid())
+    if component == "proxy" and args.http_options:
+        component_id = http_options_from_argv(args.http_options).host
+    identity = Identity(component, component_id)
+    try:
+        log_setup.configure(
+            identity, log_files.system_logging(args.address), directory, f"{component}.log"
+        )
+    except OSError as exc:  # (a full disk, say): standard error still has the log
+        logger.warning("cannot write the log file in %s: %s", directory, exc)
+
+
 def tune_gc() -> None:
     """Serving allocates many short-lived objects and few cycles: collect the young
     generation less often, and keep what start-up imported out of every collection."""
@@ -228,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s {args.role} {args.label}: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    _log_to_file(args)
     if args.role == "serval::daemon":
         from serval._private.process.daemon import run_daemon
         from serval._private.process.dashboard import DashboardOptions

@@ -48,7 +48,8 @@ from serval._private.replica.methods import (
 )
 from serval._private.replica.outflow import Outflow, frame_bytes
 from serval._private.replica.sync_runner import SyncRunner, unwrap
-from serval._private.telemetry import metrics
+from serval._private.telemetry import log_files, log_setup, metrics
+from serval._private.telemetry.logs import Identity
 from serval._private.wire import endpoints, layout, protocol, transport
 from serval._private.wire.asgi import scope_type, unpack_scope
 from serval._private.wire.control import ControllerCalls
@@ -113,8 +114,10 @@ class Replica:
         replica_id: str,
         listen_at: ListenAt | None = None,
         keep_cwd: bool = False,
+        logs_dir: str | None = None,
     ) -> None:
         self.address = address
+        self.logs_dir = logs_dir  # the cluster's log directory (None: standard error only)
         # True when the backend gave it a working directory of its own (Ray's working_dir),
         # instead of the deployer's
         self.keep_cwd = keep_cwd
@@ -215,6 +218,7 @@ class Replica:
     async def _init_user(self, init: ReplicaInit) -> str | None:
         self.app, self.deployment = init.app, init.deployment
         self.config = init.config
+        self._log_to_file()
         runtime.set_replica(
             runtime.ReplicaIdentity(self.app, self.deployment, self.replica_id), self.loop
         )
@@ -254,6 +258,19 @@ class Replica:
         self.direct.ready.set()
         request_context.set_model_listener(self._models_changed)
         return None
+
+    def _log_to_file(self) -> None:
+        """From now on this replica logs to its own file too (as its LoggingConfig says)."""
+        config = self.config.logging_config or {}
+        directory = config.get("logs_dir") or self.logs_dir
+        if directory is None:
+            return
+        identity = Identity("replica", self.replica_id, self.app, self.deployment)
+        name = log_files.replica_file(self.app, self.deployment, self.replica_id)
+        try:
+            log_setup.configure(identity, config, directory, name, request_context.current_request)
+        except OSError as exc:  # standard error still has the log
+            logger.warning("cannot write the log file in %s: %s", directory, exc)
 
     def _models_changed(self, model_ids: list[str]) -> None:
         if self.controller is None or self.controller.closed:

@@ -1,0 +1,93 @@
+"""A serval process's logging: a file of its own in the cluster's log directory, rotated, and
+standard error as before.
+
+Every record of the process goes to its file (serval's, the user's on ``"ray.serve"``,
+``"serval"`` or any other logger), at ``LoggingConfig.log_level``; access lines
+(``"serval.access"``) go only there. The file is private (0600), as is the directory: logs
+may hold what requests carried.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import logging.handlers
+import os
+from collections.abc import Callable
+from typing import Any
+
+from serval._private.telemetry.logs import Identity, RequestFields, formatter
+from serval.logging_config import LoggingConfig
+
+__all__ = ["ACCESS_LOGGER", "configure", "log_path"]
+
+ACCESS_LOGGER = "serval.access"
+# Ray's variables for its log files' rotation, and their defaults.
+_MAX_BYTES = int(os.environ.get("RAY_ROTATION_MAX_BYTES", str(512 * 1024 * 1024)))
+_BACKUPS = int(os.environ.get("RAY_ROTATION_BACKUP_COUNT", "5"))
+
+_installed: list[logging.Handler] = []  # this process's file handler, once configured
+
+
+class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """A rotated file whose every incarnation is created 0600."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open(
+            self.baseFilename,
+            "a",
+            encoding=self.encoding or "utf-8",
+            errors=self.errors,
+            opener=_private,
+        )
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+class _NotAccess(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != ACCESS_LOGGER
+
+
+def log_path(directory: str, file_name: str) -> str:
+    return os.path.join(directory, file_name)
+
+
+def configure(
+    identity: Identity,
+    config: dict[str, Any] | None,
+    directory: str,
+    file_name: str,
+    current_request: Callable[[], dict[str, Any] | None] | None = None,
+) -> str:
+    """Log this process to ``directory/file_name`` as ``config`` (LoggingConfig's fields)
+    says, instead of any file configured before; the file's path. ``current_request``: where
+    a record finds the request it was logged in (see ``logs.RequestFields``)."""
+    options = LoggingConfig(**(config or {}))
+    directory = options.logs_dir or directory
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = log_path(directory, file_name)
+    handler = _PrivateRotatingFile(path, maxBytes=_MAX_BYTES, backupCount=_BACKUPS)
+    handler.setFormatter(
+        formatter(identity, str(options.encoding), options.additional_log_standard_attrs)
+    )
+    handler.addFilter(RequestFields(identity, current_request))
+    root = logging.getLogger()
+    for old in _installed:
+        root.removeHandler(old)
+        old.close()
+    _installed[:] = [handler]
+    for other in root.handlers:  # standard error: as before, without the access lines
+        if not any(isinstance(f, _NotAccess) for f in other.filters):
+            other.addFilter(_NotAccess())
+    root.addHandler(handler)
+    level = options.level
+    for name in ("", "serval", "ray.serve"):
+        logging.getLogger(name).setLevel(level)
+    access = logging.getLogger(ACCESS_LOGGER)
+    # (INFO lines: none either when the level is above INFO)
+    access.setLevel(max(level, logging.INFO) if options.enable_access_log else logging.CRITICAL + 1)
+    access.propagate = True
+    return path
