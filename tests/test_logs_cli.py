@@ -477,3 +477,31 @@ def test_filters_apply_while_following(tmp_path: Path, follow: list[Follower]) -
     f.wait_for("GET / 200 2ms", "the wanted request's access line")
     assert f.interrupt()[0] == 0
     assert _messages(f.lines) == [(REPLICA, "__CALL__ OK"), ("proxy", "GET / 200 2ms")]
+
+
+def test_tail_is_the_end_of_the_whole_history_wherever_a_window_falls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read through windows of a few bytes (so that they cut lines, records and files at every
+    place), the last N records are those of reading everything, for every N."""
+    import random
+
+    import serval._cli_logs as cli_logs
+
+    rng = random.Random(7)
+    for rotation in (2, 1, 0):
+        records = [
+            text(f"{rotation:02},{i:03}", f"r{rotation}.{i} " + "é" * rng.randrange(4))
+            + (TRACEBACK if rng.random() < 0.3 else "")
+            for i in range(rng.randrange(0, 6))
+        ]
+        suffix = f".{rotation}" if rotation else ""
+        (tmp_path / f"proxy.log{suffix}").write_text("".join(records))
+    everything = output(tmp_path)
+    starts = [i for i, line in enumerate(everything) if "INFO 2026" in line]
+    monkeypatch.setattr(cli_logs, "_TAIL_WINDOW", 5)
+    for n in range(len(starts) + 2):
+        expected = everything[starts[-n] :] if 0 < n <= len(starts) else []
+        if n > len(starts):
+            expected = everything
+        assert output(tmp_path, tail=n) == expected, n
