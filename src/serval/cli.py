@@ -42,6 +42,7 @@ from serval._cli_deploy import (
     http_fields_given,
     warn_http_differs,
 )
+from serval._cli_logs import add_logs_arguments
 from serval._cli_status import FORMATS, print_status, to_yaml
 from serval._private.wire import layout
 from serval.config import HTTPOptions
@@ -180,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", help="only this application")
     _address_flag(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("logs", help="show and follow the cluster's log files")
+    add_logs_arguments(p)
+    _address_flag(p)
+    p.set_defaults(func=_cmd_logs)
 
     p = sub.add_parser("shutdown", help="delete every app and stop the cluster")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -758,6 +764,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if python_apps:
         logger.info("deployed from Python, without a config: %s", ", ".join(python_apps))
     return 0
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from serval._cli_logs import Selection, find_directory, show
+
+    ray = args.logs_dir is None and _ray_address(args) is not None
+    address = None if ray or args.logs_dir is not None else _address(args)
+    directory, note = find_directory(logs_dir=args.logs_dir, address=address, ray=ray)
+    if note is not None:
+        print(f"{_PROG}: {note}", file=sys.stderr, flush=True)
+    selection = Selection(args.component, args.app, args.deployment, args.replica, args.request_id)
+    return show(
+        directory, selection, tail=args.tail, follow=args.follow, as_json=args.output == "json"
+    )
 
 
 # -- shutdown ------------------------------------------------------------------------------------
