@@ -1,8 +1,6 @@
 """Replicas' recent log lines, for the page: read from the files serval's processes write.
 
-The contract with the log files' writer: the runtime directory holds a text file
-``logs_dir`` naming the log directory; a replica's file there is
-``replica_<app>_<deployment>_<replica id>.log``, one record a line (text, or JSON objects
+Where they are is ``telemetry.log_files``' to say; one record a line (text, or JSON objects
 with ``message`` when ``LoggingConfig(encoding="JSON")``). Only the tail of each file is read,
 and read again only when the file changed.
 """
@@ -13,9 +11,10 @@ import json
 import os
 from typing import Any
 
-__all__ = ["LOGS_DIR_FILE", "ReplicaLogs"]
+from serval._private.telemetry import log_files
 
-LOGS_DIR_FILE = "logs_dir"  # in the runtime directory (the log writer's side of the contract)
+__all__ = ["ReplicaLogs"]
+
 _TAIL_BYTES = 16 * 1024
 _LINES = 30
 _MAX_LINE = 400  # characters shown of one line
@@ -30,14 +29,8 @@ class ReplicaLogs:
 
     def directory(self) -> str | None:
         """The log directory (read until found: a cluster's does not change)."""
-        if self._directory is not None:
-            return self._directory
-        try:
-            with open(os.path.join(self.address, LOGS_DIR_FILE), encoding="utf-8") as f:
-                path = f.read().strip()
-        except OSError:
-            return None
-        self._directory = path or None
+        if self._directory is None:
+            self._directory = log_files.logs_dir(self.address)
         return self._directory
 
     def path(self, app: str, deployment: str, replica_id: str) -> str | None:
@@ -45,7 +38,7 @@ class ReplicaLogs:
         directory = self.directory()
         if directory is None:
             return None
-        path = os.path.join(directory, f"replica_{app}_{deployment}_{replica_id}.log")
+        path = os.path.join(directory, log_files.replica_file(app, deployment, replica_id))
         return path if os.path.isfile(path) else None
 
     def tail(self, app: str, deployment: str, replica_id: str) -> list[str]:
