@@ -185,7 +185,8 @@ _current_port = [0]
 def serve_instance() -> Iterator[object]:
     """A fresh local cluster for one test, its HTTP proxy on a free port; shut down after."""
     _current_port[0] = free_port()
-    serve.start(http_options={"port": _current_port[0]})
+    # (no dashboard: its own tests start clusters with one; a process less per test here)
+    serve.start(http_options={"port": _current_port[0]}, dashboard_options={"port": 0})
     try:
         yield serve
     finally:
@@ -205,7 +206,7 @@ _cluster_port = [0]
 def cluster() -> Iterator[None]:
     """One local cluster for all the tests of a module that ask for it; shut down after them."""
     _cluster_port[0] = free_port()
-    serve.start(http_options={"port": _cluster_port[0]})
+    serve.start(http_options={"port": _cluster_port[0]}, dashboard_options={"port": 0})
     yield
     serve.shutdown()
 

@@ -44,7 +44,7 @@ from serval._cli_deploy import (
 )
 from serval._cli_logs import add_logs_arguments
 from serval._cli_status import FORMATS, print_status, to_yaml
-from serval._private.wire import layout
+from serval._private.wire import endpoints, layout
 from serval.config import HTTPOptions
 from serval.exceptions import ServalError
 from serval.schema import (
@@ -628,8 +628,8 @@ def _print_serving(cfg: ApplicationSchema, http: HTTPOptions | None) -> None:
     elif not http.enabled:
         where = "HTTP disabled"
     else:
-        host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-        where = f"{_scheme(http)}://{host}:{http.port}{http.root_path}{cfg.route_prefix}"
+        base = endpoints.url_base(_scheme(http), http.host, http.port)
+        where = f"{base}{http.root_path}{cfg.route_prefix}"
     print(f"application {cfg.name!r} is running: {where}", flush=True)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from serval._private.backends.local import system_env, worker_argv
 from serval._private.process import procs
-from serval._private.wire import layout
+from serval._private.wire import endpoints, layout
 from serval.exceptions import ServalError
 
 __all__ = [
@@ -153,8 +153,7 @@ class Dashboard:
         self._user_pythonpath = user_pythonpath
         self._cwd = os.getcwd()
         self.port = sock.getsockname()[1]
-        host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+        self.url = f"{endpoints.url_base('http', options.host, self.port)}/"
         self.token = secrets.token_urlsafe(32)
         self._write_files()
         self._stopping = threading.Event()

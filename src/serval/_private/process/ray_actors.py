@@ -217,8 +217,7 @@ class DashboardActor:
             ray_store.set_dashboard_url(namespace, None)
             return
         port = sock.getsockname()[1]
-        host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
-        self._url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        self._url = f"{endpoints.url_base('http', options.host, port)}/"
         config = DashboardConfig(
             address=ray_store.address_of(namespace),
             fd=sock.detach(),

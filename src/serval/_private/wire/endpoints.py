@@ -34,6 +34,7 @@ __all__ = [
     "set_secret",
     "tcp",
     "unix_on_node",
+    "url_base",
 ]
 
 
@@ -85,6 +86,14 @@ def secret() -> bytes:
 
 def tcp(host: str, port: int) -> str:
     return f"tcp:{host}:{port}"
+
+
+def url_base(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port`` as a client on this machine reaches a listener bound to
+    ``host``: a wildcard (``0.0.0.0``, ``::``, empty) as 127.0.0.1, an IPv6 host bracketed."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def unix_on_node(node: str, path: str) -> str:
