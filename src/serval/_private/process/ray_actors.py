@@ -86,7 +86,7 @@ def _setup(role: str, namespace: str, log_file: str | None = None) -> tuple[str,
     node, ip = ray.get_runtime_context().get_node_id(), str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
     if log_file is not None:
         component = log_file.split("_")[0].removesuffix(".log")
-        component_id = ip if component == "proxy" else str(os.getpid())
+        component_id = _node_ip() if component == "proxy" else str(os.getpid())
         try:
             log_setup.configure(
                 Identity(component, component_id),
@@ -97,6 +97,11 @@ def _setup(role: str, namespace: str, log_file: str | None = None) -> tuple[str,
         except OSError as exc:  # Ray's own log of the actor still has it
             logger.warning("cannot write the log file: %s", exc)
     return node, ip
+
+
+def _node_ip() -> str:
+    """This node's IP address, as Ray Serve names a proxy's log file by it."""
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
 def serve_logs_dir() -> str:
@@ -174,7 +179,7 @@ class ProxyActor:
     kernel spreads connections among them)."""
 
     def __init__(self, namespace: str, http_options_json: str, node: str) -> None:
-        _setup("proxy", namespace, f"proxy_{ray.util.get_node_ip_address()}.log")  # type: ignore[no-untyped-call]
+        _setup("proxy", namespace, f"proxy_{_node_ip()}.log")
         options = HTTPOptions.from_json(http_options_json)
         self._client: concurrent.futures.Future[ClusterClient] = concurrent.futures.Future()
 

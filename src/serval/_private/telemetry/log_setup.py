@@ -75,10 +75,16 @@ def configure(
     )
     handler.addFilter(RequestFields(identity, current_request))
     root = logging.getLogger()
+    serve_logger = logging.getLogger("ray.serve")
     for old in _installed:
         root.removeHandler(old)
+        serve_logger.removeHandler(old)
         old.close()
     _installed[:] = [handler]
+    if not logging.getLogger("ray").propagate:
+        # In a Ray worker, Ray's "ray" logger keeps its records from the root's handlers:
+        # the user's lines on "ray.serve" (Ray Serve's documented logger) come here directly.
+        serve_logger.addHandler(handler)
     for other in root.handlers:  # standard error: as before, without the access lines
         if not any(isinstance(f, _NotAccess) for f in other.filters):
             other.addFilter(_NotAccess())
