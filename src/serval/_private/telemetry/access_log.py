@@ -1,0 +1,98 @@
+"""The access log's recorder: one line per request answered, on logger ``serval.access``.
+
+A request's end costs its caller one list append (and, for the first of a batch, a timer); the
+lines are made off the request path, by a flush on the loop at most ``FLUSH_AFTER_S`` later
+(and at ``close``). Each is a ``logging.LogRecord`` at INFO whose message is
+``<METHOD> <path> <status> <latency>ms``, with ``request_id``, ``route`` and ``application``
+set on it as ``extra=`` would, and its time the request's end, not the flush's. Whatever
+handlers the process's logging setup gives ``serval.access`` write them (see
+/work/notes/logs_contract.md for the lines); when that logger does not take INFO, no record is
+made at all. The system routes (health, routes, metrics) are not logged: scrapers and load
+balancers would fill the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+ACCESS_LOGGER = "serval.access"
+SYSTEM_ROUTES = frozenset({"/-/healthz", "/-/routes", "/-/metrics"})
+# How long a line may wait for its flush: soon enough for a person tailing the log, late
+# enough that a busy proxy flushes hundreds of lines at once.
+FLUSH_AFTER_S = 0.15
+
+# (end time, method, path, status, latency s, request id, route, application)
+_Entry = tuple[float, str, str, int | str, float, str, str, str]
+
+
+class AccessLog:
+    """Records requests' ends on one event loop's thread and logs them in batches."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        enabled: bool = True,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.loop = loop
+        self.enabled = enabled  # LoggingConfig.enable_access_log
+        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self._pending: list[_Entry] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def record(
+        self,
+        method: str,
+        path: str,
+        status: int | str,
+        latency_s: float,
+        request_id: str,
+        route: str,
+        application: str,
+        end: float | None = None,
+    ) -> None:
+        """A request answered: its line is logged by the next flush. ``end``: when it ended
+        (``time.time()``; now when not given)."""
+        if not self.enabled or path in SYSTEM_ROUTES:
+            return
+        if end is None:
+            end = time.time()
+        self._pending.append((end, method, path, status, latency_s, request_id, route, application))
+        if self._timer is None:
+            self._timer = self.loop.call_later(FLUSH_AFTER_S, self.flush)
+
+    def flush(self) -> None:
+        """Log the lines recorded since the last flush."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        logger = self.logger
+        if not pending or not logger.isEnabledFor(logging.INFO):
+            return
+        for entry in pending:
+            logger.handle(_record(logger.name, entry))
+
+    def close(self) -> None:
+        """The last flush (the process stops)."""
+        self.flush()
+
+
+_HERE = __file__
+_LINE = AccessLog.record.__code__.co_firstlineno
+
+
+def _record(name: str, entry: _Entry) -> logging.LogRecord:
+    end, method, path, status, latency_s, request_id, route, application = entry
+    message = f"{method} {path} {status} {latency_s * 1000.0:.1f}ms"
+    record = logging.LogRecord(name, logging.INFO, _HERE, _LINE, message, None, None, "record")
+    # stamped with the request's end: the record is made up to FLUSH_AFTER_S later
+    record.relativeCreated += (end - record.created) * 1000.0
+    record.created = end
+    record.msecs = int((end - int(end)) * 1000) + 0.0  # (as logging computes it)
+    record.request_id = request_id
+    record.route = route
+    record.application = application
+    return record
