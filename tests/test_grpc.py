@@ -613,6 +613,25 @@ def test_grpc_requests_errors_and_latency_in_the_metrics(stub: Any, protos: Any)
     assert 0 < total(samples, f"{latency}_sum", **metered) < 4 * 3000  # (request_timeout_s 3)
 
 
+def test_grpc_requests_in_flight_are_a_gauge(stub: Any, protos: Any, tmp_path: Path) -> None:
+    serve.run(GrpcDeployment.bind(), name="held", route_prefix="/held")
+    url = f"http://127.0.0.1:{http_port[0]}"
+    ongoing = "serve_num_ongoing_grpc_requests"
+    assert total(scrape(url, timeout=10), ongoing) == 0
+    gate = tmp_path / "gate"
+    held = stub.Slow.future(
+        pb2_message(protos, name="hold", origin=str(gate)), metadata=app("held")
+    )
+    try:
+        poll(lambda: total(scrape(url, timeout=10), ongoing) == 1, 10, "one gRPC call in flight")
+        tags = [lbl for n, lbl, _ in scrape(url, timeout=10) if n == ongoing]
+        assert tags == [{"node_id": "", "node_ip_address": "127.0.0.1"}]
+    finally:
+        gate.touch()
+    assert held.result(timeout=10).greeting == "released"
+    assert total(scrape(url, timeout=10), ongoing) == 0
+
+
 # -- config files ------------------------------------------------------------------------------
 
 APP_MODULE = """

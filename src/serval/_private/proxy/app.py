@@ -168,8 +168,9 @@ class ProxyApp:
         """The proxy's own metrics (HTTP's; gRPC's too when it serves gRPC), as they are now."""
         ongoing = (self.node, self.node_ip, requests_in_flight(self.connections))
         own = self.http_metrics.snapshot(ongoing)
-        if self.grpc_metrics is not None:
-            own += self.grpc_metrics.snapshot()
+        grpc = self.grpc_metrics
+        if grpc is not None:
+            own += grpc.snapshot((self.node, self.node_ip, grpc.ongoing))
         return own
 
     def _own_host(self, host: bytes) -> bool:

@@ -249,8 +249,13 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def _ended(self, path: str, call: Call | None, code: grpc.StatusCode, began: float) -> None:
         """A call answered: its metrics (its app is its route, as in Ray Serve)."""
-        app, deployment = ("", "") if call is None else (call.app, call.deployment)
-        self.recorded.record(app, path, app, deployment, _NAMES[code], time.time() - began)
+        recorded = self.recorded
+        if call is None:
+            app = deployment = ""
+        else:
+            app, deployment = call.app, call.deployment
+            recorded.ongoing -= 1
+        recorded.record(app, path, app, deployment, _NAMES[code], time.time() - began)
 
     # -- Ray Serve's own service ---------------------------------------------------------------
 
@@ -330,6 +335,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             if call is None:
                 code = grpc.StatusCode.NOT_FOUND
                 await _abort(context, code, missing or "", request_id)
+            self.recorded.ongoing += 1
             self.client.submit(call)
             try:
                 async with asyncio.timeout(self.options.request_timeout_s):
@@ -358,6 +364,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             if call is None:
                 code = grpc.StatusCode.NOT_FOUND
                 await _abort(context, code, missing or "", request_id)
+            self.recorded.ongoing += 1
             self.client.submit(call)
             stream = call.stream
             assert stream is not None

@@ -52,6 +52,9 @@ class RequestMetrics:
         self._edges_s = tuple(ms / 1000.0 for ms in families.latency.boundaries)
         self._pending: defaultdict[_Key, list[float]] = defaultdict(list)
         self._series: dict[_Key, HistogramValue] = {}
+        # Requests sent to an app and not answered yet, where the proxy counts them as they
+        # go (gRPC's; the HTTP proxy counts its connections' at a scrape instead)
+        self.ongoing = 0
 
     def record(
         self,
