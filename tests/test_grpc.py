@@ -31,7 +31,7 @@ from grpc_tools import protoc
 
 import serval as serve
 from chaos.harness import free_port
-from conftest import poll
+from conftest import poll, scrape, total
 from serval.config import gRPCOptions
 from serval.grpc_util import RayServegRPCContext
 
@@ -568,6 +568,68 @@ def test_http_proxy_serves_alongside(stub: Any, protos: Any) -> None:
             assert reply.read() == b"over HTTP"
     thread.join(timeout=30)
     assert not thread.is_alive() and errors == []
+
+
+def test_grpc_requests_errors_and_latency_in_the_metrics(stub: Any, protos: Any) -> None:
+    """Ray Serve's gRPC metrics at the HTTP proxy's /-/metrics: route and application the
+    app, method the service method's path, status_code the gRPC code's name."""
+    serve.run(GrpcDeployment.bind(), name="metered", route_prefix="/metered")
+    url = f"http://127.0.0.1:{http_port[0]}"
+    unary = "/servaltest.UserDefinedService/__call__"
+    streaming = "/servaltest.UserDefinedService/Streaming"
+    before = scrape(url, timeout=10)  # (the module's other tests count on route "" too)
+    for _ in range(2):
+        assert stub.__call__(message(protos), metadata=app("metered")).num == 60
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.__call__(message(protos, "boom"), metadata=app("metered"))
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.__call__(message(protos), metadata=app("nowhere"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(list(stub.Streaming(message(protos), metadata=app("metered")))) == 5
+
+    samples = scrape(url, timeout=10)
+    metered = {"route": "metered", "application": "metered"}
+    requests = "serve_num_grpc_requests_total"
+    assert total(samples, requests, method=unary, status_code="OK", **metered) == 2
+    assert total(samples, requests, method=unary, status_code="INTERNAL", **metered) == 1
+    assert total(samples, requests, method=streaming, status_code="OK", **metered) == 1
+    not_found = {"route": "", "application": "", "method": unary}
+
+    def added(name: str, **labels: str) -> float:
+        return total(samples, name, **labels) - total(before, name, **labels)
+
+    assert added(requests, status_code="NOT_FOUND", **not_found) == 1
+    errors = "serve_num_grpc_error_requests_total"
+    assert total(samples, errors, method=unary, error_code="INTERNAL", **metered) == 1
+    assert total(samples, errors, error_code="OK") == 0
+    assert added(errors, error_code="NOT_FOUND", **not_found) == 1
+    by_deployment = "serve_num_deployment_grpc_error_requests_total"
+    assert total(samples, by_deployment, **metered) == 1
+    assert total(samples, by_deployment, deployment="GrpcDeployment", error_code="INTERNAL") >= 1
+    latency = "serve_grpc_request_latency_ms"
+    assert total(samples, f"{latency}_count", **metered) == 4
+    assert total(samples, f"{latency}_bucket", le="+Inf", **metered) == 4
+    assert 0 < total(samples, f"{latency}_sum", **metered) < 4 * 3000  # (request_timeout_s 3)
+
+
+def test_grpc_requests_in_flight_are_a_gauge(stub: Any, protos: Any, tmp_path: Path) -> None:
+    serve.run(GrpcDeployment.bind(), name="held", route_prefix="/held")
+    url = f"http://127.0.0.1:{http_port[0]}"
+    ongoing = "serve_num_ongoing_grpc_requests"
+    assert total(scrape(url, timeout=10), ongoing) == 0
+    gate = tmp_path / "gate"
+    held = stub.Slow.future(
+        pb2_message(protos, name="hold", origin=str(gate)), metadata=app("held")
+    )
+    try:
+        poll(lambda: total(scrape(url, timeout=10), ongoing) == 1, 10, "one gRPC call in flight")
+        tags = [lbl for n, lbl, _ in scrape(url, timeout=10) if n == ongoing]
+        assert tags == [{"node_id": "", "node_ip_address": "127.0.0.1"}]
+    finally:
+        gate.touch()
+    assert held.result(timeout=10).greeting == "released"
+    assert total(scrape(url, timeout=10), ongoing) == 0
 
 
 # -- config files ------------------------------------------------------------------------------

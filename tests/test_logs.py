@@ -366,3 +366,109 @@ def test_the_log_directory_is_named_in_the_runtime_directory(serve_instance: obj
     assert stat.S_IMODE(named.stat().st_mode) == 0o600
     assert Path(named.read_text()).is_dir()
     assert os.path.commonpath([named.read_text(), log_files.logs_root()]) == log_files.logs_root()
+
+
+# -- access lines ---------------------------------------------------------------------------
+
+
+def test_the_proxy_and_the_replica_write_an_access_line_per_request(
+    serve_instance: object, http_url: str
+) -> None:
+    serve.run(Talker.bind(), name="acc", route_prefix="/acc")
+    request_id = uuid.uuid4().hex
+    _get(f"{http_url}/acc/x", request_id)
+    proxy = _wait_for_line(_logs_dir() / "proxy.log", request_id)
+    assert proxy.startswith("INFO ") and f"{request_id} /acc acc " in proxy
+    assert proxy.split(" - ", 1)[1].startswith("GET /acc/x 200 ") and proxy.endswith("ms")
+    replica = _wait_for_line(_replica_file("acc", "Talker"), "HTTP __call__ OK")
+    assert f" {request_id} /acc acc " in replica
+    handle = serve.get_app_handle("acc")
+    assert handle.remote(None).result(timeout_s=10) == "ok"
+    _wait_for_line(_replica_file("acc", "Talker"), "CALL __call__ OK")
+    # the system routes are not logged (scrapers would fill the log)
+    _get(f"{http_url}/-/healthz")
+    _get(f"{http_url}/acc/y")
+    _wait_for_line(_logs_dir() / "proxy.log", "GET /acc/y 200")
+    assert "/-/healthz" not in (_logs_dir() / "proxy.log").read_text()
+
+
+def test_a_failed_call_is_an_error_in_the_replicas_access_line(
+    serve_instance: object, http_url: str
+) -> None:
+    serve.run(Failing.bind(), name="fail", route_prefix="/fail")
+    request_id = uuid.uuid4().hex
+    assert _get(f"{http_url}/fail", request_id).status_code == 500
+    line = _wait_for_line(_replica_file("fail", "Failing"), "HTTP __call__ ERROR")
+    assert request_id in line
+    _wait_for_line(_logs_dir() / "proxy.log", "GET /fail 500")
+
+
+def test_enable_access_log_false_keeps_the_other_lines(
+    serve_instance: object, http_url: str
+) -> None:
+    quiet = Talker.options(logging_config={"enable_access_log": False})
+    serve.run(quiet.bind(), name="quiet", route_prefix="/quiet")
+    serve.run(Talker.bind(), name="loud", route_prefix="/loud")
+    _get(f"{http_url}/quiet")
+    _get(f"{http_url}/loud")
+    loud = _replica_file("loud", "Talker")
+    _wait_for_line(loud, "HTTP __call__ OK")
+    quiet_file = _replica_file("quiet", "Talker")
+    _wait_for_line(quiet_file, "via ray.serve")  # its own lines are there
+    assert "__call__ OK" not in quiet_file.read_text()
+
+
+def test_no_access_lines_at_the_proxy_when_serve_start_says_so() -> None:
+    port = free_port()
+    serve.start(
+        http_options={"port": port},
+        dashboard_options={"port": 0},
+        logging_config={"enable_access_log": False},
+    )
+    try:
+        serve.run(Talker.bind(), name="talk", route_prefix="/talk")
+        request_id = uuid.uuid4().hex
+        _get(f"http://127.0.0.1:{port}/talk", request_id)
+        _wait_for_line(_replica_file("talk", "Talker"), "HTTP __call__ OK")  # the replica's own
+        assert request_id not in (_logs_dir() / "proxy.log").read_text()
+    finally:
+        serve.shutdown()
+
+
+SCRIPT = """
+import sys, httpx
+import serval as serve
+
+@serve.deployment
+def hello(request):
+    return "hi"
+
+serve.start(http_options={"port": int(sys.argv[1])}, dashboard_options={"port": 0})
+serve.run(hello.bind())
+for i in range(20):
+    assert httpx.get(f"http://127.0.0.1:{sys.argv[1]}/").text == "hi"
+from serval._private.caller import runtime
+from serval._private.telemetry import log_files
+print(log_files.logs_dir(runtime.address()))
+serve.shutdown()
+"""
+
+
+def test_access_lines_stay_off_the_drivers_terminal(tmp_path: Path) -> None:
+    """At a line a request they would flood it (and cost the proxy more than the request):
+    they are in the files only."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GET / 200" not in done.stderr and "__call__ OK" not in done.stderr
+    directory = Path(done.stdout.strip())
+    assert (directory / "proxy.log").read_text().count("GET / 200") == 20

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 
@@ -105,6 +107,16 @@ def test_a_json_deployment_picked_by_name_shows_as_text(
     assert handled["request_id"] == request_id
 
 
+def poll_quietly(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``predicate`` turns true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 def test_follow_prints_requests_as_they_come(serve_instance: object, http_url: str) -> None:
     serve.run(Model.bind(), name="story", route_prefix="/story")
     args = ["logs", "-f", "--tail", "0", "--address", _address(), "--component", "proxy"]
@@ -116,11 +128,21 @@ def test_follow_prints_requests_as_they_come(serve_instance: object, http_url: s
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
         reader.start()
         try:
-            for _ in range(2):  # (each one seen, while it runs)
+            # until it follows (it starts with --tail 0: what came before is not shown)
+            def seen(rid: str) -> bool:
+                return any(rid in x and "GET /story 200" in x for x in lines)
+
+            def a_request_seen() -> bool:
+                request_id = uuid.uuid4().hex
+                _get(f"{http_url}/story", request_id)
+                return poll_quietly(lambda: seen(request_id), 1.0)
+
+            poll(a_request_seen, 30, "serval logs -f following the proxy's file")
+            for _ in range(2):  # then each one seen, while it runs
                 request_id = uuid.uuid4().hex
                 _get(f"{http_url}/story", request_id)
                 poll(
-                    lambda rid=request_id: any(rid in x and "GET /story 200" in x for x in lines),
+                    lambda rid=request_id: seen(rid),
                     20,
                     "the access line of a request made while following",
                 )

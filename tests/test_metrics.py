@@ -210,7 +210,14 @@ def test_requests_running_now_are_counted(http_url: str) -> None:
 def test_a_scrape_with_no_metrics_and_the_proxy_still_serves(http_url: str) -> None:
     start = time.monotonic()
     response = httpx.get(f"{http_url}/-/metrics", timeout=10)
-    assert response.status_code == 200 and response.text == ""  # nothing answered yet
+    assert response.status_code == 200
+    # nothing answered yet: the proxy's gauge of requests in flight alone, at 0
+    assert parse(response.text) == {
+        (
+            "serve_num_ongoing_http_requests",
+            frozenset({("node_id", ""), ("node_ip_address", "127.0.0.1")}),
+        ): 0
+    }
     assert time.monotonic() - start < 5
     assert httpx.get(f"{http_url}/-/healthz", timeout=10).text == "success"
     assert httpx.get(f"{http_url}/nowhere", timeout=10).status_code == 404

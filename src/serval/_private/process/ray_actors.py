@@ -81,6 +81,7 @@ def _setup(role: str, namespace: str, log_file: str | None = None) -> tuple[str,
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s serval::{role}: %(message)s"
     )
+    log_setup.quiet_access()
     tune_gc()
     connect_process(namespace)
     node, ip = ray.get_runtime_context().get_node_id(), str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
@@ -179,7 +180,7 @@ class ProxyActor:
     kernel spreads connections among them)."""
 
     def __init__(self, namespace: str, http_options_json: str, node: str) -> None:
-        _setup("proxy", namespace, f"proxy_{_node_ip()}.log")
+        node_ip = _setup("proxy", namespace, f"proxy_{_node_ip()}.log")[1]
         options = HTTPOptions.from_json(http_options_json)
         self._client: concurrent.futures.Future[ClusterClient] = concurrent.futures.Future()
 
@@ -188,7 +189,7 @@ class ProxyActor:
 
             client = runtime.client(asyncio.get_running_loop())
             self._client.set_result(client)
-            await serve_proxy(client, options, node, reuse_port=True)
+            await serve_proxy(client, options, node, reuse_port=True, node_ip=node_ip)
 
         self._thread = _LoopThread("serval-proxy", body)
 
@@ -200,7 +201,12 @@ class ProxyActor:
         client = await asyncio.wrap_future(self._client)
         control = client.handler
         app = getattr(control, "app", None)
-        return sum(list(app.http_requests.values())) if app is not None else 0
+        if app is None:
+            return 0
+        # read on the proxy's loop, which alone records it
+        total: concurrent.futures.Future[int] = concurrent.futures.Future()
+        client.loop.call_soon_threadsafe(lambda: total.set_result(app.http_metrics.total()))
+        return await asyncio.wrap_future(total)
 
 
 class DashboardActor:

@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s %(levelname)s {args.role} {args.label}: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    log_setup.quiet_access()
     _log_to_file(args)
     if args.role == "serval::daemon":
         from serval._private.process.daemon import run_daemon

@@ -22,15 +22,23 @@ import itertools
 import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
-from serval._private.proxy.http_protocol import Exchange, ProxyHttpProtocol, unquote_path
+from serval._private.proxy.http_protocol import (
+    Exchange,
+    ProxyHttpProtocol,
+    requests_in_flight,
+    unquote_path,
+)
 from serval._private.proxy.replies import Reply, text_reply
 from serval._private.telemetry import metrics
+from serval._private.telemetry.access_log import AccessLog
+from serval._private.telemetry.ingress import RequestMetrics, http_error
 from serval._private.wire import asgi
 from serval._private.wire.protocol import safe_str
 from serval._private.wire.tasks import TaskOwner
@@ -50,8 +58,14 @@ class ProxyApp:
         self.node = node  # its place (see controller.proxies): the others' metrics merge in
         self._routes: list[tuple[str, str, str]] = []  # (prefix, app, ingress), longest first
         self._routes_of: dict[str, tuple[str, str]] | None = None
-        # (route prefix, method, status) -> requests answered, for /-/metrics
-        self.http_requests: dict[tuple[str, str, int], int] = {}
+        # The requests answered, for /-/metrics and the access log (see ended)
+        self.http_metrics = RequestMetrics(metrics.HTTP_FAMILIES, http_error)
+        self.grpc_metrics: RequestMetrics | None = None  # the gRPC proxy's, when there is one
+        self.access_log = AccessLog(client.loop)
+        # uvicorn's open connections (its server state's), once it serves: the requests in
+        # flight are counted there at a scrape
+        self.connections: Iterable[object] = ()
+        self.node_ip = ""  # this proxy's node's address, for the metrics (see serve_proxy)
         self._metrics_cache: tuple[float, metrics.Snapshot] | None = None  # (when, snapshot)
         self._metrics_task: asyncio.Task[metrics.Snapshot] | None = None
         # The proxy's tasks: metrics gatherings, websockets' input pumps, requests' answers
@@ -87,13 +101,13 @@ class ProxyApp:
         given_id, length, model, host, hosts = _scan_headers(headers)
         ex = Exchange(conn, given_id or _new_request_id(), keep_alive, method)
         ex.head_only = method == "HEAD"
+        # An absolute-form target may have no path (RFC 9112 3.2.2: then it is "/").
+        raw_path: bytes = url.path or b"/"
+        path = ex.path = unquote_path(raw_path)
         if hosts != 1 and (hosts or http_version != "1.0"):
             # RFC 9112 3.2: HTTP/1.1 needs exactly one Host; HTTP/1.0 may omit it, not repeat it.
             ex.refuse(400, "Bad Request: a request needs exactly one Host header")
             return ex
-        # An absolute-form target may have no path (RFC 9112 3.2.2: then it is "/").
-        raw_path: bytes = url.path or b"/"
-        path = unquote_path(raw_path)
         if path.startswith("/-/"):
             if path != "/-/healthz" and host and not self._own_host(host):
                 ex.reply = text_reply(
@@ -113,7 +127,7 @@ class ProxyApp:
             )
             return ex
         prefix, app, ingress = match
-        ex.route = prefix
+        ex.route, ex.app, ex.deployment = match
         if length is not None:
             limit = self.options.max_request_body_bytes
             if not length.isdigit():
@@ -139,6 +153,25 @@ class ProxyApp:
             meta["multiplexed_model_id"] = model
         ex.target = (app, ingress, meta)
         return ex
+
+    def ended(self, ex: Exchange) -> None:
+        """``ex`` is answered (or broke off): the one place that takes a request's end, for
+        its metrics and its access line, which only note it here (telemetry.ingress and
+        .access_log make the rest of it later, in batches)."""
+        end = time.time()
+        latency = end - ex.began
+        route, method, app, status = ex.route, ex.method, ex.app, ex.status
+        self.http_metrics.record(route, method, app, ex.deployment, status, latency)
+        self.access_log.record(method, ex.path, status, latency, ex.request_id, route, app, end)
+
+    def metrics_snapshot(self) -> metrics.Snapshot:
+        """The proxy's own metrics (HTTP's; gRPC's too when it serves gRPC), as they are now."""
+        ongoing = (self.node, self.node_ip, requests_in_flight(self.connections))
+        own = self.http_metrics.snapshot(ongoing)
+        grpc = self.grpc_metrics
+        if grpc is not None:
+            own += grpc.snapshot((self.node, self.node_ip, grpc.ongoing))
+        return own
 
     def _own_host(self, host: bytes) -> bool:
         """Whether ``Host: host`` names this proxy for its system routes: an IP literal,
@@ -171,8 +204,7 @@ class ProxyApp:
         """Every replica's metrics (gathered by the controller), in Prometheus's text format;
         the proxy's own counts as they are now."""
         replicas = await self._replica_metrics()
-        own = metrics.http_snapshot(self.http_requests)
-        body = metrics.render(metrics.merge([own, replicas])).encode()
+        body = metrics.render(metrics.merge([self.metrics_snapshot(), replicas])).encode()
         return 200, [(b"content-type", _PROMETHEUS_TEXT)], body
 
     async def _replica_metrics(self) -> metrics.Snapshot:
@@ -202,7 +234,9 @@ class ProxyApp:
             self._metrics_task = None
 
     async def close(self) -> None:
-        """Stop the work this app started on its own (a metrics gathering under way)."""
+        """Stop the work this app started on its own (a metrics gathering under way); log the
+        access lines still waiting."""
+        self.access_log.close()
         task = self._metrics_task
         if task is not None:
             task.cancel()

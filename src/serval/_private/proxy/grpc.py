@@ -31,6 +31,7 @@ import importlib
 import itertools
 import logging
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -41,6 +42,7 @@ import grpc.aio
 
 from serval._private.caller.calls import Call
 from serval._private.caller.client import ClusterClient
+from serval._private.telemetry.ingress import RequestMetrics
 from serval._private.wire.protocol import safe_str
 from serval.config import HTTPOptions, gRPCOptions
 from serval.exceptions import (
@@ -68,20 +70,25 @@ _MAX_DETAILS = 4096
 _SEND_LIMIT = 2**31 - 1  # grpc's own ceiling: responses come from the cluster's replicas
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ids = itertools.count(1)
+_OK, _CANCELLED = grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_NAMES = {code: code.name for code in grpc.StatusCode}  # (an enum's .name is a slow property)
 
 
 async def start_grpc(
     client: ClusterClient,
     options: HTTPOptions,
     draining: Callable[[], bool],
+    recorded: RequestMetrics,
     reuse_port: bool = False,
 ) -> grpc.aio.Server:
     """Listen for gRPC on ``options.host`` and ``options.grpc_options.port`` and serve the
-    cluster's apps there; raises (ImportError, RuntimeError, ...) when that cannot be."""
+    cluster's apps there, counting requests into ``recorded``; raises (ImportError,
+    RuntimeError, ...) when that cannot be."""
     grpc_options = options.grpc_options
     assert grpc_options is not None and grpc_options.enabled
     methods = load_methods(grpc_options)
-    proxy = GrpcProxy(client, grpc_options, methods, draining)
+    proxy = GrpcProxy(client, grpc_options, methods, draining, recorded)
     server = grpc.aio.server(
         handlers=(proxy,),
         options=[
@@ -186,11 +193,13 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         options: gRPCOptions,
         methods: _Recorder,
         draining: Callable[[], bool],
+        recorded: RequestMetrics,
     ) -> None:
         self.client = client
         self.options = options
         self.methods = methods
         self.draining = draining
+        self.recorded = recorded  # route and application: the app; method: the path
         self._handlers: dict[str, Any] = {
             HEALTHZ: grpc.unary_unary_rpc_method_handler(self._healthz),
             LIST_APPLICATIONS: grpc.unary_unary_rpc_method_handler(self._list_applications),
@@ -232,25 +241,40 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             return grpc.stream_unary_rpc_method_handler(unsupported)
         if user.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                partial(self._stream, method), request_deserializer=user.request_deserializer
+                partial(self._stream, method, path), request_deserializer=user.request_deserializer
             )
         return grpc.unary_unary_rpc_method_handler(
-            partial(self._unary, method), request_deserializer=user.request_deserializer
+            partial(self._unary, method, path), request_deserializer=user.request_deserializer
         )
+
+    def _ended(self, path: str, call: Call | None, code: grpc.StatusCode, began: float) -> None:
+        """A call answered: its metrics (its app is its route, as in Ray Serve)."""
+        recorded = self.recorded
+        if call is None:
+            app = deployment = ""
+        else:
+            app, deployment = call.app, call.deployment
+            recorded.ongoing -= 1
+        recorded.record(app, path, app, deployment, _NAMES[code], time.time() - began)
 
     # -- Ray Serve's own service ---------------------------------------------------------------
 
     async def _healthz(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        if self.draining():
+        began = time.time()
+        draining = self.draining()
+        if draining:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(DRAINING_MESSAGE)
-            return _strings((DRAINING_MESSAGE,))
-        return _strings((HEALTHY_MESSAGE,))
+        self._ended(HEALTHZ, None, _UNAVAILABLE if draining else _OK, began)
+        return _strings((DRAINING_MESSAGE if draining else HEALTHY_MESSAGE,))
 
     async def _list_applications(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        if self.draining():
+        began = time.time()
+        draining = self.draining()
+        if draining:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(DRAINING_MESSAGE)
+        self._ended(LIST_APPLICATIONS, None, _UNAVAILABLE if draining else _OK, began)
         return _strings(self._apps())
 
     def _apps(self) -> list[str]:
@@ -301,67 +325,86 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         apps = {app: ingress for app, ingress in targets}
         return next(iter(apps.items())) if len(apps) == 1 else None
 
-    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> bytes:
+    async def _unary(
+        self, method: str, path: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        began = time.time()
         call, request_id, missing = self._call(method, request, context, stream=False)
-        if call is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, missing or "", request_id)
-        self.client.submit(call)
+        code = _CANCELLED  # unless it ends otherwise: the client went away, or its deadline
         try:
-            async with asyncio.timeout(self.options.request_timeout_s):
-                await call.done.wait_local(self.client.loop)
-            data, returned = call.outcome()
-        except asyncio.CancelledError:  # the client went away, or its deadline passed
-            self._cancel(call)
-            raise
-        except Exception as exc:
-            self._cancel(call)
-            await self._fail(context, exc, call, request_id)
-        _apply(context, returned, request_id)
-        result: bytes = data
-        return result
+            if call is None:
+                code = grpc.StatusCode.NOT_FOUND
+                await _abort(context, code, missing or "", request_id)
+            self.recorded.ongoing += 1
+            self.client.submit(call)
+            try:
+                async with asyncio.timeout(self.options.request_timeout_s):
+                    await call.done.wait_local(self.client.loop)
+                data, returned = call.outcome()
+            except asyncio.CancelledError:
+                self._cancel(call)
+                raise
+            except Exception as exc:
+                self._cancel(call)
+                code, details = self._status(exc, call)
+                await _abort(context, code, details, request_id)
+            code = _apply(context, returned, request_id)
+            result: bytes = data
+            return result
+        finally:
+            self._ended(path, call, code, began)
 
     async def _stream(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext
+        self, method: str, path: str, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        began = time.time()
         call, request_id, missing = self._call(method, request, context, stream=True)
-        if call is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, missing or "", request_id)
-        self.client.submit(call)
-        stream = call.stream
-        assert stream is not None
-        loop = self.client.loop
-        timeout = self.options.request_timeout_s
-        # (a deadline checked around each wait for an item, never across a yield: a timeout
-        # scope left open at a yield would cancel whatever grpc runs meanwhile)
-        deadline = None if timeout is None else loop.time() + timeout
-        returned: RayServegRPCContext | None = None
-        sent = False
+        code = _CANCELLED  # unless it ends otherwise: the client went away, or its deadline
         try:
-            while True:
-                try:
-                    if deadline is None:
-                        item = await stream.next_async(loop)
-                    else:
-                        async with asyncio.timeout_at(deadline):
+            if call is None:
+                code = grpc.StatusCode.NOT_FOUND
+                await _abort(context, code, missing or "", request_id)
+            self.recorded.ongoing += 1
+            self.client.submit(call)
+            stream = call.stream
+            assert stream is not None
+            loop = self.client.loop
+            timeout = self.options.request_timeout_s
+            # (a deadline checked around each wait for an item, never across a yield: a
+            # timeout scope left open at a yield would cancel whatever grpc runs meanwhile)
+            deadline = None if timeout is None else loop.time() + timeout
+            returned: RayServegRPCContext | None = None
+            sent = False
+            try:
+                while True:
+                    try:
+                        if deadline is None:
                             item = await stream.next_async(loop)
-                except StopAsyncIteration:
-                    break
-                if type(item) is bytes:
-                    sent = True
-                    yield item
-                else:  # the method's context: the stream's last item
-                    returned = item
-            call.outcome()
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            self._cancel(call)
-            raise
-        except Exception as exc:
-            self._cancel(call)
-            await self._fail(context, exc, call, request_id)
-        if returned is not None:
-            _apply(context, returned, request_id, compress=not sent)
-        else:
-            context.set_trailing_metadata((("request_id", request_id),))
+                        else:
+                            async with asyncio.timeout_at(deadline):
+                                item = await stream.next_async(loop)
+                    except StopAsyncIteration:
+                        break
+                    if type(item) is bytes:
+                        sent = True
+                        yield item
+                    else:  # the method's context: the stream's last item
+                        returned = item
+                call.outcome()
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                self._cancel(call)
+                raise
+            except Exception as exc:
+                self._cancel(call)
+                code, details = self._status(exc, call)
+                await _abort(context, code, details, request_id)
+            if returned is not None:
+                code = _apply(context, returned, request_id, compress=not sent)
+            else:
+                code = _OK
+                context.set_trailing_metadata((("request_id", request_id),))
+        finally:
+            self._ended(path, call, code, began)
 
     def _cancel(self, call: Call) -> None:
         if not call.done.fired:
@@ -372,12 +415,6 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
             grpc.StatusCode.UNIMPLEMENTED,
             f"{method}: client-streaming gRPC methods are not supported by serval",
         )
-
-    async def _fail(
-        self, context: grpc.aio.ServicerContext, exc: BaseException, call: Call, request_id: str
-    ) -> NoReturn:
-        code, details = self._status(exc, call)
-        await _abort(context, code, details, request_id)
 
     def _status(self, exc: BaseException, call: Call) -> tuple[grpc.StatusCode, str]:
         """The status a failed call is answered with; the failures that are not the
@@ -422,14 +459,17 @@ def _apply(
     returned: RayServegRPCContext,
     rid: str,
     compress: bool = True,
-) -> None:
-    """What the method set on its context, onto the response; ``request_id`` added to the
+) -> grpc.StatusCode:
+    """What the method set on its context, onto the response (its status code the one
+    returned); ``request_id`` added to the
     trailing metadata unless the method set one. ``compress``: nothing is sent yet, so the
     compression set can still apply (a stream's context comes after its items: grpc fails a
     call whose compression changes once messages went out)."""
     code = returned.code()
     if code is not None:
         context.set_code(code)
+    else:
+        code = _OK
     details = returned.details()
     if details:
         context.set_details(_clip(details))
@@ -440,6 +480,7 @@ def _apply(
     compression = returned.compression()
     if compression is not None and compress:
         context.set_compression(compression)
+    return code
 
 
 async def _abort(

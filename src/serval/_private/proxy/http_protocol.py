@@ -28,9 +28,10 @@ import asyncio
 import heapq
 import logging
 import math
+import time
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar, Protocol
 
 import httptools
@@ -69,8 +70,9 @@ class ProxyApp(Protocol):
     client: ClusterClient
     options: HTTPOptions
     tasks: TaskOwner  # owns every task an exchange starts
-    # (route prefix, method, status) -> requests answered, for /-/metrics
-    http_requests: dict[tuple[str, str, int], int]
+
+    def ended(self, ex: Exchange) -> None:
+        """``ex`` is answered, or broke off: its metrics and access line."""
 
     def exchange(
         self,
@@ -99,16 +101,20 @@ class Exchange:
     """One request on a connection and its answer."""
 
     __slots__ = (
+        "app",
+        "began",
         "body",
         "body_done",
         "call",
         "close_after",
         "complete",
         "conn",
+        "deployment",
         "fetch",
         "head_only",
         "keep_alive",
         "method",
+        "path",
         "reply",
         "request_id",
         "route",
@@ -126,8 +132,12 @@ class Exchange:
     def __init__(
         self, conn: ProxyHttpProtocol, request_id: str, keep_alive: bool, method: str
     ) -> None:
+        self.began = time.time()
         self.method = method
-        self.route = ""  # the route prefix it matched, for /-/metrics
+        self.path = ""
+        # For its metrics and access line: the route prefix it matched, that route's app and
+        # ingress deployment ("" for none)
+        self.route = self.app = self.deployment = ""
         self.status = 0
         self.conn = conn
         self.request_id = request_id
@@ -350,14 +360,9 @@ class Exchange:
             transport.write(b"".join(out))
         self._done(close)
 
-    def _count(self) -> None:
-        counts = self.conn.proxy.http_requests
-        key = (self.route, self.method, self.status)
-        counts[key] = counts.get(key, 0) + 1
-
     def _done(self, close: bool) -> None:
         self.complete = True
-        self._count()
+        self.conn.proxy.ended(self)
         if self.timer is not None:
             self.timer.cancel()
         if close:
@@ -428,7 +433,7 @@ class Exchange:
                 exc_info=stream.error,
             )
             self.complete = True
-            self._count()
+            self.conn.proxy.ended(self)
             self.conn.transport.close()
         else:
             if chunked:
@@ -779,6 +784,18 @@ def _describe(exc: BaseException) -> str:
 def _head_size(url: bytes, headers: Headers) -> int:
     """About the size of a parsed request head (the method and version are left out)."""
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+def requests_in_flight(connections: Iterable[object]) -> int:
+    """Requests on ``connections`` sent to an app and not answered yet (the pipelined ones
+    waiting their turn are not begun): counted when asked, at no cost per request."""
+    count = 0
+    for conn in connections:
+        if isinstance(conn, ProxyHttpProtocol):
+            ex = conn._active
+            if ex is not None and ex.app and not ex.complete:
+                count += 1
+    return count
 
 
 def protocol_for(proxy: ProxyApp, max_connections: int) -> type[ProxyHttpProtocol]:

@@ -13,6 +13,7 @@ from serval._private.proxy.app import ProxyApp
 from serval._private.proxy.http_protocol import protocol_for
 from serval._private.proxy.tls import https_protocol, server_context
 from serval._private.telemetry import metrics
+from serval._private.telemetry.ingress import RequestMetrics, grpc_error
 from serval._private.wire.rpc import RpcPeer
 from serval.config import HTTPOptions
 
@@ -84,7 +85,7 @@ class ProxyControl:
         self.draining = False
 
     def rpc_http_metrics(self, peer: RpcPeer) -> metrics.Snapshot:
-        return metrics.http_snapshot(self.app.http_requests) if self.app is not None else []
+        return self.app.metrics_snapshot() if self.app is not None else []
 
     def rpc_drain(self, peer: RpcPeer) -> None:
         """Stop listening, finish the requests in flight, then exit (uvicorn's shutdown)."""
@@ -96,11 +97,16 @@ class ProxyControl:
 
 
 async def serve_proxy(
-    client: ClusterClient, options: HTTPOptions, node: str = "", reuse_port: bool = False
+    client: ClusterClient,
+    options: HTTPOptions,
+    node: str = "",
+    reuse_port: bool = False,
+    node_ip: str = "127.0.0.1",
 ) -> None:
     """Serve HTTP for the cluster ``client`` is connected to, as the proxy at place ``node``
-    (see ``controller.proxies``). ``reuse_port``: other proxies of the cluster on this machine
-    bind the same port (several Ray nodes on one machine); the kernel spreads connections."""
+    (see ``controller.proxies``) on the machine at ``node_ip``. ``reuse_port``: other proxies
+    of the cluster on this machine bind the same port (several Ray nodes on one machine); the
+    kernel spreads connections."""
     import uvicorn
 
     loop = asyncio.get_running_loop()
@@ -128,9 +134,15 @@ async def serve_proxy(
     client.on_table = ack
     await client.wait_ready()
     ack(client.table_version)
+    grpc_metrics = None
     if options.grpc_options is not None and options.grpc_options.enabled:
-        control.grpc = await _start_grpc(client, options, node, reuse_port, control, sock)
+        grpc_metrics = RequestMetrics(metrics.GRPC_FAMILIES, grpc_error)
+        control.grpc = await _start_grpc(
+            client, options, node, reuse_port, control, sock, grpc_metrics
+        )
     app = control.app = ProxyApp(client, options, node)
+    app.grpc_metrics = grpc_metrics
+    app.node_ip = node_ip
     fd_limit = raise_fd_limit()
     max_connections = default_max_connections(fd_limit)
     if options.max_connections is not None:
@@ -160,6 +172,7 @@ async def serve_proxy(
     )
     server = uvicorn.Server(config)
     control.server = server
+    app.connections = server.server_state.connections
     server.should_exit = control.draining  # (asked to stop before it started)
     await client.controller.proxy_ready(None, node)
     logger.info(
@@ -191,6 +204,7 @@ async def _start_grpc(
     reuse_port: bool,
     control: ProxyControl,
     sock: socket.socket,
+    recorded: RequestMetrics,
 ) -> Any:
     """The gRPC server beside uvicorn (``proxy.grpc``); a failure to start it is the proxy's."""
     grpc_options = options.grpc_options
@@ -198,7 +212,7 @@ async def _start_grpc(
     try:
         from serval._private.proxy.grpc import start_grpc
 
-        return await start_grpc(client, options, lambda: control.draining, reuse_port)
+        return await start_grpc(client, options, lambda: control.draining, recorded, reuse_port)
     except Exception as exc:  # not importable, a servicer function that fails, the port
         sock.close()
         await client.controller.proxy_ready(

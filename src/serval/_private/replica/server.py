@@ -49,6 +49,7 @@ from serval._private.replica.methods import (
 from serval._private.replica.outflow import Outflow, frame_bytes
 from serval._private.replica.sync_runner import SyncRunner, unwrap
 from serval._private.telemetry import log_files, log_setup, metrics
+from serval._private.telemetry.access_log import AccessLog
 from serval._private.telemetry.logs import Identity
 from serval._private.wire import endpoints, layout, protocol, transport
 from serval._private.wire.asgi import scope_type, unpack_scope
@@ -118,6 +119,7 @@ class Replica:
     ) -> None:
         self.address = address
         self.logs_dir = logs_dir  # the cluster's log directory (None: standard error only)
+        self.access_log: AccessLog | None = None  # once the log file is set up
         # True when the backend gave it a working directory of its own (Ray's working_dir),
         # instead of the deployer's
         self.keep_cwd = keep_cwd
@@ -219,6 +221,7 @@ class Replica:
         self.app, self.deployment = init.app, init.deployment
         self.config = init.config
         self._log_to_file()
+        self.access_log = AccessLog(self.loop)  # (enabled as the log setup says)
         runtime.set_replica(
             runtime.ReplicaIdentity(self.app, self.deployment, self.replica_id), self.loop
         )
@@ -457,7 +460,7 @@ class Replica:
         asgi = meta is not None and "asgi" in meta
         # (HTTP: the reply is a plain result, whatever was streamed before it)
         stream = not asgi and bool(meta and meta.get("stream"))
-        done = partial(self._done, conn, rid, method, stream, _clock())
+        done = partial(self._done, conn, rid, method, stream, meta, _clock())
         try:
             fut: asyncio.Future[Any]
             if asgi and self._sync_http and scope_type(args[0]) == "http":
@@ -710,6 +713,7 @@ class Replica:
         rid: int,
         method: str,
         stream: bool,
+        meta: Any,
         started: float,
         fut: asyncio.Future[Any],
     ) -> None:
@@ -722,7 +726,7 @@ class Replica:
             key = (conn, rid)
             if key in self._replied:  # the worker thread sent the reply (even if cancelled)
                 self._replied.discard(key)
-                self.latency.observe((_clock() - started) * 1e3)
+                self._observe(method, meta, started, "OK")
                 self._account()
                 return
         if fut.cancelled():
@@ -738,10 +742,30 @@ class Replica:
             if type(value) is Unfinished:  # a sync __call__'s response that needs the loop
                 task = self.loop.create_task(self._finish_http(conn, rid, value))
                 self._running.setdefault(conn, {})[rid] = task
-                task.add_done_callback(partial(self._done, conn, rid, method, stream, started))
+                task.add_done_callback(
+                    partial(self._done, conn, rid, method, stream, meta, started)
+                )
                 return
-        self.latency.observe((_clock() - started) * 1e3)
+        status = "OK" if exc is None else "ERROR"
+        if isinstance(exc, RequestCancelledError):
+            status = "CANCELLED"
+        self._observe(method, meta, started, status)
         self._finish(conn, rid, method, value, exc, stream)
+
+    def _observe(self, method: str, meta: Any, started: float, status: str) -> None:
+        """A call has ended: its latency, and its access line (``CALL <method> OK 1.2ms``;
+        ``HTTP ...`` for a request from the proxy), made later, in a batch."""
+        elapsed = _clock() - started
+        self.latency.observe(elapsed * 1e3)
+        log = self.access_log
+        if log is None or not log.enabled:
+            return
+        if meta:
+            kind = "HTTP" if "asgi" in meta else "CALL"
+            request_id, route = meta.get("request_id") or "", meta.get("route") or ""
+        else:
+            kind, request_id, route = "CALL", "", ""
+        log.record(kind, method, status, elapsed, request_id, route, self.app)
 
     def _finish(
         self,
@@ -859,6 +883,8 @@ class Replica:
         if destructor is not None:
             with contextlib.suppress(Exception):
                 destructor(self.user)
+        if self.access_log is not None:
+            self.access_log.close()
         self.stopped.set()
 
     def _stop_waiting_for_acks(self) -> None:

@@ -16,12 +16,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from serval._private.telemetry.access_log import ACCESS_LOGGER, BATCHED
 from serval._private.telemetry.logs import Identity, RequestFields, formatter
 from serval.logging_config import LoggingConfig
 
-__all__ = ["ACCESS_LOGGER", "configure", "log_path"]
+__all__ = ["configure", "log_path", "quiet_access"]
 
-ACCESS_LOGGER = "serval.access"
 # Ray's variables for its log files' rotation, and their defaults.
 _MAX_BYTES = int(os.environ.get("RAY_ROTATION_MAX_BYTES", str(512 * 1024 * 1024)))
 _BACKUPS = int(os.environ.get("RAY_ROTATION_BACKUP_COUNT", "5"))
@@ -30,16 +30,37 @@ _installed: list[logging.Handler] = []  # this process's file handler, once conf
 
 
 class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
-    """A rotated file whose every incarnation is created 0600."""
+    """A rotated file whose every incarnation is created 0600. Cheaper per line than its
+    base: the size is counted as lines are written (the base formats each record twice and
+    asks the file where it is), and a batch of access lines (``BATCHED``: all but its last
+    line) is flushed once, at its end."""
 
     def _open(self) -> io.TextIOWrapper:
-        return open(
+        stream = open(
             self.baseFilename,
             "a",
             encoding=self.encoding or "utf-8",
             errors=self.errors,
             opener=_private,
         )
+        self._size = os.fstat(stream.fileno()).st_size
+        return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+            if self.stream is None:
+                self.stream = self._open()
+            if self.maxBytes > 0 and self._size + len(text) > self.maxBytes and self._size:
+                self.doRollover()  # (it opens the next file: _size starts over)
+            self.stream.write(text)
+            self._size += len(text)
+            if not getattr(record, BATCHED, False):
+                self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
 
 def _private(path: str, flags: int) -> int:
@@ -49,6 +70,15 @@ def _private(path: str, flags: int) -> int:
 class _NotAccess(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name != ACCESS_LOGGER
+
+
+def quiet_access() -> None:
+    """No access lines until a log file takes them (``configure``), and never on standard
+    error: at a line a request, they would cost the proxy more than the request."""
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.CRITICAL + 1)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NotAccess) for f in handler.filters):
+            handler.addFilter(_NotAccess())
 
 
 def log_path(directory: str, file_name: str) -> str:
@@ -81,13 +111,11 @@ def configure(
         serve_logger.removeHandler(old)
         old.close()
     _installed[:] = [handler]
+    quiet_access()  # (standard error: as before, without the access lines)
     if not logging.getLogger("ray").propagate:
         # In a Ray worker, Ray's "ray" logger keeps its records from the root's handlers:
         # the user's lines on "ray.serve" (Ray Serve's documented logger) come here directly.
         serve_logger.addHandler(handler)
-    for other in root.handlers:  # standard error: as before, without the access lines
-        if not any(isinstance(f, _NotAccess) for f in other.filters):
-            other.addFilter(_NotAccess())
     root.addHandler(handler)
     level = options.level
     for name in ("", "serval", "ray.serve"):

@@ -43,6 +43,11 @@ Snapshot = list[tuple[Family, list[tuple[tuple[str, ...], float | HistogramValue
 # The buckets of serval's own latency histograms, in milliseconds.
 _LATENCY_MS = "0.1 0.25 0.5 1 2.5 5 10 25 50 100 250 500 1000 2500 5000 10000 60000"
 LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(float(ms) for ms in _LATENCY_MS.split())
+# Ray Serve's buckets (its DEFAULT_LATENCY_BUCKET_MS, in milliseconds, 1 ms to 10 min), for
+# the metrics a Ray Serve dashboard reads with its own bucket edges: the proxies' request
+# latency and the multiplexed models' load and unload times.
+_SERVE_MS = "1 2 5 10 20 50 100 200 300 400 500 1000 2000 5000 10000 60000 120000 300000 600000"
+SERVE_LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(float(ms) for ms in _SERVE_MS.split())
 
 # serval's own metrics, reported by each replica (Ray Serve's names without its "ray_"
 # prefix), in the order Replica.rpc_export_metrics gives their values. No user metric may
@@ -72,16 +77,63 @@ OWN_FAMILIES = (
         LATENCY_BOUNDARIES_MS,
     ),
 )
-# The proxy's: the HTTP requests it answered ("route": the route prefix they matched, "" for
-# none and for the system routes). Counted on its loop's thread alone, with no lock: one dict
-# update per request. (No latency histogram here: the replicas' is the same less the proxy's
-# few tens of µs, and one per request would cost the proxy more than this count.)
-HTTP_REQUESTS = Family(
-    "serve_num_http_requests",
-    COUNTER,
-    "HTTP requests the proxy has answered.",
-    ("route", "method", "status_code"),
-)
+
+
+@dataclass(frozen=True)
+class IngressFamilies:
+    """A proxy's metrics of one protocol's requests (Ray Serve's names and tags): "route" is
+    the route prefix matched (gRPC: the application), "" for none and for the system routes;
+    "method" the HTTP method (gRPC: the service method's path); "status_code" the HTTP status
+    (gRPC: the code's name); "error_code" the same, for the 4xx/5xx (gRPC: not OK) only."""
+
+    requests: Family
+    errors: Family
+    deployment_errors: Family
+    latency: Family
+    ongoing: Family
+
+    def all(self) -> tuple[Family, ...]:
+        return (self.requests, self.errors, self.deployment_errors, self.latency, self.ongoing)
+
+
+def _ingress_families(protocol: str, label: str) -> IngressFamilies:
+    return IngressFamilies(
+        Family(
+            f"serve_num_{protocol}_requests",
+            COUNTER,
+            f"The number of {label} requests processed.",
+            ("route", "method", "application", "status_code"),
+        ),
+        Family(
+            f"serve_num_{protocol}_error_requests",
+            COUNTER,
+            f"The number of errored {label} responses.",
+            ("route", "error_code", "method", "application"),
+        ),
+        Family(
+            f"serve_num_deployment_{protocol}_error_requests",
+            COUNTER,
+            f"The number of errored {label} responses returned by each deployment.",
+            ("deployment", "error_code", "method", "route", "application"),
+        ),
+        Family(
+            f"serve_{protocol}_request_latency_ms",
+            HISTOGRAM,
+            f"The end-to-end latency of {label} requests (measured from the proxy).",
+            ("method", "route", "application", "status_code"),
+            SERVE_LATENCY_BOUNDARIES_MS,
+        ),
+        Family(
+            f"serve_num_ongoing_{protocol}_requests",
+            GAUGE,
+            f"The number of ongoing requests in this {label} proxy.",
+            ("node_id", "node_ip_address"),
+        ),
+    )
+
+
+HTTP_FAMILIES = _ingress_families("http", "HTTP")
+GRPC_FAMILIES = _ingress_families("grpc", "gRPC")
 # The controller's, from its replica table at each scrape (no work per request): each
 # replica's health (1 running and passing its health checks, 0 starting or stopping), and how
 # many replicas each deployment has started (restarts after failures included).
@@ -105,23 +157,20 @@ QUEUED_AT_CALLERS = Family(
 )
 # A replica's @serve.multiplexed model cache (Ray Serve's names and buckets), recorded when
 # a model is asked for, loaded or unloaded.
-MODEL_LATENCY_BOUNDARIES_MS: tuple[float, ...] = tuple(
-    float(ms) for ms in "1 2 5 10 20 50 100 200 300 400 500 1000 2000 5000 10000 60000".split()
-)
 MULTIPLEX_FAMILIES = (
     Family(
         "serve_multiplexed_model_load_latency_ms",
         HISTOGRAM,
         "The time it takes to load a model.",
         SERVE_TAGS,
-        MODEL_LATENCY_BOUNDARIES_MS,
+        SERVE_LATENCY_BOUNDARIES_MS,
     ),
     Family(
         "serve_multiplexed_model_unload_latency_ms",
         HISTOGRAM,
         "The time it takes to unload a model.",
         SERVE_TAGS,
-        MODEL_LATENCY_BOUNDARIES_MS,
+        SERVE_LATENCY_BOUNDARIES_MS,
     ),
     Family("serve_num_multiplexed_models", GAUGE, "Models loaded in this replica.", SERVE_TAGS),
     Family(
@@ -143,7 +192,8 @@ OWN_NAMES = frozenset(
     f.name
     for f in (
         *OWN_FAMILIES,
-        HTTP_REQUESTS,
+        *HTTP_FAMILIES.all(),
+        *GRPC_FAMILIES.all(),
         REPLICA_HEALTHY,
         REPLICA_STARTS,
         QUEUED_AT_CALLERS,
@@ -263,14 +313,6 @@ def _value(value: float | HistogramSeries) -> float | HistogramValue:
 
 
 REGISTRY = Registry()
-
-
-def http_snapshot(requests: dict[tuple[str, str, int], int]) -> Snapshot:
-    """The proxy's counts of answered requests, by (route, method, status), as a snapshot."""
-    series: list[tuple[tuple[str, ...], float | HistogramValue]] = [
-        ((route, method, str(status)), float(n)) for (route, method, status), n in requests.items()
-    ]
-    return [(HTTP_REQUESTS, series)]
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
