@@ -472,3 +472,25 @@ def test_access_lines_stay_off_the_drivers_terminal(tmp_path: Path) -> None:
     assert "GET / 200" not in done.stderr and "__call__ OK" not in done.stderr
     directory = Path(done.stdout.strip())
     assert (directory / "proxy.log").read_text().count("GET / 200") == 20
+
+
+def test_access_lines_written_directly_read_as_their_log_records_would() -> None:
+    """A flush's lines go to the file without LogRecords when only the file takes them: the
+    same text (and JSON) as the records the recorder would otherwise make."""
+    from serval._private.telemetry.access_log import WHERE
+    from serval._private.telemetry.logs import Identity, formatter
+
+    end = 1_796_226_234.339_5
+    entry = (end, "GET", "/x", 200, 0.00123, "rid1", "/x", "app")
+    identity = Identity("proxy", "127.0.0.1")
+    filename, lineno = WHERE.split(":")
+    record = logging.LogRecord("serval.access", logging.INFO, filename, int(lineno), "", (), None)
+    record.msg, record.created = "GET /x 200 1.2ms", end
+    record.msecs = int((end - int(end)) * 1000) + 0.0
+    record.request_id, record.route, record.application = "rid1", "/x", "app"
+    record.filename = filename
+    text = formatter(identity, "TEXT")
+    assert text.format_access([entry]) == text.format(record) + "\n"
+    as_json = formatter(identity, "JSON")
+    direct = json.loads(as_json.format_access([entry]))
+    assert direct == json.loads(as_json.format(record))

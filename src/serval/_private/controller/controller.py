@@ -285,9 +285,9 @@ class Controller:
 
     def _own_metrics(self) -> metrics.Snapshot:
         """What the controller knows of the replicas, as metrics."""
-        healthy: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
-        starts: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
-        queued: list[tuple[tuple[str, ...], float | metrics.HistogramValue]] = []
+        healthy: metrics.Series = []
+        starts: metrics.Series = []
+        queued: metrics.Series = []
         now = self.clock.monotonic()
         for app in self.apps.values():
             for dep in app.deployments.values():

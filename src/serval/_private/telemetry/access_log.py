@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Callable
 
 ACCESS_LOGGER = "serval.access"
 # Set on each line of a flush but its last: a handler may leave flushing its stream to the
@@ -27,7 +29,14 @@ SYSTEM_ROUTES = frozenset({"/-/healthz", "/-/routes", "/-/metrics"})
 FLUSH_AFTER_S = 0.15
 
 # (end time, method, path, status, latency s, request id, route, application)
-_Entry = tuple[float, str, str, int | str, float, str, str, str]
+Entry = tuple[float, str, str, int | str, float, str, str, str]
+# Where a process's log setup writes a flush's lines itself, when it alone takes them (see
+# log_setup): a line costs a few µs there, against tens through a LogRecord and handlers.
+_sink: list[Callable[[list[Entry]], None] | None] = [None]
+
+
+def set_sink(sink: Callable[[list[Entry]], None] | None) -> None:
+    _sink[0] = sink
 
 
 class AccessLog:
@@ -43,7 +52,7 @@ class AccessLog:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
         # LoggingConfig.enable_access_log, as the process's log setup made the logger (None)
         self.enabled = self.logger.isEnabledFor(logging.INFO) if enabled is None else enabled
-        self._pending: list[_Entry] = []
+        self._pending: list[Entry] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def record(
@@ -76,6 +85,10 @@ class AccessLog:
         logger = self.logger
         if not pending or not logger.isEnabledFor(logging.INFO):
             return
+        sink = _sink[0]
+        if sink is not None and not logger.handlers:
+            sink(pending)
+            return
         # One LogRecord made as logging makes it, then copies of its attributes with each
         # line's own: a LogRecord's __init__ (its pid, thread, process name...) is most of
         # the cost of a line, and those are the same for every line of a flush.
@@ -107,6 +120,7 @@ class AccessLog:
 
 _HERE = __file__
 _LINE = AccessLog.record.__code__.co_firstlineno
+WHERE = f"{os.path.basename(_HERE)}:{_LINE}"  # an access line's file:line
 
 
 def _bare_record() -> logging.LogRecord:

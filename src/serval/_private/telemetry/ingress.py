@@ -20,13 +20,13 @@ from serval._private.telemetry.metrics import (
     Family,
     HistogramValue,
     IngressFamilies,
+    Series,
     Snapshot,
     add_histograms,
 )
 
 # (route, method, application, deployment, status): a series of the latency histogram
 _Key = tuple[str, str, str, str, int | str]
-_Series = list[tuple[tuple[str, ...], float | HistogramValue]]
 
 # Latencies a series holds before a fold at most: a bound on the memory between scrapes
 # (8 bytes and a float each), large enough that a fold's setup is spread thin.
@@ -117,7 +117,7 @@ class RequestMetrics:
                 if deployment:
                     _add(deployment_errors, (deployment, code, method, route, app), count)
         families = self.families
-        out: list[tuple[Family, _Series]] = [
+        out: list[tuple[Family, Series]] = [
             (families.requests, list(requests.items())),
             (families.errors, list(errors.items())),
             (families.deployment_errors, list(deployment_errors.items())),

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from serval._private.telemetry import access_log
 from serval._private.telemetry.access_log import ACCESS_LOGGER, BATCHED
 from serval._private.telemetry.logs import Identity, RequestFields, formatter
 from serval.logging_config import LoggingConfig
@@ -62,6 +63,20 @@ class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
         except Exception:
             self.handleError(record)
 
+    def write_lines(self, text: str) -> None:
+        """Lines made elsewhere (a flush of access lines), in one write."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                if self.stream is None:
+                    self.stream = self._open()
+                if self.maxBytes > 0 and self._size + len(text) > self.maxBytes and self._size:
+                    self.doRollover()
+                self.stream.write(text)
+                self._size += len(text)
+                self.stream.flush()
+            except Exception:
+                logging.getLogger("serval").exception("cannot write access lines")
+
 
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
@@ -100,9 +115,8 @@ def configure(
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = log_path(directory, file_name)
     handler = _PrivateRotatingFile(path, maxBytes=_MAX_BYTES, backupCount=_BACKUPS)
-    handler.setFormatter(
-        formatter(identity, str(options.encoding), options.additional_log_standard_attrs)
-    )
+    form = formatter(identity, str(options.encoding), options.additional_log_standard_attrs)
+    handler.setFormatter(form)
     handler.addFilter(RequestFields(identity, current_request))
     root = logging.getLogger()
     serve_logger = logging.getLogger("ray.serve")
@@ -117,6 +131,12 @@ def configure(
         # the user's lines on "ray.serve" (Ray Serve's documented logger) come here directly.
         serve_logger.addHandler(handler)
     root.addHandler(handler)
+    # The access lines' own way to the file, when only the file takes them (the other
+    # handlers refuse them) and no extra attributes need a LogRecord.
+    if not options.additional_log_standard_attrs:
+        access_log.set_sink(lambda entries: handler.write_lines(form.format_access(entries)))
+    else:
+        access_log.set_sink(None)
     level = options.level
     for name in ("", "serval", "ray.serve"):
         logging.getLogger(name).setLevel(level)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from serval._private.telemetry.access_log import WHERE, Entry
 
 __all__ = ["Identity", "JsonFormatter", "RequestFields", "TextFormatter", "formatter"]
 
@@ -91,6 +94,18 @@ class TextFormatter(logging.Formatter):
         tail = self._tail(record)
         return f"{text}\n{tail}" if tail else text
 
+    def format_access(self, entries: list[Entry]) -> str:
+        """Access lines (``access_log.Entry``), as ``format`` writes their records."""
+        lines = []
+        stamps = _Stamps()
+        who = self._who
+        for end, method, path, status, latency_s, request_id, route, app in entries:
+            lines.append(
+                f"INFO {stamps.at(end)} {who} {request_id or '-'} {route or '-'} {app or '-'} "
+                f"{WHERE} - {method} {path} {status} {latency_s * 1000.0:.1f}ms\n"
+            )
+        return "".join(lines)
+
     def _tail(self, record: logging.LogRecord) -> str:
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -121,6 +136,26 @@ class JsonFormatter(logging.Formatter):
                 application=identity.application,
             )
 
+    def format_access(self, entries: list[Entry]) -> str:
+        """Access lines (``access_log.Entry``), as ``format`` writes their records."""
+        lines = []
+        stamps = _Stamps()
+        for end, method, path, status, latency_s, request_id, route, app in entries:
+            out: dict[str, Any] = {
+                "levelname": "INFO",
+                "asctime": stamps.at(end),
+                "message": f"{method} {path} {status} {latency_s * 1000.0:.1f}ms",
+                **self._fixed,
+                "filename": WHERE.split(":")[0],
+                "lineno": int(WHERE.split(":")[1]),
+                "timestamp_ns": int(end * 1e9),
+                "request_id": request_id,
+                "route": route,
+                "application": app,
+            }
+            lines.append(json.dumps(out) + "\n")
+        return "".join(lines)
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "levelname": record.levelname,
@@ -143,9 +178,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Stamps:
+    """``asctime`` as logging writes it (local time, milliseconds), its seconds formatted once
+    a second rather than once a line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def at(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._text},{int((when - second) * 1000):03d}"
+
+
 def formatter(
     identity: Identity, encoding: str, extra_attrs: Sequence[str] = ()
-) -> logging.Formatter:
+) -> TextFormatter | JsonFormatter:
     if encoding == "JSON":
         return JsonFormatter(identity, extra_attrs)
     return TextFormatter(identity, extra_attrs)

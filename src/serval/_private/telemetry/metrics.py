@@ -37,8 +37,10 @@ class Family:
     boundaries: tuple[float, ...] = ()
 
 
-# A family and its series: (tag values in tag_keys order, value).
-Snapshot = list[tuple[Family, list[tuple[tuple[str, ...], float | HistogramValue]]]]
+# A family's series: (tag values in tag_keys order, value) each.
+Series = list[tuple[tuple[str, ...], float | HistogramValue]]
+# Families and their series.
+Snapshot = list[tuple[Family, Series]]
 
 # The buckets of serval's own latency histograms, in milliseconds.
 _LATENCY_MS = "0.1 0.25 0.5 1 2.5 5 10 25 50 100 250 500 1000 2500 5000 10000 60000"
