@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serval import _progress
 from serval._private.caller import control, runtime
@@ -30,8 +30,10 @@ from serval.exceptions import (
 )
 from serval.handle import DeploymentHandle
 from serval.ingress import ingress
-from serval.logging_config import LoggingConfig, logging_config_dict
 from serval.status import ServeStatus
+
+if TYPE_CHECKING:
+    from serval.logging_config import LoggingConfig
 
 __all__ = [
     "ReplicaContext",
@@ -114,7 +116,11 @@ def start(
     http_options = _with_grpc(http_options, grpc_options)
     if dashboard_options is not None:
         dashboard_options_of(dashboard_options)  # (checked now, whatever the backend)
-    system_logging = logging_config_dict(logging_config)
+    system_logging = None
+    if logging_config is not None:  # (pydantic, only then: replicas import this module)
+        from serval.logging_config import logging_config_dict
+
+        system_logging = logging_config_dict(logging_config)
     started = _start(
         http_options, address, backend, _own_address, dashboard_options, system_logging
     )

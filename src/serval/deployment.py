@@ -24,7 +24,6 @@ from serval.config import (
     migrate_renamed,
 )
 from serval.handle import RayServeHandle, RayServeSyncHandle
-from serval.logging_config import logging_config_dict
 
 __all__ = ["Application", "Deployment", "deployment"]
 
@@ -210,7 +209,7 @@ def _normalize(options: dict[str, Any]) -> dict[str, Any]:
             **(out.get("autoscaling_config") or {}),
         }
     if "logging_config" in out:
-        out["logging_config"] = logging_config_dict(out["logging_config"])
+        out["logging_config"] = _logging_dict(out["logging_config"])
     auto = out.get("autoscaling_config")
     if isinstance(auto, dict):
         out["autoscaling_config"] = AutoscalingConfig(**auto)
@@ -298,7 +297,7 @@ def build(
 
     if logging_config is None:
         logging_config = (source_config or {}).get("logging_config")
-    app_logging = logging_config_dict(logging_config)
+    app_logging = _logging_dict(logging_config)
     specs = [
         _spec(
             dep_name,
@@ -333,6 +332,16 @@ def build(
         source_config,
         AutoscalingPolicy(**app_policy) if app_policy else None,
     )
+
+
+def _logging_dict(value: Any) -> dict[str, Any] | None:
+    """A ``logging_config`` checked, as a dict (pydantic imported only when there is one:
+    every replica process imports this module)."""
+    if value is None:
+        return None
+    from serval.logging_config import logging_config_dict
+
+    return logging_config_dict(value)
 
 
 def _legacy_handles(target: Any, init: tuple[Any, Any]) -> tuple[Any, Any]:

@@ -74,10 +74,13 @@ def connect_process(namespace: str) -> None:
     runtime.set_address(ray_store.address_of(namespace))
 
 
-def _setup(role: str, namespace: str, log_file: str | None = None) -> tuple[str, str]:
+def _setup(
+    role: str, namespace: str, component: str | None = None, log_file: str | None = None
+) -> tuple[str, str]:
     """This actor's process joins the cluster: (its node's id, its node's IP address). A
-    system actor (``log_file``: controller, proxy, dashboard) logs to its file in the node's
-    serve log directory too (a replica: once it knows its deployment)."""
+    system actor (``component``: controller, proxy, dashboard) logs to its file
+    (``log_file``, else ``<component>.log``) in the node's serve log directory too (a
+    replica: once it knows its deployment)."""
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s serval::{role}: %(message)s"
     )
@@ -85,8 +88,8 @@ def _setup(role: str, namespace: str, log_file: str | None = None) -> tuple[str,
     tune_gc()
     connect_process(namespace)
     node, ip = ray.get_runtime_context().get_node_id(), str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
-    if log_file is not None:
-        component = log_file.split("_")[0].removesuffix(".log")
+    if component is not None:
+        log_file = log_file or f"{component}.log"
         component_id = _node_ip() if component == "proxy" else str(os.getpid())
         try:
             log_setup.configure(
@@ -180,7 +183,7 @@ class ProxyActor:
     kernel spreads connections among them)."""
 
     def __init__(self, namespace: str, http_options_json: str, node: str) -> None:
-        node_ip = _setup("proxy", namespace, f"proxy_{_node_ip()}.log")[1]
+        node_ip = _setup("proxy", namespace, "proxy", f"proxy_{_node_ip()}.log")[1]
         options = HTTPOptions.from_json(http_options_json)
         self._client: concurrent.futures.Future[ClusterClient] = concurrent.futures.Future()
 
@@ -219,7 +222,7 @@ class DashboardActor:
         from serval._private.dashboard.server import DashboardConfig, serve_dashboard
         from serval._private.process.dashboard import DashboardOptions, bind
 
-        _setup("dashboard", namespace, "dashboard.log")
+        _setup("dashboard", namespace, "dashboard")
         options = DashboardOptions.from_json(options_json)
         sock = bind(options)  # (an asked port that is taken: this actor's error)
         self._url: str | None = None
@@ -260,7 +263,7 @@ class ControllerActor:
     the new one adopts what the checkpoint names and is still alive."""
 
     def __init__(self, namespace: str, http_options_json: str | None) -> None:
-        node, ip = _setup("controller", namespace, "controller.log")
+        node, ip = _setup("controller", namespace, "controller")
         http = HTTPOptions.from_json(http_options_json) if http_options_json else None
         self._listening: concurrent.futures.Future[str] = concurrent.futures.Future()
 

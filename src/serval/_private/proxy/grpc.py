@@ -330,23 +330,19 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> bytes:
         began = time.time()
         call, request_id, missing = self._call(method, request, context, stream=False)
-        code = _CANCELLED  # unless it ends otherwise: the client went away, or its deadline
+        code = _first_code(call)
         try:
-            if call is None:
-                code = grpc.StatusCode.NOT_FOUND
-                await _abort(context, code, missing or "", request_id)
-            self.recorded.ongoing += 1
-            self.client.submit(call)
+            live = await self._start(call, missing, request_id, context)
             try:
                 async with asyncio.timeout(self.options.request_timeout_s):
-                    await call.done.wait_local(self.client.loop)
-                data, returned = call.outcome()
+                    await live.done.wait_local(self.client.loop)
+                data, returned = live.outcome()
             except asyncio.CancelledError:
-                self._cancel(call)
+                self._cancel(live)
                 raise
             except Exception as exc:
-                self._cancel(call)
-                code, details = self._status(exc, call)
+                self._cancel(live)
+                code, details = self._status(exc, live)
                 await _abort(context, code, details, request_id)
             code = _apply(context, returned, request_id)
             result: bytes = data
@@ -359,14 +355,10 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> AsyncIterator[bytes]:
         began = time.time()
         call, request_id, missing = self._call(method, request, context, stream=True)
-        code = _CANCELLED  # unless it ends otherwise: the client went away, or its deadline
+        code = _first_code(call)
         try:
-            if call is None:
-                code = grpc.StatusCode.NOT_FOUND
-                await _abort(context, code, missing or "", request_id)
-            self.recorded.ongoing += 1
-            self.client.submit(call)
-            stream = call.stream
+            live = await self._start(call, missing, request_id, context)
+            stream = live.stream
             assert stream is not None
             loop = self.client.loop
             timeout = self.options.request_timeout_s
@@ -390,13 +382,13 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                         yield item
                     else:  # the method's context: the stream's last item
                         returned = item
-                call.outcome()
+                live.outcome()
             except (asyncio.CancelledError, GeneratorExit):  # the client went away
-                self._cancel(call)
+                self._cancel(live)
                 raise
             except Exception as exc:
-                self._cancel(call)
-                code, details = self._status(exc, call)
+                self._cancel(live)
+                code, details = self._status(exc, live)
                 await _abort(context, code, details, request_id)
             if returned is not None:
                 code = _apply(context, returned, request_id, compress=not sent)
@@ -405,6 +397,20 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 context.set_trailing_metadata((("request_id", request_id),))
         finally:
             self._ended(path, call, code, began)
+
+    async def _start(
+        self,
+        call: Call | None,
+        missing: str | None,
+        request_id: str,
+        context: grpc.aio.ServicerContext,
+    ) -> Call:
+        """Send ``call`` on its way; a method no app serves is answered NOT_FOUND here."""
+        if call is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, missing or "", request_id)
+        self.recorded.ongoing += 1
+        self.client.submit(call)
+        return call
 
     def _cancel(self, call: Call) -> None:
         if not call.done.fired:
@@ -481,6 +487,12 @@ def _apply(
     if compression is not None and compress:
         context.set_compression(compression)
     return code
+
+
+def _first_code(call: Call | None) -> grpc.StatusCode:
+    """A call's code unless it ends otherwise: NOT_FOUND for no call; else CANCELLED (the
+    client went away, or its deadline) until it is answered."""
+    return grpc.StatusCode.NOT_FOUND if call is None else _CANCELLED
 
 
 async def _abort(

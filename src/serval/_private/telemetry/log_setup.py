@@ -14,14 +14,14 @@ import logging
 import logging.handlers
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from serval._private.telemetry import access_log
 from serval._private.telemetry.access_log import ACCESS_LOGGER, BATCHED
 from serval._private.telemetry.logs import Identity, RequestFields, formatter
-from serval.logging_config import LoggingConfig
 
-__all__ = ["configure", "log_path", "quiet_access"]
+__all__ = ["Options", "configure", "log_path", "quiet_access"]
 
 # Ray's variables for its log files' rotation, and their defaults.
 _MAX_BYTES = int(os.environ.get("RAY_ROTATION_MAX_BYTES", str(512 * 1024 * 1024)))
@@ -87,6 +87,31 @@ class _NotAccess(logging.Filter):
         return record.name != ACCESS_LOGGER
 
 
+@dataclass(frozen=True)
+class Options:
+    """``LoggingConfig``'s fields as a process reads them: checked where they were given
+    (``logging_config_dict``), so read here without pydantic, which every process would
+    otherwise import at start (0.4 s of each one's start on this machine). Its defaults are
+    LoggingConfig's (tests/test_logs.py holds them to it)."""
+
+    encoding: str
+    log_level: str = "INFO"
+    logs_dir: str | None = None
+    enable_access_log: bool = True
+    additional_log_standard_attrs: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> Options:
+        encoding = config.get("encoding") or os.environ.get("RAY_SERVE_LOG_ENCODING", "TEXT")
+        return cls(
+            encoding=str(encoding).upper(),
+            log_level=str(config.get("log_level") or "INFO").upper(),
+            logs_dir=config.get("logs_dir"),
+            enable_access_log=bool(config.get("enable_access_log", True)),
+            additional_log_standard_attrs=tuple(config.get("additional_log_standard_attrs") or ()),
+        )
+
+
 def quiet_access() -> None:
     """No access lines until a log file takes them (``configure``), and never on standard
     error: at a line a request, they would cost the proxy more than the request."""
@@ -110,7 +135,7 @@ def configure(
     """Log this process to ``directory/file_name`` as ``config`` (LoggingConfig's fields)
     says, instead of any file configured before; the file's path. ``current_request``: where
     a record finds the request it was logged in (see ``logs.RequestFields``)."""
-    options = LoggingConfig(**(config or {}))
+    options = Options.of(config or {})
     directory = options.logs_dir or directory
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = log_path(directory, file_name)
@@ -137,7 +162,7 @@ def configure(
         access_log.set_sink(lambda entries: handler.write_lines(form.format_access(entries)))
     else:
         access_log.set_sink(None)
-    level = options.level
+    level = logging.getLevelNamesMapping()[options.log_level]
     for name in ("", "serval", "ray.serve"):
         logging.getLogger(name).setLevel(level)
     access = logging.getLogger(ACCESS_LOGGER)
