@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
+from serval._private.telemetry import log_files
 from serval.exceptions import ServalError
 
 __all__ = [
     "COMPONENTS",
-    "LOGS_DIR_FILE",
     "LogFileName",
     "Record",
     "Selection",
@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 COMPONENTS = ("controller", "proxy", "replica", "dashboard")
-LOGS_DIR_FILE = "logs_dir"  # in a cluster's runtime directory: the path of its log directory
 POLL_S = 0.2  # how often --follow looks at the files (polling: no inotify dependency)
 
 _LEVELS = "DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL|NOTSET"
@@ -275,10 +274,10 @@ def find_directory(
             raise ServalError(f"no Ray Serve log directory at {path} (name one with --logs-dir)")
         return path, f"reading this node's logs only ({path}); other nodes keep their own"
     assert address is not None
-    named = _named_directory(address)
-    if named is not None:
+    named = log_files.logs_dir(address)
+    if named is not None and os.path.isdir(named):
         return named, None
-    latest = os.path.join(tempfile.gettempdir(), f"serval_{os.getuid()}", "logs", "session_latest")
+    latest = os.path.join(log_files.logs_root(), log_files.LATEST)
     why = "names no log directory" if os.path.isdir(address) else "is gone"
     if not os.path.isdir(latest):
         raise ServalError(f"no logs: the cluster at {address} {why}, and there is no {latest}")
@@ -286,15 +285,6 @@ def find_directory(
         f"the cluster at {address} {why}: reading the newest session's logs, "
         f"{os.path.realpath(latest)}"
     )
-
-
-def _named_directory(address: str) -> str | None:
-    try:
-        with open(os.path.join(address, LOGS_DIR_FILE), encoding="utf-8") as f:
-            path = f.read().strip()
-    except OSError:
-        return None
-    return path if path and os.path.isdir(path) else None
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 __all__ = [
+    "LATEST",
     "LOGGING_FILE",
     "LOGS_DIR_FILE",
     "logs_dir",
