@@ -371,13 +371,16 @@ def test_a_reader_that_stops_reading_ends_it_quietly(tmp_path: Path) -> None:
 class Follower:
     """``serval logs -f`` as a subprocess, its output collected by a thread."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
+        # (a background job of a non-interactive shell starts with SIGINT ignored)
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
         self.proc = subprocess.Popen(
             [*SERVAL, "logs", "-f", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=_env(),
+            preexec_fn=ignore,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -394,9 +397,9 @@ class Follower:
     def count(self, words: str) -> int:
         return sum(words in line for line in self.lines)
 
-    def interrupt(self) -> tuple[int, str]:
-        """Ctrl-C: its exit code and what it wrote on stderr."""
-        self.proc.send_signal(signal.SIGINT)
+    def interrupt(self, signum: int = signal.SIGINT) -> tuple[int, str]:
+        """Ctrl-C (or ``signum``): its exit code and what it wrote on stderr."""
+        self.proc.send_signal(signum)
         code = self.proc.wait(timeout=20)
         self._reader.join(timeout=10)
         assert self.proc.stderr is not None
@@ -505,3 +508,15 @@ def test_tail_is_the_end_of_the_whole_history_wherever_a_window_falls(
         if n > len(starts):
             expected = everything
         assert output(tmp_path, tail=n) == expected, n
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_follow_ends_quietly_on_ctrl_c_or_sigterm_even_started_with_sigint_ignored(
+    tmp_path: Path, follow: list[Follower], signum: int
+) -> None:
+    (tmp_path / "proxy.log").write_text(text("00,000", "one line"))
+    f = Follower("--logs-dir", str(tmp_path), sigint_ignored=True)
+    follow.append(f)
+    f.wait_for("one line", "the history")
+    code, err = f.interrupt(signum)
+    assert code == 0 and err == ""

@@ -149,7 +149,11 @@ def test_follow_prints_requests_as_they_come(serve_instance: object, http_url: s
             assert all(x.startswith("proxy | ") for x in lines), lines
         finally:
             proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=20)
+            try:
+                code = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # (then the assertion below fails: it should have ended)
+                code = proc.wait(timeout=20)
             reader.join(timeout=10)
         assert code == 0 and proc.stderr.read() == ""
 

@@ -19,6 +19,7 @@ import heapq
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -566,6 +567,8 @@ def show(
     stream = out or sys.stdout
     printer = _Printer(stream, as_json, _colour(stream))
     followers: dict[str, _Follower] = {}
+    if follow:
+        _stop_on_signals()
     try:
         _show_history(directory, selection, tail, printer, followers if follow else None)
         if follow:
@@ -579,6 +582,13 @@ def show(
         for follower in followers.values():
             follower.close()
     return 0
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM end ``--follow`` quietly, even when the shell that started this
+    command ignores SIGINT (a background job's children do, and Python keeps that)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _show_history(
