@@ -91,15 +91,12 @@ def _setup(
     if component is not None:
         log_file = log_file or f"{component}.log"
         component_id = _node_ip() if component == "proxy" else str(os.getpid())
-        try:
-            log_setup.configure(
-                Identity(component, component_id),
-                ray_store.system_logging(namespace),
-                serve_logs_dir(),
-                log_file,
-            )
-        except OSError as exc:  # Ray's own log of the actor still has it
-            logger.warning("cannot write the log file: %s", exc)
+        log_setup.configure(
+            Identity(component, component_id),
+            ray_store.system_logging(namespace),
+            serve_logs_dir(),
+            log_file,
+        )
     return node, ip
 
 

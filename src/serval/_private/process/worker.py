@@ -227,12 +227,9 @@ def _log_to_file(args: argparse.Namespace) -> None:
     if component == "proxy" and args.http_options:
         component_id = http_options_from_argv(args.http_options).host
     identity = Identity(component, component_id)
-    try:
-        log_setup.configure(
-            identity, log_files.system_logging(args.address), directory, f"{component}.log"
-        )
-    except OSError as exc:  # (a full disk, say): standard error still has the log
-        logger.warning("cannot write the log file in %s: %s", directory, exc)
+    log_setup.configure(
+        identity, log_files.system_logging(args.address), directory, f"{component}.log"
+    )
 
 
 def tune_gc() -> None:

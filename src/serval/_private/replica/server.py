@@ -270,10 +270,7 @@ class Replica:
             return
         identity = Identity("replica", self.replica_id, self.app, self.deployment)
         name = log_files.replica_file(self.app, self.deployment, self.replica_id)
-        try:
-            log_setup.configure(identity, config, directory, name, request_context.current_request)
-        except OSError as exc:  # standard error still has the log
-            logger.warning("cannot write the log file in %s: %s", directory, exc)
+        log_setup.configure(identity, config, directory, name, request_context.current_request)
 
     def _models_changed(self, model_ids: list[str]) -> None:
         if self.controller is None or self.controller.closed:

@@ -21,7 +21,7 @@ from serval._private.telemetry import access_log
 from serval._private.telemetry.access_log import ACCESS_LOGGER, BATCHED
 from serval._private.telemetry.logs import Identity, RequestFields, formatter
 
-__all__ = ["Options", "configure", "log_path", "quiet_access"]
+__all__ = ["Options", "configure", "quiet_access"]
 
 # Ray's variables for its log files' rotation, and their defaults.
 _MAX_BYTES = int(os.environ.get("RAY_ROTATION_MAX_BYTES", str(512 * 1024 * 1024)))
@@ -49,15 +49,7 @@ class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = self.format(record) + self.terminator
-            if self.stream is None:
-                self.stream = self._open()
-            if self.maxBytes > 0 and self._size + len(text) > self.maxBytes and self._size:
-                self.doRollover()  # (it opens the next file: _size starts over)
-            self.stream.write(text)
-            self._size += len(text)
-            if not getattr(record, BATCHED, False):
-                self.stream.flush()
+            self._write(self.format(record) + self.terminator, not getattr(record, BATCHED, False))
         except RecursionError:
             raise
         except Exception:
@@ -67,15 +59,19 @@ class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
         """Lines made elsewhere (a flush of access lines), in one write."""
         with self.lock:  # type: ignore[union-attr]
             try:
-                if self.stream is None:
-                    self.stream = self._open()
-                if self.maxBytes > 0 and self._size + len(text) > self.maxBytes and self._size:
-                    self.doRollover()
-                self.stream.write(text)
-                self._size += len(text)
-                self.stream.flush()
+                self._write(text, True)
             except Exception:
                 logging.getLogger("serval").exception("cannot write access lines")
+
+    def _write(self, text: str, flush: bool) -> None:
+        if self.stream is None:
+            self.stream = self._open()
+        if self.maxBytes > 0 and self._size + len(text) > self.maxBytes and self._size:
+            self.doRollover()  # (it opens the next file: _size starts over)
+        self.stream.write(text)
+        self._size += len(text)
+        if flush:
+            self.stream.flush()
 
 
 def _private(path: str, flags: int) -> int:
@@ -121,25 +117,26 @@ def quiet_access() -> None:
             handler.addFilter(_NotAccess())
 
 
-def log_path(directory: str, file_name: str) -> str:
-    return os.path.join(directory, file_name)
-
-
 def configure(
     identity: Identity,
     config: dict[str, Any] | None,
     directory: str,
     file_name: str,
     current_request: Callable[[], dict[str, Any] | None] | None = None,
-) -> str:
+) -> str | None:
     """Log this process to ``directory/file_name`` as ``config`` (LoggingConfig's fields)
-    says, instead of any file configured before; the file's path. ``current_request``: where
-    a record finds the request it was logged in (see ``logs.RequestFields``)."""
+    says, instead of any file configured before; the file's path (None: it cannot be
+    written, said as a warning: standard error still has the log). ``current_request``:
+    where a record finds the request it was logged in (see ``logs.RequestFields``)."""
     options = Options.of(config or {})
     directory = options.logs_dir or directory
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = log_path(directory, file_name)
-    handler = _PrivateRotatingFile(path, maxBytes=_MAX_BYTES, backupCount=_BACKUPS)
+    path = os.path.join(directory, file_name)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        handler = _PrivateRotatingFile(path, maxBytes=_MAX_BYTES, backupCount=_BACKUPS)
+    except OSError as exc:  # (a full disk, say): standard error still has the log
+        logging.getLogger("serval").warning("cannot write the log file %s: %s", path, exc)
+        return None
     form = formatter(identity, str(options.encoding), options.additional_log_standard_attrs)
     handler.setFormatter(form)
     handler.addFilter(RequestFields(identity, current_request))
