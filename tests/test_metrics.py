@@ -258,7 +258,10 @@ def test_multiplexing_and_replica_health_are_in_the_scrape(http_url: str) -> Non
     loads = "serve_multiplexed_model_load_latency_ms"
     assert total(samples, f"{loads}_count", **where) == 3
     assert total(samples, f"{loads}_bucket", le="20", **where) == 0
-    assert total(samples, f"{loads}_sum", **where) >= 90
+    # Three 30 ms loads, summed in milliseconds. uvloop's timers start from the loop's cached
+    # clock, so a 30 ms sleep can measure short by as long as the loop ran before it (29.3 ms
+    # seen): not "at least 90".
+    assert total(samples, f"{loads}_sum", **where) >= 75
     assert total(samples, "serve_multiplexed_model_unload_latency_ms_count", **where) == 1
 
     healthy = {

@@ -115,6 +115,16 @@ def _allowed_failure(o: Any) -> bool:
     return o.value.startswith(("HTTP 502", "HTTP 503"))
 
 
+def _failure_line(o: Any, kill_times: list[float]) -> str:
+    at = max((t for t in kill_times if t <= o.end), default=None)
+    if at is None:
+        return f"{o.kind} #{o.caller} (before any kill): {o.value}"
+    return (
+        f"{o.kind} #{o.caller} sent {ms(o.start - at):+.0f} ms, ended {ms(o.end - at):+.0f} ms "
+        f"after a kill: {o.value}"
+    )
+
+
 def _judge_replica_kill(
     report: Report,
     load: Load,
@@ -149,17 +159,22 @@ def _judge_replica_kill(
     per_kill: dict[tuple[int, int], int] = {}
     stray = []
     for o in failed:
-        k = next((i for i, (at, _, _) in enumerate(kill_log) if at <= o.end <= at + 2.0), None)
-        if k is None:
+        # The last kill before it: kills come about 2 s apart, so the window after one may
+        # overlap the next kill's, and a failure of the next must not count against this one.
+        k = max((i for i, (at, _, _) in enumerate(kill_log) if at <= o.end), default=None)
+        if k is None or o.end > kill_log[k][0] + 2.0:
             stray.append(o)
         else:
             per_kill[(k, o.caller)] = per_kill.get((k, o.caller), 0) + 1
     worst = max(per_kill.values(), default=0)
+    kill_times = [at for at, _, _ in kill_log]
     report.check(
         "only in-flight calls failed (<= 1 per caller per kill)",
         worst <= 1 and not stray,
         f"{worst} max, {len(stray)} stray",
-        first_lines(f"{o.kind}: {o.value}" for o in stray),
+        # Each failure with its caller and when it started and ended after the last kill
+        # before it: two from one caller tell whether the second was sent after the first.
+        first_lines(_failure_line(o, kill_times) for o in failed),
     )
     if None in replace:
         report.check("a replacement served", False, "no", f"kills: {kill_log}")
